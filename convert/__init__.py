@@ -1,0 +1,1 @@
+"""Conversion: Keras models to TFLite variants carrying lungedge metadata, with a quantisation report."""

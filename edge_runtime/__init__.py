@@ -1,0 +1,20 @@
+"""On-device part of lungedge: preprocessing, model metadata, the TFLite classifier, metrics
+and timing. Depends on numpy, Pillow and a TFLite interpreter (LiteRT or tflite-runtime);
+never on TensorFlow.
+"""
+
+from .classifier import Classifier, Failure, Prediction
+from .errors import ConfigError, ImageError, LungedgeError, MissingDependencyError, ModelError
+from .metadata import embed_spec, read_spec, read_spec_from_file
+from .metrics import classification_metrics, confusion_matrix
+from .preprocess import load_pixels, normalize, preprocess
+from .spec import ModelSpec, Preprocessing, Threshold
+
+__all__ = [
+    "Classifier", "Prediction", "Failure",
+    "LungedgeError", "ImageError", "ModelError", "ConfigError", "MissingDependencyError",
+    "ModelSpec", "Preprocessing", "Threshold",
+    "preprocess", "load_pixels", "normalize",
+    "read_spec", "read_spec_from_file", "embed_spec",
+    "classification_metrics", "confusion_matrix",
+]

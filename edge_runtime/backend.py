@@ -1,0 +1,78 @@
+"""Which TFLite interpreter runs the model: LiteRT first, then tflite-runtime. Never TensorFlow."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .errors import MissingDependencyError, ConfigError
+
+BACKENDS = ("litert", "tflite-runtime")
+_MODULES = {
+    "litert": ("ai_edge_litert.interpreter", "ai-edge-litert", "lungedge[edge]"),
+    "tflite-runtime": ("tflite_runtime.interpreter", "tflite-runtime", "lungedge[tflite]"),
+}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An importable interpreter implementation."""
+
+    name: str
+    version: str
+    interpreter_class: Callable
+    module: object
+
+    def describe(self) -> str:
+        return f"{self.name} {self.version}"
+
+
+def available_backends() -> list:
+    """Names of the backends that import here, in preference order."""
+    names = []
+    for name in BACKENDS:
+        try:
+            load_backend(name)
+        except MissingDependencyError:
+            continue
+        names.append(name)
+    return names
+
+
+def load_backend(name: Optional[str] = "auto") -> Backend:
+    """Import the named backend (``auto``: LiteRT, then tflite-runtime).
+
+    Raises:
+        ConfigError: unknown name.
+        MissingDependencyError: the backend is not installed or does not import.
+    """
+    name = name or "auto"
+    if name == "auto":
+        errors = []
+        for candidate in BACKENDS:
+            try:
+                return load_backend(candidate)
+            except MissingDependencyError as exc:
+                errors.append(str(exc))
+        raise MissingDependencyError(
+            "no TFLite interpreter is installed: pip install 'lungedge[edge]' (LiteRT) "
+            "or 'lungedge[tflite]' (tflite-runtime, Python <= 3.11, numpy < 2)"
+        )
+    if name not in _MODULES:
+        raise ConfigError(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
+    module_name, dist, extra = _MODULES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or numpy ABI errors raised as other types
+        raise MissingDependencyError(
+            f"backend {name} is not usable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"pip install '{extra}'"
+        ) from None
+    try:
+        from importlib.metadata import version
+
+        ver = version(dist)
+    except Exception:
+        ver = "unknown"
+    return Backend(name=name, version=ver, interpreter_class=module.Interpreter, module=module)

@@ -1,0 +1,351 @@
+"""Classify images with a TFLite model on the device: LiteRT or tflite-runtime, numpy, Pillow."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+
+from .backend import Backend, load_backend
+from .data import expand_inputs
+from .errors import ConfigError, ImageError, LungedgeError, ModelError
+from .metadata import read_model_bytes, read_spec
+from .preprocess import ImageSource, load_pixels, normalize
+from .spec import ModelSpec, Preprocessing, Threshold
+from .timing import now
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result."""
+
+    label: str
+    probabilities: dict
+    source: str = ""
+    preprocess_ms: float = 0.0
+    invoke_ms: float = 0.0
+    total_ms: float = 0.0
+    threshold_applied: bool = False
+
+    def top_k(self, k: int) -> list:
+        return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "label": self.label,
+            "probabilities": self.probabilities,
+            "threshold_applied": self.threshold_applied,
+            "timing_ms": {"preprocess": self.preprocess_ms, "invoke": self.invoke_ms, "total": self.total_ms},
+        }
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An input that could not be classified, with a one-line reason."""
+
+    source: str
+    error: str
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "error": self.error}
+
+
+class Classifier:
+    """A TFLite image classifier, built once and reused.
+
+    Labels and preprocessing come from the model's own metadata. A model without it (a
+    third-party file) needs ``labels``; its input size is taken from the model and its
+    normalisation from ``mean``/``std`` (default 127.5/127.5, i.e. -1..1).
+
+    Args:
+        model_path: a ``.tflite`` file.
+        threads: interpreter threads (None: the backend's default).
+        backend: ``auto`` (LiteRT, then tflite-runtime), ``litert`` or ``tflite-runtime``.
+        labels: class names in output order, or a path to a text file with one per line;
+            overrides the metadata's (their count must match the model's output).
+        mean, std: normalisation for a model without metadata.
+        use_threshold: apply the model's decision threshold when it has one.
+
+    Raises:
+        ModelError: the file is missing, not TFLite, damaged, needs operators the runtime
+            lacks, or its labels do not match its output.
+        MissingDependencyError: no interpreter backend installed.
+    """
+
+    def __init__(
+        self,
+        model_path: Union[str, "os.PathLike[str]"],
+        *,
+        threads: Optional[int] = None,
+        backend: str = "auto",
+        labels: Optional[Union[Sequence[str], str]] = None,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        use_threshold: bool = True,
+    ) -> None:
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ConfigError(f"threads must be a positive integer, got {threads!r}")
+        self.model_path = str(model_path)
+        data = read_model_bytes(model_path)
+        self.model_sha256 = hashlib.sha256(data).hexdigest()
+        self.model_size = len(data)
+        self.backend: Backend = load_backend(backend)
+        self.threads = threads
+        t0 = now()
+        self._interpreter = self._make_interpreter(data, threads)
+        self.load_ms = (now() - t0) * 1e3
+        inp = self._interpreter.get_input_details()
+        out = self._interpreter.get_output_details()
+        if len(inp) != 1 or len(out) != 1:
+            raise ModelError(f"expected an image classifier with 1 input and 1 output, got {len(inp)} and {len(out)}: {self.model_path!r}")
+        self._in, self._out = inp[0], out[0]
+        shape = tuple(int(x) for x in self._in["shape"])
+        if len(shape) != 4 or shape[0] != 1 or shape[3] not in (1, 3):
+            raise ModelError(f"expected an input of shape (1, H, W, 1 or 3), got {shape}: {self.model_path!r}")
+        out_shape = tuple(int(x) for x in self._out["shape"])
+        if len(out_shape) != 2 or out_shape[0] != 1 or out_shape[1] < 2:
+            raise ModelError(f"expected an output of shape (1, classes>=2), got {out_shape}: {self.model_path!r}")
+        self.spec = self._resolve_spec(read_spec(data), shape, out_shape[1], labels, mean, std)
+        self.has_metadata = self._has_metadata
+        self.use_threshold = use_threshold and self.spec.threshold is not None
+        self._in_index, self._out_index = self._in["index"], self._out["index"]
+        self._in_dtype = np.dtype(self._in["dtype"])
+        self._in_q = _quant(self._in)
+        self._out_q = _quant(self._out)
+        self._labels = list(self.spec.labels)
+        if self.use_threshold:
+            th = self.spec.threshold
+            self._th_index, self._th_value = self._labels.index(th.label), th.value
+        try:
+            self._interpreter.invoke()  # first inference: XNNPACK packs weights here
+        except Exception as exc:
+            raise ModelError(f"model cannot run in {self.backend.describe()}: {_first_line(exc)}") from None
+
+    # ---- construction helpers -------------------------------------------------------
+    def _make_interpreter(self, data: bytes, threads: Optional[int]):
+        try:
+            it = self.backend.interpreter_class(model_content=data, num_threads=threads)
+            it.allocate_tensors()
+        except Exception as exc:  # RuntimeError/ValueError from the C++ side
+            raise ModelError(
+                f"model cannot be loaded by {self.backend.describe()}: {_first_line(exc)}: {self.model_path!r}"
+            ) from None
+        return it
+
+    def _resolve_spec(self, spec, in_shape, n_out, labels, mean, std) -> ModelSpec:
+        self._has_metadata = spec is not None
+        h, w, c = in_shape[1], in_shape[2], in_shape[3]
+        if labels is not None:
+            labels = _read_labels(labels)
+        if spec is None:
+            if labels is None:
+                raise ModelError(
+                    f"model has no lungedge metadata, so its labels are unknown: pass labels (--labels FILE): {self.model_path!r}"
+                )
+            pre = Preprocessing(height=h, width=w, color_mode="rgb" if c == 3 else "grayscale",
+                                mean=tuple(mean) if mean else (127.5,), std=tuple(std) if std else (127.5,))
+            spec = ModelSpec(labels=tuple(labels), preprocessing=pre)
+        else:
+            if labels is not None:
+                spec = _replace_labels(spec, labels)
+            if mean or std:
+                spec = spec.replace(preprocessing=Preprocessing(**{**spec.preprocessing.to_dict(),
+                                                                  **({"mean": tuple(mean)} if mean else {}),
+                                                                  **({"std": tuple(std)} if std else {})}))
+            p = spec.preprocessing
+            if (p.height, p.width, p.channels) != (h, w, c):
+                raise ModelError(
+                    f"metadata says input {p.height}x{p.width}x{p.channels} but the model takes {h}x{w}x{c}: {self.model_path!r}"
+                )
+        if spec.num_classes != n_out:
+            raise ModelError(f"{spec.num_classes} labels given but the model has {n_out} outputs: {self.model_path!r}")
+        return spec
+
+    # ---- public ---------------------------------------------------------------------
+    @property
+    def labels(self) -> List[str]:
+        return list(self._labels)
+
+    @property
+    def input_details(self) -> dict:
+        return dict(self._in)
+
+    @property
+    def output_details(self) -> dict:
+        return dict(self._out)
+
+    def delegate_nodes(self) -> int:
+        """How many nodes of the graph a delegate (XNNPACK) took; 0 when none did."""
+        try:
+            ops = self._interpreter._get_ops_details()
+        except Exception:
+            return -1
+        return sum(1 for op in ops if "DELEGATE" in str(op.get("op_name", "")).upper())
+
+    def describe(self) -> dict:
+        return {
+            "model": self.model_path,
+            "sha256": self.model_sha256,
+            "size_bytes": self.model_size,
+            "backend": self.backend.name,
+            "backend_version": self.backend.version,
+            "threads": self.threads,
+            "input_dtype": self._in_dtype.name,
+            "output_dtype": np.dtype(self._out["dtype"]).name,
+            "input_shape": [int(x) for x in self._in["shape"]],
+            "labels": self.labels,
+            "has_metadata": self.has_metadata,
+            "threshold": self.spec.threshold.to_dict() if self.use_threshold else None,
+            "variant": self.spec.variant,
+            "recipe": self.spec.recipe,
+        }
+
+    def classify(self, image: ImageSource) -> Prediction:
+        """Classify one image (path, bytes, Pillow image or uint8 array).
+
+        Raises:
+            ImageError: the image cannot be read (see ``preprocess``).
+        """
+        t0 = now()
+        x = normalize(load_pixels(image, self.spec.preprocessing), self.spec.preprocessing)
+        t1 = now()
+        probs = self._run(x)
+        t2 = now()
+        idx, applied = self._decide(probs)
+        source = str(image) if isinstance(image, (str, os.PathLike)) else ""
+        return Prediction(
+            label=self._labels[idx],
+            probabilities={name: float(p) for name, p in zip(self._labels, probs)},
+            source=source,
+            preprocess_ms=(t1 - t0) * 1e3,
+            invoke_ms=(t2 - t1) * 1e3,
+            total_ms=(now() - t0) * 1e3,
+            threshold_applied=applied,
+        )
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities for one already-preprocessed float input (H, W, C)."""
+        return self._run(x)
+
+    def classify_many(self, sources: Iterable[ImageSource], progress: bool = False) -> Iterator[Union[Prediction, Failure]]:
+        """Classify many images; each bad one becomes a ``Failure`` and the batch goes on.
+
+        Strings that name folders are expanded to the images inside them.
+        """
+        items: list = []
+        for s in sources:
+            if isinstance(s, (str, os.PathLike)):
+                items.extend(expand_inputs([str(s)]))
+            else:
+                items.append((s, None))
+        it = items
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(items, desc="classify", unit="img", leave=False)
+        for src, problem in it:
+            if problem:
+                yield Failure(str(src), problem)
+                continue
+            try:
+                yield self.classify(src)
+            except ImageError as exc:
+                yield Failure(str(src), str(exc))
+
+    # ---- private steps --------------------------------------------------------------
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        self._interpreter.set_tensor(self._in_index, self._quantize_input(x)[None, ...])
+        self._interpreter.invoke()
+        return self._read_output()
+
+    def _quantize_input(self, x: np.ndarray) -> np.ndarray:
+        if self._in_q is None:
+            return x if x.dtype == self._in_dtype else x.astype(self._in_dtype)
+        scale, zero = self._in_q
+        info = np.iinfo(self._in_dtype)
+        q = np.rint(x / scale + zero)
+        return np.clip(q, info.min, info.max).astype(self._in_dtype)
+
+    def _read_output(self) -> np.ndarray:
+        y = self._interpreter.get_tensor(self._out_index)[0]
+        if self._out_q is not None:
+            scale, zero = self._out_q
+            y = (y.astype(np.float32) - zero) * scale
+        else:
+            y = y.astype(np.float32)
+        if self.spec.output == "logits":
+            e = np.exp(y - y.max())
+            y = e / e.sum()
+        return y
+
+    def _decide(self, probs: np.ndarray):
+        if self.use_threshold:
+            if probs[self._th_index] >= self._th_value:
+                return self._th_index, True
+            rest = probs.copy()
+            rest[self._th_index] = -np.inf
+            return int(np.argmax(rest)), True
+        return int(np.argmax(probs)), False
+
+
+def _quant(details: dict):
+    """(scale, zero_point) for a quantised int8/uint8 tensor, else None."""
+    dtype = np.dtype(details["dtype"])
+    if dtype not in (np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int16)):
+        return None
+    qp = details.get("quantization_parameters") or {}
+    scales, zeros = qp.get("scales", []), qp.get("zero_points", [])
+    if len(scales):
+        return float(scales[0]), int(zeros[0])
+    scale, zero = details.get("quantization", (0.0, 0))
+    if not scale:
+        raise ModelError(f"tensor {details.get('name')!r} is {dtype.name} but has no quantisation scale")
+    return float(scale), int(zero)
+
+
+def _read_labels(labels) -> List[str]:
+    if isinstance(labels, (str, os.PathLike)):
+        p = Path(labels)
+        if not p.is_file():
+            raise ConfigError(f"labels file not found: {str(p)!r}")
+        try:
+            names = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read labels file {str(p)!r}: {exc}") from None
+        names = [n for n in names if n]
+        if not names:
+            raise ConfigError(f"labels file is empty: {str(p)!r}")
+        return _disambiguate(names)
+    return _disambiguate([str(x) for x in labels])
+
+
+def _disambiguate(names: List[str]) -> List[str]:
+    """Third-party label files repeat names (ImageNet has two 'crane'); keep each distinct."""
+    seen: dict = {}
+    out = []
+    for i, n in enumerate(names):
+        out.append(n if n not in seen else f"{n} [{i}]")
+        seen[n] = True
+    return out
+
+
+def _replace_labels(spec: ModelSpec, labels: List[str]) -> ModelSpec:
+    threshold, positive = spec.threshold, spec.positive_label
+    if threshold and threshold.label not in labels:
+        threshold = None
+    if positive and positive not in labels:
+        positive = None
+    return spec.replace(labels=tuple(labels), threshold=threshold, positive_label=positive)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    lines = [ln.strip() for ln in text.replace("; See instructions", "\nSee instructions").splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("See instructions", "Node number"))] or lines
+    # the C++ side often prints a generic line last; the specific one is usually first
+    return "; ".join(lines[:2])[:300]

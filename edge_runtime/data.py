@@ -1,0 +1,118 @@
+"""Finding images on disk: input expansion for the CLI and class-folder datasets. No TensorFlow."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+from .errors import ConfigError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"})
+
+
+def is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def expand_inputs(paths: Iterable[str]) -> List[Tuple[str, Optional[str]]]:
+    """Files stay as given; folders expand (recursively, sorted) to the images inside.
+
+    Returns ``(path, problem)`` pairs: ``problem`` is None, or a one-line reason this input
+    cannot be used (missing, empty folder), so a batch can report it and go on.
+    """
+    out: List[Tuple[str, Optional[str]]] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_name(f))
+            if not found:
+                out.append((str(p), f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder: {str(p)!r}"))
+            out.extend((f, None) for f in found)
+        elif p.exists():
+            out.append((str(p), None))
+        else:
+            out.append((str(p), f"file not found: {str(p)!r}"))
+    return out
+
+
+@dataclass(frozen=True)
+class LabelledFiles:
+    """Images of a class-folder tree: ``root/<class>/**/<image>``."""
+
+    paths: Tuple[str, ...]
+    labels: Tuple[int, ...]
+    class_names: Tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def counts(self) -> dict:
+        return {name: sum(1 for y in self.labels if y == i) for i, name in enumerate(self.class_names)}
+
+
+def list_labelled_folder(root: str, class_names: Optional[Sequence[str]] = None) -> LabelledFiles:
+    """List a class-folder dataset. Class names are the sub-folder names, sorted.
+
+    Args:
+        root: a folder with one sub-folder per class. The Kaggle chest X-ray layout
+            (``train/``, ``val/``, ``test/`` each with class folders) is accepted by pointing
+            at one of those split folders.
+        class_names: expected classes in model output order. Folders are matched to these
+            names case-insensitively and ignoring spaces/underscores (``Bengin cases`` matches
+            ``bengin_cases``); a folder with no match is an error.
+
+    Raises:
+        ConfigError: missing root, no class folders, or folders that do not match the model.
+    """
+    r = Path(root)
+    if not r.is_dir():
+        raise ConfigError(f"data folder not found: {str(r)!r}")
+    folders = sorted(d for d in r.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not folders:
+        raise ConfigError(f"no class sub-folders in {str(r)!r} (expected {str(r)}/<class>/<image>)")
+    if class_names is None:
+        names = tuple(d.name for d in folders)
+        index = {d.name: i for i, d in enumerate(folders)}
+    else:
+        names = tuple(class_names)
+        wanted = {_key(n): i for i, n in enumerate(names)}
+        index = {}
+        for d in folders:
+            if _key(d.name) not in wanted:
+                raise ConfigError(f"folder {d.name!r} in {str(r)!r} is not one of the model's classes {list(names)!r}")
+            index[d.name] = wanted[_key(d.name)]
+    paths, labels = [], []
+    for d in folders:
+        for f in sorted(d.rglob("*")):
+            if f.is_file() and is_image_name(f):
+                paths.append(str(f))
+                labels.append(index[d.name])
+    if not paths:
+        raise ConfigError(f"no images found under {str(r)!r}")
+    return LabelledFiles(tuple(paths), tuple(labels), names)
+
+
+def _key(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: never half a file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))

@@ -1,0 +1,186 @@
+"""The model metadata record: what a `.tflite` file carries about itself.
+
+One JSON object, stored in the TFLite flatbuffer's metadata table under the name
+``lungedge``. It is the contract between training/conversion (which write it) and the
+device (which reads it): labels, preprocessing and the decision threshold travel with
+the model, never as constants in code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Tuple
+
+from .errors import ConfigError
+
+SCHEMA = "lungedge.model/1"
+COLOR_MODES = ("rgb", "grayscale")
+RESIZE_METHODS = ("bilinear", "bicubic", "nearest", "lanczos", "box")
+OUTPUT_KINDS = ("probabilities", "logits")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's input tensor.
+
+    The float input is ``(pixel - mean) / std`` per channel, pixels in 0..255.
+    MobileNetV2's own ``preprocess_input`` is mean=127.5, std=127.5 (range -1..1).
+    """
+
+    height: int = 224
+    width: int = 224
+    color_mode: str = "rgb"
+    resize: str = "bilinear"
+    mean: Tuple[float, ...] = (127.5,)
+    std: Tuple[float, ...] = (127.5,)
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 8 <= value <= 4096:
+                raise ConfigError(f"preprocessing {name} must be an integer from 8 to 4096, got {value!r}")
+        if self.color_mode not in COLOR_MODES:
+            raise ConfigError(f"color_mode must be one of {', '.join(COLOR_MODES)}, got {self.color_mode!r}")
+        if self.resize not in RESIZE_METHODS:
+            raise ConfigError(f"resize must be one of {', '.join(RESIZE_METHODS)}, got {self.resize!r}")
+        object.__setattr__(self, "mean", _floats("mean", self.mean, self.channels))
+        object.__setattr__(self, "std", _floats("std", self.std, self.channels))
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"std must be positive, got {self.std!r}")
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.color_mode == "rgb" else 1
+
+    @property
+    def size(self) -> Tuple[int, int]:
+        """(width, height), Pillow's order."""
+        return (self.width, self.height)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return _from_dict(cls, d, "preprocessing")
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Decision rule: predict ``label`` when its probability is >= ``value``, otherwise
+    the most probable of the other classes. Chosen on validation data for a target recall."""
+
+    label: str
+    value: float
+    target_recall: Optional[float] = None
+    chosen_on: str = "validation"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.value, (int, float)) or not 0.0 <= float(self.value) <= 1.0:
+            raise ConfigError(f"threshold value must be in [0, 1], got {self.value!r}")
+        object.__setattr__(self, "value", float(self.value))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Threshold":
+        return _from_dict(cls, d, "threshold")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a runtime needs to use a classifier correctly."""
+
+    labels: Tuple[str, ...]
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    output: str = "probabilities"
+    positive_label: Optional[str] = None
+    threshold: Optional[Threshold] = None
+    recipe: Optional[str] = None
+    variant: Optional[str] = None
+    versions: dict = field(default_factory=dict)
+    training_fingerprint: Optional[str] = None
+    source_model_sha256: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+    schema: str = SCHEMA
+
+    def __post_init__(self) -> None:
+        labels = tuple(self.labels) if not isinstance(self.labels, str) else None
+        if not labels or not all(isinstance(x, str) and x for x in labels):
+            raise ConfigError(f"labels must be a non-empty list of names, got {str(self.labels)[:200]}")
+        if len(set(labels)) != len(labels):
+            dupes = sorted({x for x in labels if labels.count(x) > 1})
+            raise ConfigError(f"labels must be unique; repeated: {dupes[:5]}")
+        object.__setattr__(self, "labels", labels)
+        if isinstance(self.preprocessing, dict):
+            object.__setattr__(self, "preprocessing", Preprocessing.from_dict(self.preprocessing))
+        if isinstance(self.threshold, dict):
+            object.__setattr__(self, "threshold", Threshold.from_dict(self.threshold))
+        if self.output not in OUTPUT_KINDS:
+            raise ConfigError(f"output must be one of {', '.join(OUTPUT_KINDS)}, got {self.output!r}")
+        for name, value in (("positive_label", self.positive_label),
+                            ("threshold label", self.threshold.label if self.threshold else None)):
+            if value is not None and value not in labels:
+                raise ConfigError(f"{name} {value!r} is not one of the labels {list(labels)[:20]!r}")
+        if not str(self.schema).startswith("lungedge.model/"):
+            raise ConfigError(f"unknown metadata schema {self.schema!r}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def replace(self, **changes: Any) -> "ModelSpec":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["labels"] = list(self.labels)
+        d["preprocessing"] = self.preprocessing.to_dict()
+        d["threshold"] = self.threshold.to_dict() if self.threshold else None
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        return _from_dict(cls, d, "model metadata")
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelSpec":
+        try:
+            d = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"model metadata is not valid JSON ({exc})") from None
+        return cls.from_dict(d)
+
+
+def _floats(name: str, values: Sequence[float], channels: int) -> Tuple[float, ...]:
+    if isinstance(values, (int, float)):
+        values = (values,)
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number or a list of numbers, got {values!r}") from None
+    if len(out) not in (1, channels) or not all(math.isfinite(v) for v in out):
+        raise ConfigError(f"{name} must have 1 or {channels} finite values, got {values!r}")
+    return out
+
+
+def _from_dict(cls, d: Any, what: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} must be a JSON object, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{what} has unknown field(s) {unknown}; known: {sorted(names)}")
+    try:
+        return cls(**d)
+    except TypeError as exc:
+        raise ConfigError(f"{what} is incomplete: {exc}") from None

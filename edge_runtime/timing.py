@@ -1,0 +1,91 @@
+"""The timing core shared by the classifier, ``lungedge bench`` and the benchmark suite."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Sequence
+
+import numpy as np
+
+now = time.perf_counter
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Raw timings (milliseconds) and their summary."""
+
+    raw_ms: tuple
+
+    @property
+    def n(self) -> int:
+        return len(self.raw_ms)
+
+    def to_dict(self, include_raw: bool = True) -> dict:
+        a = np.asarray(self.raw_ms, dtype=np.float64)
+        d = {
+            "n": int(a.size),
+            "mean_ms": float(a.mean()),
+            "std_ms": float(a.std()),
+            "min_ms": float(a.min()),
+            "p50_ms": float(np.percentile(a, 50)),
+            "p90_ms": float(np.percentile(a, 90)),
+            "p99_ms": float(np.percentile(a, 99)),
+            "max_ms": float(a.max()),
+        }
+        if include_raw:
+            d["raw_ms"] = [round(float(x), 6) for x in a]
+        return d
+
+
+def time_calls(fn: Callable[[], object], runs: int, warmup: int = 0) -> Summary:
+    """Call ``fn`` ``warmup`` times untimed, then ``runs`` times, timing each call alone."""
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    for _ in range(max(0, warmup)):
+        fn()
+    raw: List[float] = []
+    for _ in range(runs):
+        t0 = now()
+        fn()
+        raw.append((now() - t0) * 1e3)
+    return Summary(tuple(raw))
+
+
+def summarize(raw_ms: Sequence[float]) -> Summary:
+    return Summary(tuple(float(x) for x in raw_ms))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on."""
+    import os
+
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "arch": platform.machine(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "hostname": platform.node(),
+    }

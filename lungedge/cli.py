@@ -1,0 +1,188 @@
+"""The ``lungedge`` command line: one click group, each command thin over the library.
+
+Commands that need TensorFlow (train, convert, pipeline, demo) import it only when run, so
+``lungedge --help``, ``classify``, ``evaluate`` (of a .tflite) and ``bench`` work on a device
+that has only the ``edge`` extra.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from lungedge import __version__
+from lungedge.cli_util import EXIT_FAILED, EXIT_OK, handle_errors
+
+# Modules that each define ``commands``: a list of click commands to add to the group.
+_COMMAND_MODULES = ("train.cli", "convert.cli", "lungedge.bench_cli", "lungedge.pipeline_cli")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="lungedge")
+def main() -> None:
+    """lungedge: lung-image classifiers from training to a cheap device.
+
+    \b
+    Typical flow:
+      lungedge demo                                   # everything, offline, on generated images
+      lungedge train --recipe xray-pneumonia --data DIR --out runs/xray
+      lungedge convert runs/xray --variants float32,float16,int8
+      lungedge classify --model runs/xray/model_int8.tflite IMAGES...
+      lungedge bench runs/xray/*.tflite --images DIR
+    """
+
+
+def _model_options(f):
+    f = click.option("--backend", default="auto", show_default=True,
+                     type=click.Choice(["auto", "litert", "tflite-runtime"]),
+                     help="Interpreter: LiteRT first, then tflite-runtime.")(f)
+    f = click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="Interpreter threads (default: the backend's).")(f)
+    f = click.option("--labels", "labels", type=click.Path(dir_okay=False), default=None,
+                     help="Text file, one class name per line (for models without lungedge metadata).")(f)
+    f = click.option("--mean", type=float, multiple=True,
+                     help="Normalisation mean for models without metadata (repeat per channel; default 127.5).")(f)
+    f = click.option("--std", type=float, multiple=True,
+                     help="Normalisation std for models without metadata (default 127.5).")(f)
+    f = click.option("--no-threshold", is_flag=True,
+                     help="Ignore the model's decision threshold; take the most probable class.")(f)
+    return f
+
+
+def _build_classifier(model, threads, backend, labels, mean, std, no_threshold):
+    from edge_runtime.classifier import Classifier
+
+    return Classifier(model, threads=threads, backend=backend, labels=labels,
+                      mean=list(mean) or None, std=list(std) or None, use_threshold=not no_threshold)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--model", "-m", required=True, help="A .tflite model (with lungedge metadata, or give --labels).")
+@_model_options
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Classes to show per image.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines, one per image (errors too).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on for >20 images on a terminal).")
+@handle_errors
+def classify(paths, model, threads, backend, labels, mean, std, no_threshold, top_k, as_json, progress):
+    """Classify image files or folders (folders are searched recursively).
+
+    \b
+    Example:
+      lungedge classify --model model_int8.tflite xrays/ patient7.jpeg
+      lungedge classify -m model.tflite --json --top-k 2 scan.png
+
+    Exit code 0 if every image was classified, 1 if any failed (each is reported).
+    """
+    from edge_runtime.classifier import Failure
+    from edge_runtime.data import expand_inputs
+
+    clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold)
+    items = expand_inputs(paths)
+    info = clf.describe()
+    if progress is None:
+        progress = len(items) > 20 and sys.stderr.isatty()
+    if not as_json:
+        th = clf.spec.threshold if clf.use_threshold else None
+        click.echo(f"model {Path(model).name} ({info['variant'] or 'unknown variant'}, input {info['input_dtype']}"
+                   f" {clf.spec.preprocessing.height}x{clf.spec.preprocessing.width}) on {clf.backend.describe()},"
+                   f" threads {threads or 'default'}"
+                   + (f"; decision: {th.label} if p >= {th.value:.3f}" if th else "; decision: most probable class"))
+    failed = 0
+    width = max([len(p) for p, _ in items] + [4])
+    width = min(width, 60)
+    sources = [p for p, problem in items]
+    problems = {p: problem for p, problem in items if problem}
+    results = clf.classify_many([p for p in sources if p not in problems], progress=progress)
+    results_iter = iter(results)
+    for src in sources:
+        res = Failure(src, problems[src]) if src in problems else next(results_iter)
+        if isinstance(res, Failure):
+            failed += 1
+            if as_json:
+                click.echo(json.dumps({**res.to_dict(), "backend": info["backend"]}))
+            else:
+                click.echo(f"error: {res.error}", err=True)
+            continue
+        if as_json:
+            d = res.to_dict()
+            d["top_k"] = [[k, v] for k, v in res.top_k(top_k)]
+            d["backend"], d["backend_version"], d["model"] = info["backend"], info["backend_version"], info["model"]
+            click.echo(json.dumps(d))
+        else:
+            shown = "  ".join(f"{k} {v:.3f}" for k, v in res.top_k(top_k))
+            name = src if len(src) <= width else "..." + src[-(width - 3):]
+            click.echo(f"{name:<{width}}  {res.label:<12}  [{shown}]  {res.total_ms:.1f} ms")
+    if not as_json:
+        click.echo(f"{len(sources) - failed} classified, {failed} failed", err=failed > 0)
+    sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+@main.command()
+@click.option("--model", "-m", required=True,
+              help="A .tflite model, or a training run folder / .keras file (needs TensorFlow).")
+@click.option("--data", "-d", required=True, type=click.Path(file_okay=False),
+              help="Labelled folder: DATA/<class>/<image>.")
+@_model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the metrics JSON here.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images (quick checks).")
+@handle_errors
+def evaluate(model, data, threads, backend, labels, mean, std, no_threshold, as_json, out, limit):
+    """Accuracy, per-class precision/recall/F1/specificity and the confusion matrix.
+
+    \b
+    Example:
+      lungedge evaluate --model model_int8.tflite --data chest_xray/test
+      lungedge evaluate --model runs/xray --data chest_xray/test   # Keras model of a run
+
+    Works on the device with numpy only for .tflite models; a run folder or .keras file
+    is evaluated with TensorFlow. Exit code 1 if any image could not be read.
+    """
+    from edge_runtime.data import atomic_write_text
+    from edge_runtime.metrics import format_report
+
+    p = Path(model)
+    if p.is_dir() or p.suffix in (".keras", ".h5"):
+        from train.evaluate import evaluate_keras
+
+        metrics = evaluate_keras(str(p), data, limit=limit, use_threshold=not no_threshold)
+    else:
+        from edge_runtime.evaluate import evaluate_classifier
+
+        clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold)
+        metrics = evaluate_classifier(clf, data, progress=sys.stderr.isatty(), limit=limit)
+    if out:
+        atomic_write_text(out, json.dumps(metrics, indent=2))
+    if as_json:
+        click.echo(json.dumps(metrics, indent=2))
+    else:
+        m = metrics.get("model", {})
+        click.echo(f"model {model} on {m.get('backend', 'keras')} {m.get('backend_version', '')}; "
+                   f"decision: {metrics.get('decision', 'argmax')}; data {data}")
+        click.echo(format_report(metrics))
+    for f in metrics.get("failures", []):
+        click.echo(f"error: {f['error']}", err=True)
+    sys.exit(EXIT_FAILED if metrics.get("failures") else EXIT_OK)
+
+
+def _register() -> None:
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if not (exc.name and name.startswith(exc.name)):  # a real missing dependency inside it
+                raise
+            continue
+        for cmd in getattr(module, "commands", []):
+            main.add_command(cmd)
+
+
+_register()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

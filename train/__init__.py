@@ -1,0 +1,1 @@
+"""Training: MobileNetV2 transfer learning on lung images (TensorFlow imported lazily)."""

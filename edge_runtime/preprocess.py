@@ -167,7 +167,7 @@ def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
         arr = np.nan_to_num(arr)
         lo, hi = float(arr.min()), float(arr.max())
     scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) * (255.0 / (hi - lo))
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
 
 
 def _array_pixels(arr: np.ndarray, spec: Preprocessing) -> np.ndarray:

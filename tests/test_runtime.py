@@ -1,0 +1,222 @@
+"""The device runtime: metadata, Classifier, quantised I/O, thresholds, bad models, real models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edge_runtime import Classifier, ModelSpec, Preprocessing, Threshold
+from edge_runtime.errors import ConfigError, ImageError, ModelError
+from edge_runtime.metadata import embed_spec, read_metadata_entries, read_spec, read_spec_from_file
+
+from images import gradient
+
+
+# ---- third-party models from ../shared (no TensorFlow needed) ----------------------------
+@pytest.mark.needs_shared
+def test_real_uint8_model_sees_the_cat(coral_dir):
+    clf = Classifier(coral_dir / "mobilenet_v2_1.0_224_quant.tflite", labels=str(coral_dir / "imagenet_labels.txt"), threads=1)
+    assert clf.describe()["input_dtype"] == "uint8" and not clf.has_metadata
+    pred = clf.classify(coral_dir / "cat.bmp")
+    top3 = [name for name, _ in pred.top_k(3)]
+    assert pred.label in ("Egyptian cat", "tabby, tabby cat", "tiger cat"), top3
+    # dequantised through scale/zero point: 1001 outputs of 1/256 steps each sum to about 1
+    assert 0.9 < sum(pred.probabilities.values()) < 1.1
+    assert pred.invoke_ms > 0 and pred.total_ms >= pred.invoke_ms
+
+
+@pytest.mark.needs_shared
+def test_input_size_comes_from_the_model(coral_dir):
+    clf = Classifier(coral_dir / "mobilenet_v1_0.25_128_quant.tflite", labels=str(coral_dir / "imagenet_labels.txt"))
+    assert (clf.spec.preprocessing.height, clf.spec.preprocessing.width) == (128, 128)
+    top3 = [name for name, _ in clf.classify(coral_dir / "cat.bmp").top_k(3)]
+    assert {"Egyptian cat", "tabby, tabby cat", "tiger cat"} & set(top3)
+
+
+@pytest.mark.needs_shared
+def test_model_with_unknown_operator_is_one_clear_error(coral_dir):
+    with pytest.raises(ModelError) as info:
+        Classifier(coral_dir / "model_invoking_error.tflite", labels=str(coral_dir / "imagenet_labels.txt"))
+    assert "fake-op-double" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.needs_shared
+def test_labels_that_do_not_match_the_output(coral_dir, tmp_path):
+    (tmp_path / "l.txt").write_text("a\nb\nc\n")
+    with pytest.raises(ModelError, match="3 labels given but the model has 1001 outputs"):
+        Classifier(coral_dir / "mobilenet_v2_1.0_224_quant.tflite", labels=str(tmp_path / "l.txt"))
+    with pytest.raises(ModelError, match="no lungedge metadata"):
+        Classifier(coral_dir / "mobilenet_v2_1.0_224_quant.tflite")
+
+
+@pytest.mark.needs_shared
+def test_converter_metadata_is_read_without_tensorflow(coral_dir):
+    data = (coral_dir / "mobilenet_v2_1.0_224_quant.tflite").read_bytes()
+    assert "min_runtime_version" in read_metadata_entries(data)
+    assert read_spec(data) is None
+
+
+@pytest.mark.needs_shared
+def test_embedded_metadata_round_trips_and_still_runs(coral_dir, tmp_path):
+    labels = [ln.strip() for ln in (coral_dir / "imagenet_labels.txt").read_text().splitlines() if ln.strip()]
+    labels = [n if labels.index(n) == i else f"{n} [{i}]" for i, n in enumerate(labels)]
+    spec = ModelSpec(labels=tuple(labels), variant="uint8", recipe="third-party")
+    out = tmp_path / "with_meta.tflite"
+    out.write_bytes(embed_spec((coral_dir / "mobilenet_v2_1.0_224_quant.tflite").read_bytes(), spec))
+    assert read_spec_from_file(out) == spec
+    clf = Classifier(out)  # nothing but the file
+    assert clf.has_metadata and clf.classify(coral_dir / "cat.bmp").label in ("Egyptian cat", "tabby, tabby cat", "tiger cat")
+
+
+# ---- bad model files ---------------------------------------------------------------------
+@pytest.mark.parametrize("content,words", [
+    (None, "not found"), (b"", "empty"), (b"hello world, not a model", "not a TFLite model"),
+    (b"PK\x03\x04" + b"\0" * 40, "zip archive"), (b"\x89HDF\r\n\x1a\n" + b"\0" * 40, "HDF5"),
+])
+def test_bad_model_files(tmp_path, content, words):
+    p = tmp_path / "m.tflite"
+    if content is not None:
+        p.write_bytes(content)
+    with pytest.raises(ModelError) as info:
+        Classifier(p, labels=["a", "b"])
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.needs_shared
+def test_truncated_model_file(coral_dir, tmp_path):
+    data = (coral_dir / "mobilenet_v2_1.0_224_quant.tflite").read_bytes()
+    p = tmp_path / "cut.tflite"
+    p.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ModelError):
+        Classifier(p, labels=str(coral_dir / "imagenet_labels.txt"))
+
+
+# ---- spec validation ---------------------------------------------------------------------
+def test_spec_round_trip_and_validation():
+    spec = ModelSpec(labels=("NORMAL", "PNEUMONIA"), positive_label="PNEUMONIA",
+                     threshold=Threshold("PNEUMONIA", 0.3, target_recall=0.95), variant="int8")
+    assert ModelSpec.from_json(spec.to_json()) == spec
+    with pytest.raises(ConfigError, match="not one of the labels"):
+        ModelSpec(labels=("a", "b"), positive_label="c")
+    with pytest.raises(ConfigError, match="unique"):
+        ModelSpec(labels=("a", "a"))
+    with pytest.raises(ConfigError, match="unknown field"):
+        ModelSpec.from_dict({"labels": ["a", "b"], "colour": "red"})
+    with pytest.raises(ConfigError, match="color_mode"):
+        Preprocessing(color_mode="cmyk")
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        Threshold("a", 1.5)
+    with pytest.raises(ConfigError, match="JSON"):
+        ModelSpec.from_json("{not json")
+
+
+# ---- our own models, built with TensorFlow ------------------------------------------------
+def _tiny_keras(n_classes: int, size: int, channels: int = 3, seed: int = 0):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((size, size, channels))
+    x = keras.layers.Conv2D(4, 3, strides=2, activation="relu")(inp)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(n_classes, activation="softmax")(x)
+    return keras.Model(inp, out)
+
+
+def _convert(model, int8: bool, spec: ModelSpec) -> bytes:
+    import tensorflow as tf
+
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    if int8:
+        rng = np.random.default_rng(0)
+        p = spec.preprocessing
+
+        def rep():
+            for _ in range(16):
+                px = rng.integers(0, 256, (p.height, p.width, p.channels), dtype=np.uint8)
+                yield [((px.astype(np.float32) - 127.5) / 127.5)[None]]
+
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = rep
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv.inference_input_type = tf.int8
+        conv.inference_output_type = tf.int8
+    return embed_spec(conv.convert(), spec)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    pytest.importorskip("tensorflow")
+    d = tmp_path_factory.mktemp("models")
+    model = _tiny_keras(2, 32)
+    spec = ModelSpec(labels=("NORMAL", "PNEUMONIA"), positive_label="PNEUMONIA",
+                     preprocessing=Preprocessing(height=32, width=32), recipe="test")
+    paths = {}
+    for name, int8 in (("float32", False), ("int8", True)):
+        p = d / f"m_{name}.tflite"
+        p.write_bytes(_convert(model, int8, spec.replace(variant=name)))
+        paths[name] = p
+    return model, spec, paths
+
+
+@pytest.mark.needs_tf
+@pytest.mark.parametrize("variant,dtype", [("float32", "float32"), ("int8", "int8")])
+def test_own_models_match_keras_through_the_same_preprocessing(tiny_models, variant, dtype):
+    from edge_runtime.preprocess import preprocess
+
+    model, spec, paths = tiny_models
+    clf = Classifier(paths[variant], threads=1)
+    assert clf.has_metadata and clf.labels == ["NORMAL", "PNEUMONIA"] and clf.spec.variant == variant
+    assert clf.describe()["input_dtype"] == dtype and clf.describe()["output_dtype"] == dtype
+    img = np.stack([gradient(50, 40, seed=3)] * 3, -1)
+    x = preprocess(img, spec.preprocessing)
+    keras_p = model.predict(x[None], verbose=0)[0]
+    pred = clf.classify(img)
+    ours = np.array([pred.probabilities[n] for n in clf.labels])
+    tol = 1e-5 if variant == "float32" else 0.03  # int8: one output step is 1/256
+    np.testing.assert_allclose(ours, keras_p, atol=tol)
+
+
+@pytest.mark.needs_tf
+def test_threshold_decides_and_can_be_turned_off(tiny_models, tmp_path):
+    model, spec, paths = tiny_models
+    img = np.stack([gradient(32, 32, seed=1)] * 3, -1)
+    p_pos = Classifier(paths["float32"]).classify(img).probabilities["PNEUMONIA"]
+    for value, expected in ((max(p_pos - 0.01, 0.0), "PNEUMONIA"), (min(p_pos + 0.01, 1.0), "NORMAL")):
+        data = embed_spec(paths["float32"].read_bytes(), spec.replace(threshold=Threshold("PNEUMONIA", value)))
+        f = tmp_path / f"t{value:.3f}.tflite"
+        f.write_bytes(data)
+        pred = Classifier(f).classify(img)
+        assert pred.label == expected and pred.threshold_applied
+    argmax = Classifier(f, use_threshold=False).classify(img)
+    assert not argmax.threshold_applied
+    assert argmax.label == max(argmax.probabilities, key=argmax.probabilities.get)
+
+
+@pytest.mark.needs_tf
+def test_batch_reports_each_bad_file_and_goes_on(tiny_models, tmp_path):
+    from images import BAD, GOOD, write_good_and_bad
+
+    _, _, paths = tiny_models
+    files = write_good_and_bad(tmp_path / "imgs")
+    clf = Classifier(paths["int8"])
+    results = list(clf.classify_many([str(files[k]) for k in GOOD + BAD] + [str(tmp_path / "missing.png")]))
+    ok = [r for r in results if hasattr(r, "label")]
+    bad = [r for r in results if hasattr(r, "error")]
+    assert len(ok) == len(GOOD) and len(bad) == len(BAD) + 1
+    assert all("\n" not in r.error and r.source for r in bad)
+
+
+@pytest.mark.needs_tf
+def test_metadata_that_disagrees_with_the_model(tiny_models, tmp_path):
+    _, spec, paths = tiny_models
+    wrong = spec.replace(preprocessing=Preprocessing(height=64, width=64))
+    f = tmp_path / "wrong.tflite"
+    f.write_bytes(embed_spec(paths["float32"].read_bytes(), wrong))
+    with pytest.raises(ModelError, match="metadata says input 64x64x3 but the model takes 32x32x3"):
+        Classifier(f)
+    three = spec.replace(labels=("a", "b", "c"), positive_label=None)
+    f.write_bytes(embed_spec(paths["float32"].read_bytes(), three))
+    with pytest.raises(ModelError, match="3 labels given but the model has 2 outputs"):
+        Classifier(f)

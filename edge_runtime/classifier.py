@@ -122,7 +122,9 @@ class Classifier:
             th = self.spec.threshold
             self._th_index, self._th_value = self._labels.index(th.label), th.value
         try:
+            t0 = now()
             self._interpreter.invoke()  # first inference: XNNPACK packs weights here
+            self.first_invoke_ms = (now() - t0) * 1e3
         except Exception as exc:
             raise ModelError(f"model cannot run in {self.backend.describe()}: {_first_line(exc)}") from None
 

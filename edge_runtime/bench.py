@@ -1,0 +1,521 @@
+"""Benchmark TFLite classifiers on this device: the library behind ``lungedge bench``.
+
+Everything is measured through the runtime's own code (``Classifier`` and
+``edge_runtime.timing.time_calls``), so a benchmark and a deployed classifier time the same
+thing. Each model runs in a fresh Python process (``python -m edge_runtime.bench``), so its
+peak RSS is its own and a model that crashes the interpreter cannot take the run down.
+
+Measured per model and thread count:
+
+- ``startup_ms``: interpreter construction and tensor allocation (``Classifier.load_ms``);
+- ``first_invoke_ms``: the first ``invoke()`` (XNNPACK packs weights there);
+- ``first_classify_ms``: the first real image, end to end, right after loading;
+- ``invoke``: ``interpreter.invoke()`` alone, on a real preprocessed image already in place;
+- ``classify_decoded``: ``Classifier.classify`` of an already-decoded uint8 array at the
+  model's size (normalise + quantise + invoke + postprocess);
+- ``preprocess``: decode + preprocess of the image files (``load_pixels`` + ``normalize``);
+- ``end_to_end``: ``Classifier.classify(path)``: decode + preprocess + invoke + postprocess;
+
+each as raw timings with mean/std/p50/p90/p99, plus throughput, peak RSS, model size and
+SHA-256, backend and version, delegate (XNNPACK) node count and, with ``data_dir``, accuracy.
+No TensorFlow; matplotlib only for the optional PNG chart.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence
+
+import numpy as np
+
+from .errors import ConfigError, ImageError, LungedgeError
+from .metadata import read_model_bytes
+from .timing import machine_info, now, peak_rss_mb, time_calls
+
+SCHEMA = "lungedge.bench/1"
+REPORT_NAME = "bench_report"
+COMPARE_NAME = "compare_report"
+#: Seconds one model's worker process may take before it is reported as hung.
+DEFAULT_TIMEOUT_S = 900
+
+
+# ---- one model, in this process ------------------------------------------------------------
+def bench_model(
+    path: str,
+    images: Optional[Sequence[str]] = None,
+    threads: Sequence[int] = (1, 2),
+    runs: int = 50,
+    warmup: int = 5,
+    backend: str = "auto",
+    data_dir: Optional[str] = None,
+    labels=None,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+) -> dict:
+    """Benchmark one model in this process (see the module docstring for what is measured).
+
+    Args:
+        path: a ``.tflite`` file.
+        images: image files or folders for the end-to-end timings; None times a synthetic
+            1024x1024 JPEG (decoded from memory) instead. Unreadable images are listed and
+            left out.
+        threads: interpreter thread counts, one measurement each.
+        runs, warmup: timed and untimed calls per measurement.
+        backend: ``auto``, ``litert`` or ``tflite-runtime``.
+        data_dir: a labelled folder (``DATA/<class>/<image>``) to measure accuracy on.
+        labels, mean, std: for models without lungedge metadata; without ``labels`` such a
+            model gets placeholder names ``class_0..N-1`` (latency does not need names).
+
+    Returns:
+        A dict with ``status`` "ok" or "error" (and ``error``, a one-line reason); a model
+        that fails to load is an ``error`` result, not an exception.
+
+    Raises:
+        ConfigError: bad ``runs``, ``warmup`` or ``threads``.
+    """
+    _check_settings(threads, runs, warmup)
+    result: dict = {"model": str(path), "name": Path(path).name, "status": "ok", "error": None, "runs": []}
+    sources, image_failures = _usable_images(images)
+    result["images"] = {
+        "source": "synthetic 1024x1024 JPEG" if images is None else [str(x) for x in images],
+        "count": len(sources),
+        "failures": image_failures,
+    }
+    try:
+        data = read_model_bytes(path)
+        result.update(sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+        del data
+        for n in threads:
+            result["runs"].append(_bench_threads(path, sources, n, runs, warmup, backend, labels, mean, std, result))
+        if data_dir:
+            result["accuracy"] = _accuracy(path, data_dir, threads[0], backend, labels, mean, std)
+    except LungedgeError as exc:
+        result.update(status="error", error=str(exc))
+    except Exception as exc:  # a backend's RuntimeError mid-run: report it, let other models run
+        result.update(status="error", error=f"{type(exc).__name__}: {_one_line(exc)}")
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def _bench_threads(path, sources, threads, runs, warmup, backend, labels, mean, std, result) -> dict:
+    from .classifier import Classifier
+    from .preprocess import load_pixels, normalize
+
+    t0 = now()
+    clf = Classifier(path, threads=threads, backend=backend, labels=_labels_for(path, backend, labels),
+                     mean=mean, std=std, use_threshold=False)
+    construct_ms = (now() - t0) * 1e3
+    info = clf.describe()
+    result.update({k: info[k] for k in ("sha256", "size_bytes", "backend", "backend_version", "input_dtype",
+                                        "output_dtype", "input_shape", "variant", "has_metadata")})
+    pre = clf.spec.preprocessing
+    if not sources:
+        raise ImageError("no readable images to time the end-to-end path (see images.failures)")
+    t0 = now()
+    first = clf.classify(sources[0])
+    first_classify_ms = (now() - t0) * 1e3
+
+    cycle = _Cycle(sources)
+    pixels = load_pixels(sources[0], pre)
+    x = normalize(pixels, pre)
+    clf._run(x)  # a real image in the input tensor for the invoke-only timing
+    interpreter = clf._interpreter
+    rec = {
+        "threads": threads,
+        "startup_ms": clf.load_ms,
+        "construct_ms": construct_ms,
+        "first_invoke_ms": getattr(clf, "first_invoke_ms", None),
+        "first_classify_ms": first_classify_ms,
+        "first_label": first.label,
+        "delegate_nodes": clf.delegate_nodes(),
+        "invoke": time_calls(interpreter.invoke, runs, warmup).to_dict(),
+        "classify_decoded": time_calls(lambda: clf.classify(pixels), runs, warmup).to_dict(),
+        "preprocess": time_calls(lambda: normalize(load_pixels(cycle(), pre), pre), runs, warmup).to_dict(),
+        "end_to_end": time_calls(lambda: clf.classify(cycle()), runs, warmup).to_dict(),
+    }
+    rec["throughput_ips"] = 1e3 / rec["end_to_end"]["mean_ms"]
+    rec["invoke_throughput_ips"] = 1e3 / rec["invoke"]["mean_ms"]
+    del clf, interpreter
+    return rec
+
+
+def _accuracy(path, data_dir, threads, backend, labels, mean, std) -> dict:
+    from .classifier import Classifier
+    from .evaluate import evaluate_classifier
+
+    clf = Classifier(path, threads=threads, backend=backend, labels=_labels_for(path, backend, labels),
+                     mean=mean, std=std)
+    try:
+        m = evaluate_classifier(clf, data_dir, progress=False)
+    except ConfigError as exc:  # labels and folders do not match: say so, keep the timings
+        return {"data": str(data_dir), "error": str(exc)}
+    return {"data": str(data_dir), "accuracy": m["accuracy"], "n": int(np.sum(m["confusion_matrix"])),
+            "failures": len(m["failures"]), "decision": m["decision"],
+            "macro_f1": m.get("macro", {}).get("f1")}
+
+
+def _labels_for(path, backend, labels):
+    """Labels for the Classifier: the user's, the metadata's (None), or placeholders."""
+    if labels is not None:
+        return labels
+    from .metadata import read_model_bytes, read_spec
+
+    if read_spec(read_model_bytes(path)) is not None:
+        return None
+    from .backend import load_backend
+
+    try:
+        it = load_backend(backend).interpreter_class(model_path=str(path))
+        n = int(it.get_output_details()[0]["shape"][-1])
+    except Exception:
+        return None  # let the Classifier raise its own clear error
+    return [f"class_{i}" for i in range(n)]
+
+
+class _Cycle:
+    """Endless round-robin over the benchmark images."""
+
+    def __init__(self, items: Sequence):
+        self._items, self._i = list(items), 0
+
+    def __call__(self):
+        item = self._items[self._i % len(self._items)]
+        self._i += 1
+        return item
+
+
+def _usable_images(images) -> tuple:
+    """(sources, failures): readable image paths (or one synthetic JPEG) and bad ones."""
+    from .data import expand_inputs
+    from .preprocess import load_pixels
+    from .spec import Preprocessing
+
+    if images is None:
+        return [_synthetic_jpeg()], []
+    probe = Preprocessing(height=32, width=32, color_mode="rgb")
+    ok, failures = [], []
+    for src, problem in expand_inputs([str(x) for x in images]):
+        if problem is None:
+            try:
+                load_pixels(src, probe)
+            except ImageError as exc:
+                problem = str(exc)
+        if problem is None:
+            ok.append(src)
+        else:
+            failures.append({"source": src, "error": problem})
+    return ok, failures
+
+
+def _synthetic_jpeg(size: int = 1024) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    arr = ((xx + yy) * (255.0 / (2 * size)) + rng.normal(0, 20, (size, size))).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="L").save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _check_settings(threads, runs, warmup) -> None:
+    if not threads or any(not isinstance(t, int) or t < 1 for t in threads):
+        raise ConfigError(f"threads must be positive integers, got {list(threads) if threads else threads!r}")
+    if not isinstance(runs, int) or runs < 1:
+        raise ConfigError(f"runs must be a positive integer, got {runs!r}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"warmup must be a non-negative integer, got {warmup!r}")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+# ---- many models, one subprocess each -------------------------------------------------------
+def run_bench(
+    models: Iterable[str],
+    images: Optional[Sequence[str]] = None,
+    threads: Sequence[int] = (1, 2),
+    runs: int = 50,
+    warmup: int = 5,
+    backend: str = "auto",
+    data_dir: Optional[str] = None,
+    labels=None,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    isolate: bool = True,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    progress: bool = False,
+) -> dict:
+    """Benchmark several models and return one report (schema ``lungedge.bench/1``).
+
+    Args:
+        models: ``.tflite`` paths.
+        isolate: run each model in a fresh ``python -m edge_runtime.bench`` process (own
+            peak RSS; a crash becomes an error row). False runs them in this process.
+        timeout_s: per-model limit of an isolated run.
+        progress: a tqdm bar over the models on stderr.
+        Other arguments: see ``bench_model``.
+
+    Returns:
+        ``{"schema", "created", "machine", "load_avg", "settings", "models": [bench_model
+        results]}``; each failed model has ``status: "error"`` and its reason.
+
+    Raises:
+        ConfigError: no models, or bad settings.
+    """
+    models = [str(m) for m in models]
+    if not models:
+        raise ConfigError("no models given to benchmark")
+    threads = [int(t) for t in threads]
+    _check_settings(threads, runs, warmup)
+    kwargs = dict(images=[str(x) for x in images] if images is not None else None, threads=threads, runs=runs,
+                  warmup=warmup, backend=backend, data_dir=str(data_dir) if data_dir else None,
+                  labels=labels if labels is None or isinstance(labels, str) else list(labels),
+                  mean=list(mean) if mean else None, std=list(std) if std else None)
+    load_before = _load_avg()
+    results = []
+    it = models
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(models, desc="bench", unit="model")
+    for m in it:
+        results.append(_bench_isolated(m, kwargs, timeout_s) if isolate else bench_model(m, **kwargs))
+    return {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "lungedge_version": _package_version(),
+        "machine": machine_info(),
+        "load_avg": {"before": load_before, "after": _load_avg()},
+        "settings": {k: v for k, v in kwargs.items() if k not in ("labels", "mean", "std")},
+        "models": results,
+    }
+
+
+def _bench_isolated(model: str, kwargs: dict, timeout_s: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="lungedge-bench-") as tmp:
+        req, out = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        req.write_text(json.dumps({"model": model, "kwargs": kwargs, "out": str(out)}))
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        try:
+            proc = subprocess.run([sys.executable, "-m", "edge_runtime.bench", str(req)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return _error_result(model, f"timed out after {timeout_s:.0f} s")
+        if out.is_file():
+            return json.loads(out.read_text())
+        tail = [ln for ln in proc.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
+        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        return _error_result(model, f"benchmark process crashed ({how})" + (f": {tail[-1][:200]}" if tail else ""))
+
+
+def _error_result(model: str, error: str) -> dict:
+    return {"model": model, "name": Path(model).name, "status": "error", "error": error, "runs": []}
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("lungedge")
+    except Exception:
+        return "unknown"
+
+
+def _load_avg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return None
+
+
+def _worker(request_path: str) -> int:
+    """Entry point of an isolated run: read the request, write the result JSON."""
+    req = json.loads(Path(request_path).read_text())
+    res = bench_model(req["model"], **req["kwargs"])
+    Path(req["out"]).write_text(json.dumps(res))
+    return 0
+
+
+# ---- reports ------------------------------------------------------------------------------------
+def write_report(report: dict, out_dir: str, name: str = REPORT_NAME) -> dict:
+    """Write ``NAME.json``, ``NAME.md`` and (if matplotlib is installed) ``NAME.png``.
+
+    Returns:
+        ``{"json": path, "md": path, "png": path or None, "png_skipped": reason or None}``.
+    """
+    from .data import atomic_write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": str(out / f"{name}.json"), "md": str(out / f"{name}.md"), "png": None, "png_skipped": None}
+    atomic_write_text(paths["json"], json.dumps(report, indent=1))
+    atomic_write_text(paths["md"], format_markdown(report))
+    rows = report_rows(report)
+    try:
+        from .report_plot import plot_rows
+
+        plot_rows(rows, str(out / f"{name}.png"), title=_title(report))
+        paths["png"] = str(out / f"{name}.png")
+    except ImportError as exc:
+        paths["png_skipped"] = f"matplotlib not installed ({exc.name or exc}); PNG chart skipped"
+    return paths
+
+
+def load_report(path: str) -> dict:
+    """Read a bench report JSON, checking its schema.
+
+    Raises:
+        ConfigError: missing, not JSON, or not a ``lungedge.bench/1`` report.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"report not found: {str(p)!r}")
+    try:
+        report = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"not a JSON report: {str(p)!r} ({exc})") from None
+    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
+        got = report.get("schema") if isinstance(report, dict) else type(report).__name__
+        raise ConfigError(f"not a {SCHEMA} report (schema {got!r}): {str(p)!r}")
+    return report
+
+
+def compare_reports(paths: Sequence[str], out_dir: str) -> dict:
+    """Merge reports from several machines (or backends) into one table and chart.
+
+    Writes ``compare_report.{json,md,png}`` in ``out_dir``; the JSON keeps every input
+    report whole under ``reports``. Returns the paths, as ``write_report``.
+
+    Raises:
+        ConfigError: fewer than one report, or a file that is not a bench report.
+    """
+    if not paths:
+        raise ConfigError("no reports given to compare")
+    reports = [load_report(p) for p in paths]
+    for p, r in zip(paths, reports):
+        r["_label"] = _machine_label(r, Path(p).stem)
+    merged = {"schema": SCHEMA, "kind": "comparison",
+              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "sources": [str(p) for p in paths], "reports": reports}
+    return write_report(merged, out_dir, name=COMPARE_NAME)
+
+
+def _machine_label(report: dict, stem: str) -> str:
+    m = report.get("machine", {})
+    return f"{m.get('hostname', '?')}/{m.get('arch', '?')} ({stem})"
+
+
+def report_rows(report: dict) -> List[dict]:
+    """One flat row per model x threads (errors included), for tables and charts."""
+    if report.get("kind") == "comparison":
+        rows = []
+        for r in report["reports"]:
+            for row in report_rows(r):
+                rows.append({**row, "machine": r.get("_label") or _machine_label(r, "?")})
+        return rows
+    machine = report.get("machine", {})
+    rows = []
+    for m in report.get("models", []):
+        base = {"machine": f"{machine.get('hostname', '?')}/{machine.get('arch', '?')}", "model": m.get("name"),
+                "variant": m.get("variant"), "backend": m.get("backend"), "backend_version": m.get("backend_version"),
+                "size_mb": (m["size_bytes"] / 1e6) if m.get("size_bytes") else None,
+                "sha256": (m.get("sha256") or "")[:12], "peak_rss_mb": m.get("peak_rss_mb"),
+                "accuracy": (m.get("accuracy") or {}).get("accuracy"),
+                "image_failures": len((m.get("images") or {}).get("failures", [])),
+                "error": m.get("error")}
+        if not m.get("runs"):
+            rows.append({**base, "threads": None})
+        for r in m.get("runs", []):
+            rows.append({**base, "threads": r["threads"], "delegate_nodes": r.get("delegate_nodes"),
+                         "startup_ms": r.get("startup_ms"), "first_invoke_ms": r.get("first_invoke_ms"),
+                         "first_classify_ms": r.get("first_classify_ms"),
+                         "invoke": r.get("invoke"), "end_to_end": r.get("end_to_end"),
+                         "classify_decoded": r.get("classify_decoded"), "preprocess": r.get("preprocess"),
+                         "throughput_ips": r.get("throughput_ips")})
+    return rows
+
+
+def _f(x, fmt="{:.2f}") -> str:
+    return "" if x is None else fmt.format(x)
+
+
+def format_markdown(report: dict) -> str:
+    """The report as a Markdown table (one row per model x threads) with its context."""
+    rows = report_rows(report)
+    comparison = report.get("kind") == "comparison"
+    lines = [f"# {_title(report)}", ""]
+    sources = report["reports"] if comparison else [report]
+    for r in sources:
+        m, s = r.get("machine", {}), r.get("settings", {})
+        label = f"**{r.get('_label')}**: " if comparison else ""
+        lines.append(f"- {label}{m.get('cpu')}, {m.get('cores')} cores, {m.get('arch')}, {m.get('os')}, "
+                     f"Python {m.get('python')}, numpy {m.get('numpy')}; load average before/after "
+                     f"{(r.get('load_avg') or {}).get('before')} / {(r.get('load_avg') or {}).get('after')}; "
+                     f"{s.get('runs')} runs after {s.get('warmup')} warm-up; images: {_images_text(s)}; "
+                     f"created {r.get('created')}")
+    lines += ["", "Times in ms (p50 / p90 / p99 of raw timings). invoke = `interpreter.invoke()` alone; "
+              "e2e = `Classifier.classify(path)`: decode + preprocess + invoke + postprocess. "
+              "Delegate nodes: graph nodes taken by XNNPACK (0 = none: every op on the reference kernels).", ""]
+    head = (["machine"] if comparison else []) + [
+        "model", "variant", "backend", "threads", "delegate nodes", "invoke p50 / p90 / p99", "e2e p50 / p90 / p99",
+        "img/s (e2e)", "start-up", "1st invoke", "1st image", "peak RSS MB", "size MB", "sha256", "accuracy", "status"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for r in rows:
+        inv, e2e = r.get("invoke") or {}, r.get("end_to_end") or {}
+        status = "ok" if not r.get("error") else "FAILED: " + r["error"].replace("|", "\\|")
+        if not r.get("error") and r.get("image_failures"):
+            status = f"ok ({r['image_failures']} bad images skipped)"
+        cells = ([r["machine"]] if comparison else []) + [
+            str(r.get("model")), str(r.get("variant") or ""),
+            f"{r.get('backend') or ''} {r.get('backend_version') or ''}".strip(), _f(r.get("threads"), "{}"),
+            _f(r.get("delegate_nodes"), "{}"), _triple(inv), _triple(e2e), _f(r.get("throughput_ips"), "{:.1f}"),
+            _f(r.get("startup_ms"), "{:.1f}"), _f(r.get("first_invoke_ms"), "{:.1f}"),
+            _f(r.get("first_classify_ms"), "{:.1f}"), _f(r.get("peak_rss_mb"), "{:.0f}"), _f(r.get("size_mb")),
+            r.get("sha256") or "", _f(r.get("accuracy"), "{:.3f}"), status]
+        lines.append("| " + " | ".join(cells) + " |")
+    bad = [(m.get("name"), f) for r in sources for m in r.get("models", [])
+           for f in (m.get("images") or {}).get("failures", [])]
+    if bad:
+        lines += ["", "Images that could not be read (left out of the timings):", ""]
+        seen = set()
+        for _, f in bad:
+            if f["source"] not in seen:
+                seen.add(f["source"])
+                lines.append(f"- `{f['source']}`: {f['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def _triple(s: dict) -> str:
+    if not s:
+        return ""
+    return f"{s['p50_ms']:.2f} / {s['p90_ms']:.2f} / {s['p99_ms']:.2f}"
+
+
+def _images_text(settings: dict) -> str:
+    imgs = settings.get("images")
+    return "synthetic JPEG" if imgs is None else ", ".join(str(x) for x in imgs)
+
+
+def _title(report: dict) -> str:
+    if report.get("kind") == "comparison":
+        return f"lungedge bench comparison ({len(report['reports'])} reports)"
+    m = report.get("machine", {})
+    return f"lungedge bench on {m.get('hostname')} ({m.get('cpu')}, {m.get('cores')} cores)"
+
+
+if __name__ == "__main__":  # isolated worker: python -m edge_runtime.bench REQUEST.json
+    sys.exit(_worker(sys.argv[1]))

@@ -1,0 +1,71 @@
+"""The PNG chart of a bench report (matplotlib, Agg backend). Imported only when a chart is drawn.
+
+Raises ImportError when matplotlib is not installed; ``bench.write_report`` then skips the PNG.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+
+def plot_rows(rows: List[dict], path: str, title: str = "") -> str:
+    """Horizontal bars of p50 latency (invoke and end to end) per model x threads [x machine].
+
+    Whiskers reach p90. Failed models are listed on the chart as FAILED.
+
+    Args:
+        rows: ``bench.report_rows`` output.
+        path: the PNG to write (atomically).
+
+    Returns:
+        ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .data import atomic_write_bytes
+
+    machines = {r.get("machine") for r in rows}
+    labels, inv, inv90, e2e, e2e90 = [], [], [], [], []
+    for r in rows:
+        name = f"{r.get('model')} | {r.get('backend') or '?'} | {r.get('threads') or '-'} thr"
+        if len(machines) > 1:
+            name = f"{r.get('machine')} | " + name
+        if r.get("error"):
+            name += " | FAILED"
+        labels.append(name)
+        i, e = r.get("invoke") or {}, r.get("end_to_end") or {}
+        inv.append(i.get("p50_ms", 0.0))
+        inv90.append(max(0.0, i.get("p90_ms", 0.0) - i.get("p50_ms", 0.0)))
+        e2e.append(e.get("p50_ms", 0.0))
+        e2e90.append(max(0.0, e.get("p90_ms", 0.0) - e.get("p50_ms", 0.0)))
+    n = max(1, len(rows))
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * n))
+    y = list(range(len(rows)))
+    h = 0.38
+    ax.barh([v - h / 2 for v in y], inv, height=h, xerr=[[0] * len(inv), inv90], label="invoke p50 (to p90)",
+            color="#4C72B0", capsize=2)
+    ax.barh([v + h / 2 for v in y], e2e, height=h, xerr=[[0] * len(e2e), e2e90],
+            label="end to end p50 (to p90)", color="#DD8452", capsize=2)
+    for yy, a, a90, b, b90 in zip(y, inv, inv90, e2e, e2e90):
+        if a:
+            ax.text(a + a90, yy - h / 2, f"  {a:.2f}", va="center", fontsize=7)
+        if b:
+            ax.text(b + b90, yy + h / 2, f"  {b:.2f}", va="center", fontsize=7)
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("latency (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path

@@ -1,0 +1,86 @@
+"""``lungedge bench``: latency, memory and accuracy of TFLite models on this device."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from lungedge.cli_util import EXIT_FAILED, EXIT_OK, handle_errors, parse_int_list
+
+
+def _default_out(models) -> str:
+    """RUN_DIR/bench when every model sits in one folder (the run folder contract), else ./bench."""
+    parents = {str(Path(m).resolve().parent) for m in models}
+    if len(parents) == 1:
+        parent = Path(parents.pop())
+        if parent.is_dir() and os.access(parent, os.W_OK):
+            return str(parent / "bench")
+    return "bench"
+
+
+@click.command("bench")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--images", "-i", multiple=True, type=click.Path(),
+              help="Image files or folders for the end-to-end timings (repeatable). "
+                   "Default: a synthetic 1024x1024 JPEG.")
+@click.option("--threads", "-t", default="1,2", show_default=True, help="Comma-separated interpreter thread counts.")
+@click.option("--runs", "-n", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Timed calls per measurement.")
+@click.option("--warmup", "-w", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Untimed calls before timing.")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "litert", "tflite-runtime"]),
+              help="Interpreter: LiteRT first, then tflite-runtime.")
+@click.option("--data", "-d", type=click.Path(file_okay=False), default=None,
+              help="Labelled folder DATA/<class>/<image>: also measure accuracy.")
+@click.option("--labels", type=click.Path(dir_okay=False), default=None,
+              help="Label file for models without lungedge metadata (else placeholder names).")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: MODEL_DIR/bench if all models share a folder, else ./bench).")
+@click.option("--compare", is_flag=True,
+              help="MODELS are bench_report.json files (e.g. from several machines): merge them into one table and chart.")
+@click.option("--no-isolate", is_flag=True, help="Run all models in this process (peak RSS is then shared).")
+@handle_errors
+def bench_cmd(models, images, threads, runs, warmup, backend, data, labels, out, compare, no_isolate):
+    """Benchmark TFLite models: start-up, first inference, latency percentiles, throughput,
+    peak RSS, delegate coverage and (with --data) accuracy.
+
+    Writes bench_report.json (schema lungedge.bench/1, raw timings included), bench_report.md
+    and bench_report.png. Each model runs in its own process; a model that fails to load, or
+    unreadable images, are reported in the table and the other models still run.
+
+    \b
+    Example:
+      lungedge bench runs/xray/model_*.tflite --images chest_xray_fullres --threads 1,2 --runs 100
+      lungedge bench --compare pi4/bench_report.json laptop/bench_report.json -o compare/
+
+    Exit code 0 if every model ran, 1 if any failed, 2 for a usage error.
+    """
+    from edge_runtime import bench
+
+    if compare:
+        paths = bench.compare_reports(list(models), out or "bench-compare")
+        _echo_paths(paths)
+        sys.exit(EXIT_OK)
+    thread_list = parse_int_list(threads, "--threads")
+    report = bench.run_bench(list(models), images=list(images) or None, threads=thread_list, runs=runs, warmup=warmup,
+                             backend=backend, data_dir=data, labels=labels, isolate=not no_isolate,
+                             progress=sys.stderr.isatty())
+    paths = bench.write_report(report, out or _default_out(models))
+    click.echo(bench.format_markdown(report))
+    _echo_paths(paths)
+    failed = [m for m in report["models"] if m["status"] != "ok"]
+    for m in failed:
+        click.echo(f"error: {m['name']}: {m['error']}", err=True)
+    sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+def _echo_paths(paths: dict) -> None:
+    click.echo("wrote " + ", ".join(paths[k] for k in ("json", "md", "png") if paths.get(k)))
+    if paths.get("png_skipped"):
+        click.echo(paths["png_skipped"], err=True)
+
+
+commands = [bench_cmd]

@@ -105,7 +105,7 @@ def demo_overrides(epochs, seed):
     from edge_runtime.errors import ConfigError
     from train.weights import find_imagenet_weights
 
-    common = {"split": "random", "fractions": (0.7, 0.15, 0.15), "seed": seed, "augment": False,
+    common = {"name": "demo", "split": "random", "fractions": (0.7, 0.15, 0.15), "seed": seed, "augment": False,
               "patience": 5, "target_recall": None}
     try:
         path = find_imagenet_weights(1.0, 224)

@@ -170,6 +170,26 @@ def evaluate(model, data, threads, backend, labels, mean, std, no_threshold, as_
     sys.exit(EXIT_FAILED if metrics.get("failures") else EXIT_OK)
 
 
+@main.command()
+@click.argument("model")
+@_model_options
+@handle_errors
+def inspect(model, threads, backend, labels, mean, std, no_threshold):
+    """Show what a .tflite file carries: labels, preprocessing, threshold, variant, I/O types.
+
+    \b
+    Example:
+      lungedge inspect model_int8.tflite
+    """
+    clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold)
+    info = clf.describe()
+    info["metadata"] = clf.spec.to_dict() if clf.has_metadata else None
+    info["input_quantization"] = list(clf.input_details.get("quantization", ()))
+    info["output_quantization"] = list(clf.output_details.get("quantization", ()))
+    info["delegate_nodes"] = clf.delegate_nodes()
+    click.echo(json.dumps(info, indent=2, default=str))
+
+
 def _register() -> None:
     for name in _COMMAND_MODULES:
         try:

@@ -1,0 +1,79 @@
+"""``lungedge convert``: a training run to TFLite variants plus a quantisation report.
+
+TensorFlow is imported only when the command runs.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from lungedge.cli_util import EXIT_FAILED, EXIT_OK, handle_errors
+
+from .variants import DEFAULT_VARIANTS, VARIANTS
+
+
+@click.command("convert")
+@click.argument("run_dir", type=click.Path())
+@click.option("--variants", default=",".join(DEFAULT_VARIANTS), show_default=True,
+              help=f"Comma-separated variants: {', '.join(VARIANTS)}.")
+@click.option("--data", "data_dir", type=click.Path(), default=None,
+              help="Labelled folder DATA/<class>/<image> to judge on (default: the run's test split).")
+@click.option("--calibration", "calibration_count", type=int, default=300, show_default=True,
+              help="Training images (stratified by class) to calibrate the integer variants.")
+@click.option("--calibration-dir", type=click.Path(), default=None,
+              help="Take calibration images from this labelled folder instead of the run's train split.")
+@click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True,
+              help="Gate: largest accuracy drop below the Keras model, in percentage points.")
+@click.option("--max-recall-drop", type=float, default=2.0, show_default=True,
+              help="Gate: largest drop of the disease class's recall, in percentage points.")
+@click.option("--rethreshold", is_flag=True,
+              help="Re-choose the decision threshold of integer variants on the validation split.")
+@click.option("--no-gate", is_flag=True, help="Exit 0 even when a variant fails the gate (still reported).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: RUN_DIR).")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
+@handle_errors
+def convert_cmd(run_dir, variants, data_dir, calibration_count, calibration_dir, max_accuracy_drop,
+                max_recall_drop, rethreshold, no_gate, out_dir, progress):
+    """Convert a training run to TFLite variants and compare them with the Keras model.
+
+    Writes RUN_DIR/model_<variant>.tflite (labels, preprocessing and threshold inside) and
+    quantization_report.{json,md,png}: size, accuracy, per-class recall, macro F1 and
+    agreement of each variant with the Keras model on the same test images.
+
+    \b
+    Example:
+      lungedge convert runs/xray --variants float32,float16,int8
+      lungedge convert runs/ct --variants int8 --data ct_test/ --calibration 500
+
+    Exit code 1 when a variant falls more than --max-accuracy-drop points below the Keras
+    model (or its disease-class recall more than --max-recall-drop), unless --no-gate.
+    """
+    from .run import convert_run
+
+    if progress is None:
+        progress = sys.stderr.isatty()
+    report = convert_run(run_dir, variants=variants, data_dir=data_dir, out_dir=out_dir,
+                         calibration_count=calibration_count, max_accuracy_drop=max_accuracy_drop,
+                         max_recall_drop=max_recall_drop, progress=progress,
+                         calibration_dir=calibration_dir, rethreshold=rethreshold)
+    k = report["keras"]
+    click.echo(f"test images: {report['test']['n']} ({report['test']['note']})")
+    click.echo(f"{'model':<16}{'bytes':>11}{'xf32':>7}{'acc %':>8}{'Δ pts':>7}{'agree %':>9}{'max|Δp|':>9}{'conv s':>8}  gate")
+    click.echo(f"{'keras':<16}{'-':>11}{'-':>7}{100 * k['accuracy']:>8.2f}{'-':>7}{'-':>9}{'-':>9}{'-':>8}  -")
+    for v in report["variants"]:
+        ratio = f"{v['size_ratio']:.3f}" if v["size_ratio"] is not None else "-"
+        click.echo(f"{v['variant']:<16}{v['size_bytes']:>11}{ratio:>7}{100 * v['accuracy']:>8.2f}"
+                   f"{-v['accuracy_drop_pts']:>+7.2f}{100 * v['top1_agreement']:>9.2f}{v['max_prob_diff']:>9.4f}"
+                   f"{v['conversion_seconds']:>8.1f}  {v['gate']}"
+                   + (f" ({'; '.join(v['gate_reasons'])})" if v["gate_reasons"] else ""))
+    click.echo(f"report: {report['files']['md']}")
+    if not report["passed"]:
+        click.echo("gate: FAILED" + (" (ignored: --no-gate)" if no_gate else ""), err=True)
+        sys.exit(EXIT_OK if no_gate else EXIT_FAILED)
+    sys.exit(EXIT_OK)
+
+
+commands = [convert_cmd]

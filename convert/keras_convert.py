@@ -1,0 +1,211 @@
+"""Convert one Keras classifier to one TFLite variant, with the lungedge record embedded.
+
+TensorFlow is imported inside the functions, never at module import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from edge_runtime.errors import ConfigError, MissingDependencyError, ModelError
+from edge_runtime.metadata import embed_spec
+from edge_runtime.spec import ModelSpec
+
+from .variants import Variant, get_variant
+
+ModelLike = Union[str, "os.PathLike[str]", Any]
+
+
+def import_tf():
+    """TensorFlow and Keras, quietly, or a one-line MissingDependencyError."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        import keras
+        import tensorflow as tf
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"conversion needs TensorFlow (pip install 'lungedge[train]'): {exc}") from None
+    return tf, keras
+
+
+def load_keras_model(model_or_path: ModelLike):
+    """A Keras model object from a model or a ``.keras`` / ``.h5`` path.
+
+    Raises:
+        ModelError: the file is missing or not a loadable Keras model.
+    """
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        return model_or_path
+    _, keras = import_tf()
+    p = Path(model_or_path)
+    if not p.is_file():
+        raise ModelError(f"Keras model not found: {str(p)!r}")
+    try:
+        return keras.models.load_model(str(p), compile=False)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelError(f"cannot load Keras model {str(p)!r}: {first}") from None
+
+
+def model_sha256(model_or_path: ModelLike) -> str:
+    """sha256 of a model file's bytes, or of a model object's weights (in order)."""
+    if isinstance(model_or_path, (str, os.PathLike)):
+        h = hashlib.sha256()
+        with open(model_or_path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    h = hashlib.sha256()
+    for w in model_or_path.get_weights():
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()
+
+
+def check_classifier(model, spec: ModelSpec) -> None:
+    """Refuse a model that is not an image classifier matching ``spec``.
+
+    One image input (H, W, C) as the spec's preprocessing says, one output (classes,) with
+    one column per label; for ``output == "probabilities"`` the outputs on a sample must be
+    a probability distribution (a softmax head).
+
+    Raises:
+        ModelError: with one line saying what does not match.
+    """
+    inputs, outputs = list(model.inputs), list(model.outputs)
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ModelError(f"not an image classifier: expected 1 input and 1 output, got {len(inputs)} and {len(outputs)}")
+    in_shape = tuple(inputs[0].shape)[1:]
+    out_shape = tuple(outputs[0].shape)[1:]
+    p = spec.preprocessing
+    if in_shape != (p.height, p.width, p.channels):
+        raise ModelError(f"not a classifier for this spec: model input {in_shape}, spec says "
+                         f"{(p.height, p.width, p.channels)}")
+    if len(out_shape) != 1 or out_shape[0] != spec.num_classes:
+        raise ModelError(f"not a classifier for this spec: model output {out_shape}, spec has "
+                         f"{spec.num_classes} labels {list(spec.labels)}")
+    if spec.output == "probabilities":
+        rng = np.random.default_rng(0)
+        sample = rng.uniform(-1, 1, (2,) + in_shape).astype(np.float32)
+        y = np.asarray(model(sample, training=False))
+        if not (np.all(y >= -1e-6) and np.allclose(y.sum(axis=1), 1.0, atol=1e-3)):
+            raise ModelError("not a classifier: its outputs are not probabilities (no softmax at the end?); "
+                             "set the spec's output to 'logits' if that is intended")
+
+
+def converter_versions() -> dict:
+    """Versions recorded in every converted file."""
+    tf, keras = import_tf()
+    from lungedge import __version__
+
+    out = {"tensorflow": tf.__version__, "keras": keras.__version__, "lungedge": __version__,
+           "converter": f"tf.lite.TFLiteConverter.from_keras_model (tensorflow {tf.__version__})"}
+    try:
+        from importlib.metadata import version
+
+        out["ai_edge_litert"] = version("ai-edge-litert")
+    except Exception:  # the metadata writer needs it, but the record should not fail on it
+        pass
+    return out
+
+
+def _representative(calibration: np.ndarray):
+    def gen():
+        for i in range(len(calibration)):
+            yield [calibration[i : i + 1]]
+
+    return gen
+
+
+def tflite_bytes(model, variant: Variant, calibration: Optional[np.ndarray] = None) -> bytes:
+    """Run the TFLite converter for ``variant`` (no metadata).
+
+    Raises:
+        ConfigError: an integer variant without calibration images.
+        ModelError: the converter failed (its first line is quoted).
+    """
+    tf, _ = import_tf()
+    if variant.calibrated and (calibration is None or len(calibration) == 0):
+        raise ConfigError(f"variant {variant.name!r} needs calibration images, got none")
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    if variant.optimize:
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    if variant.float16_weights:
+        conv.target_spec.supported_types = [tf.float16]
+    if variant.calibrated:
+        conv.representative_dataset = _representative(np.asarray(calibration, np.float32))
+    if variant.integer_only:
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    if variant.io_dtype == "int8":
+        conv.inference_input_type = tf.int8
+        conv.inference_output_type = tf.int8
+    try:
+        # Keras' export path prints every captured tensor to stdout; keep the console readable.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return bytes(conv.convert())
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ModelError(f"TFLite conversion to {variant.name} failed: {first}") from None
+
+
+def variant_spec(spec: ModelSpec, variant: Variant, source_sha256: Optional[str],
+                 versions: Optional[dict] = None, extra: Optional[dict] = None) -> ModelSpec:
+    """The record for one converted file: the training spec plus variant, versions, source hash."""
+    merged_versions = dict(spec.versions or {})
+    merged_versions.update(versions if versions is not None else converter_versions())
+    merged_extra = dict(spec.extra or {})
+    merged_extra["conversion"] = {"variant": variant.to_dict(), **(extra or {})}
+    return spec.replace(variant=variant.name, versions=merged_versions,
+                        source_model_sha256=source_sha256, extra=merged_extra)
+
+
+def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Union[str, Variant],
+                        calibration: Optional[np.ndarray] = None, source_sha256: Optional[str] = None,
+                        extra: Optional[dict] = None) -> bytes:
+    """Convert any Keras classifier to one TFLite variant with the lungedge record inside.
+
+    Args:
+        model_or_path: a Keras model or a ``.keras`` / ``.h5`` file.
+        spec: the model's record (labels, preprocessing, threshold...); the variant,
+            versions and source hash are filled in here.
+        variant: a name from ``VARIANTS`` or a ``Variant``.
+        calibration: float32 array (N, H, W, C) of preprocessed real images, needed by the
+            integer variants (see ``convert.calibration``).
+        source_sha256: hash of the source model (default: of the file, or of the weights).
+        extra: more facts for ``spec.extra["conversion"]`` (e.g. calibration count).
+
+    Returns:
+        The ``.tflite`` file's bytes; the record is checked to read back.
+
+    Raises:
+        ConfigError: unknown variant, or no calibration for an integer variant.
+        ModelError: not a classifier matching ``spec``, or the converter failed.
+    """
+    v = get_variant(variant)
+    model = load_keras_model(model_or_path)
+    check_classifier(model, spec)
+    if calibration is not None:
+        calibration = np.asarray(calibration, np.float32)
+        p = spec.preprocessing
+        if calibration.ndim != 4 or calibration.shape[1:] != (p.height, p.width, p.channels):
+            raise ConfigError(f"calibration must be an array (N, {p.height}, {p.width}, {p.channels}), "
+                              f"got shape {calibration.shape}")
+    sha = source_sha256 or model_sha256(model_or_path)
+    extra = dict(extra or {})
+    if v.calibrated:
+        extra.setdefault("calibration_images", int(len(calibration)) if calibration is not None else 0)
+    data = tflite_bytes(model, v, calibration)
+    return embed_spec(data, variant_spec(spec, v, sha, extra=extra))
+
+
+def write_tflite(path: Union[str, "os.PathLike[str]"], data: bytes) -> None:
+    """Write a model atomically (temp file + rename): a failure leaves no partial file."""
+    from edge_runtime.data import atomic_write_bytes
+
+    atomic_write_bytes(str(path), data)

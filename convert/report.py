@@ -1,0 +1,110 @@
+"""The quantisation report: JSON (everything), Markdown (the table) and a PNG chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edge_runtime.data import atomic_write_bytes, atomic_write_text
+
+
+def report_paths(out_dir) -> dict:
+    """Where ``write_report`` puts the JSON, Markdown and PNG files."""
+    out = Path(out_dir)
+    return {ext: str(out / f"quantization_report.{ext}") for ext in ("json", "md", "png")}
+
+
+def write_report(report: dict, out_dir) -> dict:
+    """Write quantization_report.{json,md,png} into ``out_dir``; return their paths."""
+    paths = report_paths(out_dir)
+    atomic_write_text(paths["json"], json.dumps(report, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(paths["md"], markdown(report))
+    atomic_write_bytes(paths["png"], chart_png(report))
+    return paths
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def markdown(report: dict) -> str:
+    """The report as a Markdown page with one table row per model."""
+    labels = report["labels"]
+    disease = report["gate"]["disease_class"]
+    k = report["keras"]
+    head = ["model", "size (bytes)", "x float32", "accuracy %", "Δ acc (pts)"]
+    head += [f"recall {n} %" for n in labels] + ["macro F1", "top-1 agreement %", "max |Δp|", "convert s", "gate"]
+    rows = [["Keras (source)", "-", "-", _pct(k["accuracy"]), "-"]
+            + [_pct(k["per_class_recall"][n]) for n in labels] + [f"{k['macro_f1']:.4f}", "100", "0", "-", "-"]]
+    for v in report["variants"]:
+        ratio = "-" if v["size_ratio"] is None else f"{v['size_ratio']:.3f}"
+        gate = v["gate"] + (f" ({'; '.join(v['gate_reasons'])})" if v["gate_reasons"] else "")
+        rows.append([f"{v['variant']}", str(v["size_bytes"]), ratio, _pct(v["accuracy"]),
+                     f"{-v['accuracy_drop_pts']:+.2f}"]
+                    + [_pct(v["per_class_recall"][n]) for n in labels]
+                    + [f"{v['macro_f1']:.4f}", _pct(v["top1_agreement"]), f"{v['max_prob_diff']:.4f}",
+                       f"{v['conversion_seconds']:.1f}", gate])
+    t = report["test"]
+    lines = [
+        f"# Quantisation report: {report['source']}",
+        "",
+        f"Test images: {t['n']} ({t['note']}; per class {t['class_counts']}"
+        + (f"; {len(t['failures'])} unreadable, left out" if t["failures"] else "") + ").",
+        f"Decision rule: {k['decision']} (each variant uses the threshold in its own metadata).",
+        f"Calibration (integer variants): {report['calibration']['count']} images, "
+        f"{report['calibration']['source']}, per class {report['calibration']['class_counts']}.",
+        f"Gate: a variant fails when its accuracy is more than {report['gate']['max_accuracy_drop']} points "
+        f"below Keras, or its recall of {disease} more than {report['gate']['max_recall_drop']} points below. "
+        f"Overall: **{'passed' if report['passed'] else 'FAILED'}**.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", "Δ acc: accuracy of the variant minus that of the Keras model, in percentage points. "
+              "Agreement and |Δp| compare each variant's probabilities with the Keras model's on the same "
+              "preprocessed arrays.", "",
+              f"Source model sha256 `{report['source_model_sha256']}`; versions {report['versions']}."]
+    for v in report["variants"]:
+        if v.get("threshold_note"):
+            lines.append(f"- {v['variant']}: {v['threshold_note']}")
+    return "\n".join(lines) + "\n"
+
+
+def chart_png(report: dict) -> bytes:
+    """Two panels: file size as a ratio of float32, and test accuracy next to Keras."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [v["variant"] for v in report["variants"]]
+    ratios = [v["size_ratio"] or 0.0 for v in report["variants"]]
+    accs = [100 * v["accuracy"] for v in report["variants"]]
+    colors = ["tab:green" if v["gate"] == "passed" else "tab:red" for v in report["variants"]]
+    keras_acc = 100 * report["keras"]["accuracy"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.bar(names, ratios, color="tab:blue")
+    ax1.set_ylabel("size / float32 size")
+    ax1.set_title("file size")
+    for i, r in enumerate(ratios):
+        ax1.text(i, r, f"{r:.2f}", ha="center", va="bottom")
+    ax2.bar(names, accs, color=colors)
+    ax2.axhline(keras_acc, color="k", linestyle="--", label=f"Keras {keras_acc:.1f} %")
+    ax2.axhline(keras_acc - report["gate"]["max_accuracy_drop"], color="tab:red", linestyle=":",
+                label="gate")
+    lo = min(accs + [keras_acc]) - 5
+    ax2.set_ylim(max(0, lo), 100)
+    ax2.set_ylabel("test accuracy %")
+    ax2.set_title(f"accuracy on {report['test']['n']} test images (red: gate failed)")
+    ax2.legend(loc="lower right")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle(f"Quantisation report: {Path(str(report['source'])).name}")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()

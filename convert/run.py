@@ -1,0 +1,230 @@
+"""Convert a training run folder into TFLite variants and judge them: ``convert_run``."""
+
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import numpy as np
+
+from edge_runtime.errors import ConfigError
+
+from .calibration import DEFAULT_COUNT, calibration_from_files, calibration_from_folder, load_images
+from .evaluate import choose_threshold, compare, decide, keras_probabilities, summarize, tflite_probabilities
+from .keras_convert import (check_classifier, convert_keras_model, converter_versions, load_keras_model,
+                            model_sha256, write_tflite)
+from .report import report_paths, write_report
+from .runfolder import calibration_split, class_counts, eval_split, load_run
+from .variants import DEFAULT_VARIANTS, parse_variants
+
+
+def convert_run(
+    run_dir,
+    variants: Union[str, Iterable[str]] = DEFAULT_VARIANTS,
+    data_dir: Optional[str] = None,
+    out_dir: Optional[str] = None,
+    calibration_count: int = DEFAULT_COUNT,
+    max_accuracy_drop: float = 1.0,
+    max_recall_drop: float = 2.0,
+    progress: bool = True,
+    calibration_dir: Optional[str] = None,
+    rethreshold: bool = False,
+    seed: int = 0,
+) -> dict:
+    """Convert a run's ``model.keras`` to each variant and compare them with it.
+
+    Writes ``model_<variant>.tflite`` (atomically, metadata inside) and
+    ``quantization_report.{json,md,png}`` into ``out_dir`` (default: the run folder).
+
+    Args:
+        run_dir: a training run folder (model.keras, spec.json, split_manifest.csv).
+        variants: names from ``convert.variants.VARIANTS`` (list or comma-separated).
+        data_dir: labelled folder to judge on instead of the manifest's test split.
+        out_dir: where to write (default ``run_dir``).
+        calibration_count: training images for the integer variants (stratified by class).
+        max_accuracy_drop: gate, in percentage points below the Keras model's accuracy.
+        max_recall_drop: gate, in points below Keras on the disease class's recall.
+        progress: progress bars on stderr.
+        calibration_dir: take calibration images from this labelled folder instead.
+        rethreshold: for the integer variants, re-choose the decision threshold on the
+            manifest's validation split with the quantised model's own probabilities
+            (stored in that variant's metadata).
+        seed: for the calibration pick.
+
+    Returns:
+        The report (also written as JSON): per variant ``gate`` ("passed"/"failed") and
+        ``gate_reasons``; overall ``passed``.
+
+    Raises:
+        ConfigError: missing run folder or spec, unknown variant, no test or calibration images.
+        ModelError: no model.keras, not a classifier, or a conversion failed.
+    """
+    chosen = parse_variants(variants)
+    if calibration_count < 1:
+        raise ConfigError(f"calibration count must be at least 1, got {calibration_count!r}")
+    for name, value in (("max accuracy drop", max_accuracy_drop), ("max recall drop", max_recall_drop)):
+        if not value >= 0:
+            raise ConfigError(f"{name} must be >= 0 percentage points, got {value!r}")
+    run = load_run(run_dir)
+    spec = run.spec
+    out = Path(out_dir) if out_dir else run.path
+    test, test_note = eval_split(run, data_dir)
+    needs_calibration = any(v.calibrated for v in chosen)
+
+    model = load_keras_model(run.model_path)
+    check_classifier(model, spec)
+    sha = model_sha256(run.model_path)
+    versions = converter_versions()
+
+    x_test, kept, failures = load_images(test.paths, spec.preprocessing, progress, desc="test images")
+    if len(x_test) == 0:
+        raise ConfigError(f"none of the {len(test)} test images ({test.source}) could be read")
+    y_test = np.asarray([test.labels[i] for i in kept])
+    keras_probs = keras_probabilities(model, x_test)
+    keras_m = summarize(y_test, keras_probs, spec, spec.threshold)
+    keras_pred = decide(keras_probs, spec.labels, spec.threshold)
+
+    calibration, calib_info = None, {"count": 0, "source": "not needed", "class_counts": {}}
+    if needs_calibration:
+        calibration, calib_info = _calibration(run, spec, calibration_dir, calibration_count, seed, progress)
+
+    val = None
+    if rethreshold and spec.threshold is not None:
+        val_split = run.split("val")
+        if len(val_split):
+            xv, kv, _ = load_images(val_split.paths, spec.preprocessing, progress, desc="val images")
+            val = (xv, np.asarray([val_split.labels[i] for i in kv]))
+
+    disease = spec.positive_label or (spec.threshold.label if spec.threshold else None)
+    rows, sizes = [], {}
+    for v in chosen:
+        t0 = time.perf_counter()
+        data = convert_keras_model(model, spec, v, calibration=calibration,
+                                   source_sha256=sha,
+                                   extra={"calibration": calib_info} if v.calibrated else None)
+        seconds = time.perf_counter() - t0
+        path = out / f"model_{v.name}.tflite"
+        write_tflite(path, data)
+        note = None
+        if val is not None and v.calibrated:
+            data, note = _rethreshold(path, data, val, spec, progress)
+            write_tflite(path, data)
+        sizes[v.name] = len(data)
+        rows.append(_judge(path, v, x_test, y_test, keras_probs, keras_pred, keras_m, spec, disease,
+                           max_accuracy_drop, max_recall_drop, seconds, progress))
+        if note:
+            rows[-1]["threshold_note"] = note
+    base = sizes.get("float32")
+    for r in rows:
+        r["size_ratio"] = (r["size_bytes"] / base) if base else None
+
+    report = {
+        "source": str(run.path),
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "labels": list(spec.labels),
+        "recipe": spec.recipe,
+        "source_model_sha256": sha,
+        "versions": versions,
+        "test": {"n": int(len(y_test)), "note": test_note, "source": test.source,
+                 "class_counts": class_counts(y_test.tolist(), spec.labels),
+                 "failures": [{"path": p, "error": e} for p, e in failures]},
+        "calibration": calib_info,
+        "gate": {"max_accuracy_drop": max_accuracy_drop, "max_recall_drop": max_recall_drop,
+                 "disease_class": disease or "every class"},
+        "keras": _keras_row(keras_m),
+        "variants": rows,
+        "passed": all(r["gate"] == "passed" for r in rows),
+        "size_ratio_note": None if base else "float32 not converted: no size ratios",
+    }
+    report["files"] = report_paths(out)
+    write_report(report, out)
+    return report
+
+
+def _calibration(run, spec, calibration_dir, count, seed, progress):
+    if calibration_dir is not None:
+        x = calibration_from_folder(calibration_dir, spec.preprocessing, spec.labels, count, seed, progress)
+        return x, {"count": int(len(x)), "source": f"folder {calibration_dir}", "class_counts": {}}
+    train = calibration_split(run)
+    from .calibration import stratified_pick
+
+    picked = stratified_pick(train.labels, count, seed)
+    x = calibration_from_files(train.paths, train.labels, spec.preprocessing, count, seed, progress,
+                               source=train.source)
+    return x, {"count": int(len(x)), "source": f"stratified from the {train.source}",
+               "class_counts": class_counts([train.labels[i] for i in picked], spec.labels)}
+
+
+def _rethreshold(path, data, val, spec, progress):
+    """Re-choose the threshold of a quantised file on the validation split; re-embed it."""
+    from edge_runtime.classifier import Classifier
+    from edge_runtime.metadata import embed_spec, read_spec
+
+    xv, yv = val
+    clf = Classifier(path, use_threshold=False)
+    probs = tflite_probabilities(clf, xv, progress, desc=f"val {path.name}")
+    old = spec.threshold
+    new = choose_threshold(probs, yv, spec.labels, old, "validation (re-chosen for this quantised model)")
+    file_spec = read_spec(data)
+    note = f"threshold re-chosen on {len(yv)} validation images: {old.value:.4f} -> {new.value:.4f}"
+    return embed_spec(data, file_spec.replace(threshold=new)), note
+
+
+def _keras_row(m: dict) -> dict:
+    return {"accuracy": m["accuracy"], "per_class_recall": {n: c["recall"] for n, c in m["per_class"].items()},
+            "macro_f1": m["macro"]["f1"], "decision": m["decision"], "metrics": m}
+
+
+def gate_reasons(keras_m: dict, m: dict, disease: Optional[str], max_accuracy_drop: float,
+                 max_recall_drop: float) -> list:
+    """Why a variant fails the gate (empty list: it passes).
+
+    It fails when its accuracy is more than ``max_accuracy_drop`` percentage points below the
+    Keras model's, or its recall of ``disease`` (of every class when None) more than
+    ``max_recall_drop`` points below.
+    """
+    reasons = []
+    drop = 100.0 * (keras_m["accuracy"] - m["accuracy"])
+    if drop > max_accuracy_drop + 1e-9:
+        reasons.append(f"accuracy {drop:.2f} points below Keras (limit {max_accuracy_drop:g})")
+    for name in ([disease] if disease else list(keras_m["per_class"])):
+        rdrop = 100.0 * (keras_m["per_class"][name]["recall"] - m["per_class"][name]["recall"])
+        if rdrop > max_recall_drop + 1e-9:
+            reasons.append(f"{name} recall {rdrop:.2f} points below Keras (limit {max_recall_drop:g})")
+    return reasons
+
+
+def _judge(path, v, x, y, keras_probs, keras_pred, keras_m, spec, disease, max_acc, max_rec, seconds, progress):
+    """Load the written file in the runtime, run the test images, apply the gate."""
+    from edge_runtime.classifier import Classifier
+
+    clf = Classifier(path)
+    probs = tflite_probabilities(clf, x, progress, desc=f"test {v.name}")
+    threshold = clf.spec.threshold if clf.use_threshold else None
+    m = summarize(y, probs, spec, threshold)
+    pred = decide(probs, spec.labels, threshold)
+    cmp_ = compare(keras_probs, probs, keras_pred, pred)
+    drop = 100.0 * (keras_m["accuracy"] - m["accuracy"])
+    reasons = gate_reasons(keras_m, m, disease, max_acc, max_rec)
+    details = clf.describe()
+    return {
+        "variant": v.name,
+        "file": str(path),
+        "size_bytes": clf.model_size,
+        "sha256": clf.model_sha256,
+        "input_dtype": details["input_dtype"],
+        "output_dtype": details["output_dtype"],
+        "backend": f"{clf.backend.name} {clf.backend.version}",
+        "conversion_seconds": seconds,
+        "accuracy": m["accuracy"],
+        "accuracy_drop_pts": drop,
+        "per_class_recall": {n: c["recall"] for n, c in m["per_class"].items()},
+        "macro_f1": m["macro"]["f1"],
+        **cmp_,
+        "decision": m["decision"],
+        "gate": "failed" if reasons else "passed",
+        "gate_reasons": reasons,
+        "metrics": m,
+    }

@@ -1,0 +1,129 @@
+"""Reading a training run folder (the contract in the project notes): model.keras, spec.json,
+split_manifest.csv. No TensorFlow.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+from edge_runtime.data import list_labelled_folder
+from edge_runtime.errors import ConfigError, ModelError
+from edge_runtime.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class Split:
+    """Labelled image files of one split; ``labels`` index into the model's labels."""
+
+    paths: Tuple[str, ...]
+    labels: Tuple[int, ...]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    path: Path
+    model_path: Path
+    spec: ModelSpec
+    manifest: Tuple[dict, ...]
+
+    def split(self, name: str) -> Split:
+        """Rows of the manifest whose split is ``name`` (possibly empty)."""
+        index = {label: i for i, label in enumerate(self.spec.labels)}
+        paths, labels = [], []
+        for row in self.manifest:
+            if row["split"] != name:
+                continue
+            if row["label"] not in index:
+                raise ConfigError(f"split_manifest.csv has label {row['label']!r}, not one of the model's "
+                                  f"labels {list(self.spec.labels)}")
+            paths.append(self._resolve(row["path"]))
+            labels.append(index[row["label"]])
+        return Split(tuple(paths), tuple(labels), f"{name} split of {self.path / 'split_manifest.csv'}")
+
+    def _resolve(self, p: str) -> str:
+        path = Path(p)
+        if path.is_absolute():
+            return str(path)
+        beside = self.path / path
+        return str(beside if beside.exists() else path)
+
+
+def load_run(run_dir) -> RunFolder:
+    """Read a run folder.
+
+    Raises:
+        ConfigError: the folder, its spec.json or split_manifest.csv is missing or invalid.
+        ModelError: no model.keras in it.
+    """
+    root = Path(run_dir)
+    if not root.exists():
+        raise ConfigError(f"run folder not found: {str(root)!r}")
+    if not root.is_dir():
+        raise ConfigError(f"expected a training run folder, got a file: {str(root)!r}")
+    model_path = root / "model.keras"
+    if not model_path.is_file():
+        raise ModelError(f"no model.keras in run folder {str(root)!r} (is it a training run?)")
+    spec_path = root / "spec.json"
+    if not spec_path.is_file():
+        raise ConfigError(f"no spec.json in run folder {str(root)!r}")
+    try:
+        spec = ModelSpec.from_json(spec_path.read_text(encoding="utf-8"))
+    except ConfigError as exc:
+        raise ConfigError(f"{spec_path}: {exc}") from None
+    return RunFolder(root, model_path, spec, tuple(_read_manifest(root / "split_manifest.csv")))
+
+
+def _read_manifest(path: Path) -> List[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"path", "label", "split"} - set(reader.fieldnames or [])
+        if missing:
+            raise ConfigError(f"{path} lacks column(s) {sorted(missing)}; has {reader.fieldnames}")
+        return [dict(row) for row in reader]
+
+
+def eval_split(run: RunFolder, data_dir: Optional[str] = None) -> Tuple[Split, str]:
+    """The images to judge the variants on, and a note saying where they came from.
+
+    ``data_dir`` (a class-folder tree) wins; otherwise the manifest's test split, or its
+    validation split when there is no test split (the note says so).
+
+    Raises:
+        ConfigError: no usable images.
+    """
+    if data_dir is not None:
+        files = list_labelled_folder(str(data_dir), class_names=run.spec.labels)
+        return Split(files.paths, files.labels, f"--data {data_dir}"), f"labelled folder {data_dir}"
+    test = run.split("test")
+    if len(test):
+        return test, "test split of the run's split_manifest.csv"
+    val = run.split("val")
+    if len(val):
+        return val, "NO test split in the run's manifest: validation split used instead (optimistic)"
+    raise ConfigError(f"no test or val rows in {run.path / 'split_manifest.csv'}; pass --data DIR")
+
+
+def calibration_split(run: RunFolder) -> Split:
+    """The manifest's training split (calibration must come from training images).
+
+    Raises:
+        ConfigError: the manifest has no training rows.
+    """
+    train = run.split("train")
+    if not len(train):
+        raise ConfigError(f"no train rows in {run.path / 'split_manifest.csv'} to calibrate the integer "
+                          "variants from; pass a calibration folder")
+    return train
+
+
+def class_counts(labels: Sequence[int], names: Sequence[str]) -> dict:
+    return {n: int(sum(1 for y in labels if y == i)) for i, n in enumerate(names)}

@@ -1,0 +1,91 @@
+"""Named conversion recipes: how a Keras classifier becomes one TFLite variant.
+
+Each variant is a frozen record of converter settings. An unknown name is refused with the
+list of valid ones. No TensorFlow here: the settings are applied in ``convert.keras_convert``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, Tuple, Union
+
+from edge_runtime.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Converter settings for one kind of ``.tflite`` file.
+
+    Attributes:
+        name: the variant's name (also the file suffix, ``model_<name>.tflite``).
+        description: one line for reports and ``--help``.
+        optimize: apply ``tf.lite.Optimize.DEFAULT`` (weight quantisation).
+        float16_weights: store weights as float16 (``target_spec.supported_types``).
+        calibrated: needs a representative dataset (integer activations).
+        integer_only: restrict to the int8 builtin op set (fail rather than fall back to float).
+        io_dtype: dtype of the model's input and output tensors ("float32" or "int8").
+    """
+
+    name: str
+    description: str
+    optimize: bool = False
+    float16_weights: bool = False
+    calibrated: bool = False
+    integer_only: bool = False
+    io_dtype: str = "float32"
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "description": self.description, "optimize": self.optimize,
+            "float16_weights": self.float16_weights, "calibrated": self.calibrated,
+            "integer_only": self.integer_only, "io_dtype": self.io_dtype,
+        }
+
+
+VARIANTS: Dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("float32", "no quantisation (the reference)"),
+        Variant("float16", "weights stored as float16, computed in float32", optimize=True, float16_weights=True),
+        Variant("dynamic", "int8 weights, float activations (dynamic range quantisation)", optimize=True),
+        Variant("int8", "full integer: int8 weights and activations, int8 input and output",
+                optimize=True, calibrated=True, integer_only=True, io_dtype="int8"),
+        Variant("int8-float-io", "int8 weights and activations inside, float32 input and output",
+                optimize=True, calibrated=True, integer_only=True, io_dtype="float32"),
+    )
+}
+
+DEFAULT_VARIANTS: Tuple[str, ...] = ("float32", "float16", "int8")
+
+
+def get_variant(name: Union[str, Variant]) -> Variant:
+    """The variant called ``name``.
+
+    Raises:
+        ConfigError: unknown name (the message lists the valid ones).
+    """
+    if isinstance(name, Variant):
+        return name
+    key = str(name).strip().lower()
+    if key not in VARIANTS:
+        raise ConfigError(f"unknown variant {name!r}; valid variants: {', '.join(VARIANTS)}")
+    return VARIANTS[key]
+
+
+def parse_variants(value: Union[str, Iterable[str]]) -> Tuple[Variant, ...]:
+    """Variants from a comma-separated string or a list of names, in order, without repeats.
+
+    Raises:
+        ConfigError: empty list or an unknown name.
+    """
+    names = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for n in names:
+        if isinstance(n, str) and not n.strip():
+            continue
+        v = get_variant(n)
+        if v not in out:
+            out.append(v)
+    if not out:
+        raise ConfigError(f"no variants given (got {value!r}); valid variants: {', '.join(VARIANTS)}")
+    return tuple(out)

@@ -1,0 +1,342 @@
+"""convert/: variants, calibration, conversion of a tiny run folder, the report and the gate.
+
+The tiny run folder follows the run-folder contract (model.keras, spec.json,
+split_manifest.csv) and is built here, independent of train/.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from convert.calibration import calibration_from_folder, stratified_pick
+from convert.evaluate import choose_threshold, decide
+from convert.run import gate_reasons
+from convert.variants import VARIANTS, get_variant, parse_variants
+from edge_runtime.errors import ConfigError, ModelError
+from edge_runtime.spec import ModelSpec, Preprocessing, Threshold
+
+LABELS = ("normal", "disease")
+SIZE = 96
+#: float16 weights vs the Keras model: largest allowed probability difference on any image.
+FLOAT16_TOLERANCE = 5e-3
+#: float32 conversion vs Keras.
+FLOAT32_TOLERANCE = 1e-4
+
+
+# ---- no TensorFlow needed ------------------------------------------------------------------
+def test_variants_named_and_unknown_refused_with_list():
+    assert set(VARIANTS) == {"float32", "float16", "dynamic", "int8", "int8-float-io"}
+    assert get_variant("INT8").io_dtype == "int8"
+    assert get_variant("int8-float-io").calibrated and get_variant("int8-float-io").io_dtype == "float32"
+    assert [v.name for v in parse_variants("float32, float16,float32")] == ["float32", "float16"]
+    with pytest.raises(ConfigError) as err:
+        parse_variants("float32,int4")
+    msg = str(err.value)
+    assert "'int4'" in msg and all(name in msg for name in VARIANTS) and "\n" not in msg
+    with pytest.raises(ConfigError):
+        parse_variants(" , ")
+
+
+def test_stratified_pick_spreads_over_classes_and_is_seeded():
+    labels = [0] * 90 + [1] * 10 + [2] * 50
+    picked = stratified_pick(labels, 30, seed=1)
+    counts = np.bincount(np.asarray(labels)[picked], minlength=3)
+    assert counts.tolist() == [10, 10, 10]
+    assert picked == stratified_pick(labels, 30, seed=1)
+    assert picked != stratified_pick(labels, 30, seed=2)
+    # a small class gives all it has, the rest goes to the others
+    counts = np.bincount(np.asarray(labels)[stratified_pick(labels, 60)], minlength=3)
+    assert counts.tolist() == [25, 10, 25]
+    assert len(stratified_pick(labels, 1000)) == len(labels)
+    with pytest.raises(ConfigError):
+        stratified_pick(labels, 0)
+
+
+def test_empty_calibration_folder_is_one_line(tmp_path):
+    (tmp_path / "normal").mkdir()
+    (tmp_path / "disease").mkdir()
+    (tmp_path / "disease" / "notes.txt").write_text("no images here")
+    with pytest.raises(ConfigError) as err:
+        calibration_from_folder(str(tmp_path), Preprocessing(SIZE, SIZE), LABELS)
+    assert "no images" in str(err.value) and str(tmp_path) in str(err.value)
+    with pytest.raises(ConfigError, match="not found"):
+        calibration_from_folder(str(tmp_path / "nope"), Preprocessing(SIZE, SIZE), LABELS)
+
+
+def test_decide_follows_the_threshold_rule():
+    probs = np.array([[0.7, 0.3], [0.4, 0.6], [0.8, 0.2]])
+    assert decide(probs, LABELS, None).tolist() == [0, 1, 0]
+    assert decide(probs, LABELS, Threshold("disease", 0.25)).tolist() == [1, 1, 0]
+
+
+def test_choose_threshold_meets_target_recall():
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 50 + [1] * 50)
+    p1 = np.clip(0.35 * y + rng.uniform(0, 0.65, 100), 0, 1)
+    probs = np.stack([1 - p1, p1], axis=1)
+    th = choose_threshold(probs, y, LABELS, Threshold("disease", 0.5, target_recall=0.95), "validation")
+    pred = decide(probs, LABELS, th)
+    assert np.mean(pred[y == 1] == 1) >= 0.95
+    assert th.target_recall == 0.95 and th.chosen_on == "validation"
+
+
+def _metrics(acc, recall_disease):
+    return {"accuracy": acc, "per_class": {"normal": {"recall": 0.9}, "disease": {"recall": recall_disease}}}
+
+
+def test_gate_margins():
+    keras = _metrics(0.900, 0.950)
+    assert gate_reasons(keras, _metrics(0.895, 0.940), "disease", 1.0, 2.0) == []
+    r = gate_reasons(keras, _metrics(0.880, 0.940), "disease", 1.0, 2.0)
+    assert len(r) == 1 and "accuracy 2.00 points" in r[0]
+    r = gate_reasons(keras, _metrics(0.900, 0.920), "disease", 1.0, 2.0)
+    assert len(r) == 1 and "disease recall 3.00 points" in r[0]
+    assert gate_reasons(keras, _metrics(0.880, 0.920), "disease", 5.0, 5.0) == []
+
+
+# ---- a tiny run folder ---------------------------------------------------------------------
+def _image(label: int, seed: int) -> Image.Image:
+    """Grey noise; 'disease' images carry a bright blob (a learnable difference)."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(90, 25, (64, 64))
+    if label == 1:
+        yy, xx = np.mgrid[:64, :64]
+        cy, cx = rng.integers(16, 48, 2)
+        a += 120 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 80.0)
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).convert("RGB")
+
+
+def _build_run(root: Path) -> Path:
+    import keras
+
+    from edge_runtime.preprocess import preprocess
+
+    keras.utils.set_random_seed(0)
+    images = root / "images"
+    rows = []
+    counts = {"train": 12, "val": 6, "test": 8}
+    seed = 0
+    for split, per_class in counts.items():
+        for label_i, label in enumerate(LABELS):
+            for _ in range(per_class):
+                seed += 1
+                p = images / label / f"{split}_{seed}.png"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                _image(label_i, seed).save(p)
+                rows.append({"path": str(p.relative_to(root)), "label": label, "split": split})
+    run = root / "run"
+    run.mkdir()
+    # manifest paths relative to the run folder's parent are resolved by trying both; use absolute-free paths
+    for r in rows:
+        r["path"] = os.path.join("..", r["path"])
+    with open(run / "split_manifest.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["path", "label", "split"])
+        w.writeheader()
+        w.writerows(rows)
+    pre = Preprocessing(SIZE, SIZE)
+    spec = ModelSpec(labels=LABELS, preprocessing=pre, positive_label="disease",
+                     threshold=Threshold("disease", 0.45, target_recall=0.9), recipe="tiny-test",
+                     training_fingerprint="tiny")
+    (run / "spec.json").write_text(spec.to_json())
+    base = keras.applications.MobileNetV2(input_shape=(SIZE, SIZE, 3), alpha=0.35, include_top=False, weights=None)
+    x = keras.layers.GlobalAveragePooling2D()(base.output)
+    out = keras.layers.Dense(len(LABELS), activation="softmax")(x)
+    model = keras.Model(base.input, out)
+    train = [r for r in rows if r["split"] == "train"]
+    xs = np.stack([preprocess(run / r["path"], pre) for r in train])
+    ys = np.array([LABELS.index(r["label"]) for r in train])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    model.fit(xs, ys, epochs=2, batch_size=8, verbose=0)
+    model.save(run / "model.keras")
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    pytest.importorskip("tensorflow")
+    return _build_run(tmp_path_factory.mktemp("tinyrun"))
+
+
+@pytest.fixture(scope="session")
+def converted(tiny_run, tmp_path_factory):
+    from convert.run import convert_run
+
+    out = tmp_path_factory.mktemp("converted")
+    report = convert_run(tiny_run, variants=list(VARIANTS), out_dir=str(out), calibration_count=16,
+                         progress=False, max_accuracy_drop=100.0, max_recall_drop=100.0)
+    return out, report
+
+
+@pytest.mark.needs_tf
+@pytest.mark.slow
+def test_every_variant_converts_loads_and_carries_metadata(tiny_run, converted):
+    from edge_runtime.classifier import Classifier
+    from edge_runtime.metadata import read_spec_from_file
+
+    out, report = converted
+    train_spec = ModelSpec.from_json((tiny_run / "spec.json").read_text())
+    source_sha = hashlib.sha256((tiny_run / "model.keras").read_bytes()).hexdigest()
+    expected_io = {"float32": "float32", "float16": "float32", "dynamic": "float32", "int8": "int8",
+                   "int8-float-io": "float32"}
+    assert [v["variant"] for v in report["variants"]] == list(VARIANTS)
+    for name, io_dtype in expected_io.items():
+        path = out / f"model_{name}.tflite"
+        clf = Classifier(path)
+        d = clf.describe()
+        assert (d["input_dtype"], d["output_dtype"]) == (io_dtype, io_dtype), name
+        spec = read_spec_from_file(path)
+        assert spec.variant == name
+        assert spec.labels == LABELS and spec.preprocessing == train_spec.preprocessing
+        assert spec.threshold == train_spec.threshold and spec.recipe == "tiny-test"
+        assert spec.source_model_sha256 == source_sha
+        assert {"tensorflow", "keras", "lungedge", "converter"} <= set(spec.versions)
+        if VARIANTS[name].calibrated:
+            assert spec.extra["conversion"]["calibration_images"] == 16
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.needs_tf
+@pytest.mark.slow
+def test_report_numbers_and_float_parity(converted):
+    out, report = converted
+    rows = {v["variant"]: v for v in report["variants"]}
+    assert report["test"]["n"] == 16 and report["test"]["note"].startswith("test split")
+    assert report["calibration"]["class_counts"] == {"normal": 8, "disease": 8}
+    assert rows["float32"]["max_prob_diff"] <= FLOAT32_TOLERANCE
+    assert rows["float16"]["max_prob_diff"] <= FLOAT16_TOLERANCE
+    assert rows["float32"]["top1_agreement"] == 1.0 and rows["float16"]["top1_agreement"] == 1.0
+    assert rows["float32"]["size_ratio"] == 1.0
+    assert rows["float16"]["size_ratio"] < 0.6 and rows["int8"]["size_ratio"] < 0.45
+    for v in rows.values():
+        assert os.path.getsize(v["file"]) == v["size_bytes"]
+        assert v["gate"] in ("passed", "failed") and v["conversion_seconds"] > 0
+        assert set(v["per_class_recall"]) == set(LABELS)
+    on_disk = json.loads((out / "quantization_report.json").read_text())
+    assert on_disk["passed"] == report["passed"]
+    md = (out / "quantization_report.md").read_text()
+    assert "| int8-float-io |" in md and "recall disease %" in md
+    assert (out / "quantization_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.needs_tf
+@pytest.mark.slow
+def test_classify_needs_only_the_file(converted, tmp_path):
+    out, _ = converted
+    alone = tmp_path / "device"
+    alone.mkdir()
+    model = alone / "m.tflite"
+    model.write_bytes((out / "model_int8.tflite").read_bytes())
+    img = alone / "x.png"
+    _image(1, 999).save(img)
+    result = subprocess.run([sys.executable, "-m", "lungedge.cli", "classify", "--model", str(model), "--json", str(img)],
+                            capture_output=True, text=True, cwd=alone, timeout=120)
+    assert result.returncode == 0, result.stderr
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["label"] in LABELS and set(line["probabilities"]) == set(LABELS)
+
+
+@pytest.mark.needs_tf
+@pytest.mark.slow
+def test_failed_conversion_leaves_no_file(tiny_run, tmp_path, monkeypatch):
+    import convert.keras_convert as kc
+    from convert.keras_convert import convert_keras_model, write_tflite
+
+    def broken(*args, **kwargs):
+        raise ModelError("TFLite conversion to float32 failed: simulated")
+
+    monkeypatch.setattr(kc, "tflite_bytes", broken)
+    from convert.run import convert_run
+
+    with pytest.raises(ModelError, match="simulated"):
+        convert_run(tiny_run, variants="float32", out_dir=str(tmp_path), progress=False)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    # a write that dies half-way leaves neither the target nor the temporary file
+    class Boom(Exception):
+        pass
+
+    def bad_replace(*a):
+        raise Boom()
+
+    data = convert_keras_model(str(tiny_run / "model.keras"),
+                               ModelSpec.from_json((tiny_run / "spec.json").read_text()), "float32")
+    monkeypatch.setattr(os, "replace", bad_replace)
+    with pytest.raises(Boom):
+        write_tflite(tmp_path / "model_float32.tflite", data)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.needs_tf
+@pytest.mark.slow
+def test_bad_inputs_get_one_line(tiny_run, tmp_path):
+    import keras
+
+    from convert.keras_convert import convert_keras_model
+    from lungedge.cli import main
+
+    runner = CliRunner()
+    cases = {
+        "missing": ([str(tmp_path / "no_such_run")], "run folder not found"),
+        "variant": ([str(tiny_run), "--variants", "float32,int3"], "unknown variant 'int3'"),
+        "calib": ([str(tiny_run), "--variants", "int8", "--calibration-dir", str(tmp_path / "empty")],
+                  "calibration folder"),
+    }
+    (tmp_path / "empty" / "normal").mkdir(parents=True)
+    for name, (args, expected) in cases.items():
+        res = runner.invoke(main, ["convert", *args, "--out", str(tmp_path / "out")])
+        assert res.exit_code in (1, 2), (name, res.output)
+        lines = [ln for ln in res.output.strip().splitlines() if ln]
+        assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], (name, res.output)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.tflite"))
+
+    spec = ModelSpec.from_json((tiny_run / "spec.json").read_text())
+    inp = keras.Input((SIZE, SIZE, 3))
+    regression = keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(inp)))
+    with pytest.raises(ModelError, match="not probabilities"):
+        convert_keras_model(regression, spec, "float32")
+    wrong = keras.Model(inp, keras.layers.Dense(5, activation="softmax")(keras.layers.GlobalAveragePooling2D()(inp)))
+    with pytest.raises(ModelError, match="5"):
+        convert_keras_model(wrong, spec, "float32")
+    with pytest.raises(ConfigError, match="needs calibration"):
+        convert_keras_model(regression, spec.replace(output="logits"), "int8")
+
+
+@pytest.mark.needs_tf
+@pytest.mark.slow
+def test_cli_gate_exit_codes(tiny_run, tmp_path):
+    from lungedge.cli import main
+
+    runner = CliRunner()
+    args = ["convert", str(tiny_run), "--variants", "dynamic", "--out", str(tmp_path), "--no-progress"]
+    res = runner.invoke(main, args + ["--max-accuracy-drop", "100", "--max-recall-drop", "100"])
+    assert res.exit_code == 0, res.output
+    assert "dynamic" in res.output and (tmp_path / "model_dynamic.tflite").is_file()
+    report = json.loads((tmp_path / "quantization_report.json").read_text())
+    assert report["passed"] and report["variants"][0]["size_ratio"] is None
+
+    # the same report marked failed: exit 1, or 0 with --no-gate
+    import convert.run
+
+    failed = dict(report, passed=False)
+    failed["variants"] = [dict(report["variants"][0], gate="failed", gate_reasons=["accuracy 3.00 points below Keras"])]
+    original = convert.run.convert_run
+    try:
+        convert.run.convert_run = lambda *a, **k: failed
+        res = runner.invoke(main, args)
+        assert res.exit_code == 1 and "gate: FAILED" in res.output
+        res = runner.invoke(main, args + ["--no-gate"])
+        assert res.exit_code == 0 and "ignored" in res.output
+    finally:
+        convert.run.convert_run = original

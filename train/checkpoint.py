@@ -1,0 +1,144 @@
+"""Resumable training state: a checkpoint every epoch and early stopping that survives a restart.
+
+Keras's ``EarlyStopping`` keeps its counters in memory, so a run killed and resumed would
+start counting afresh and lose its best weights. Here the counters, the history and the best
+weights live in ``RUN_DIR/checkpoints/`` and are written (temp + rename) at every epoch end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from edge_runtime.data import atomic_write_text
+
+STATE = "state.json"
+LAST_WEIGHTS = "last.weights.h5"
+LAST_OPTIMIZER = "last_optimizer.npz"
+BEST_WEIGHTS = "best.weights.h5"
+
+
+class TrainState:
+    """What has been done so far: completed phases, epochs in the current phase, history, early-stopping counters."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.phase: Optional[str] = None
+        self.epoch = 0  # completed epochs in ``phase``
+        self.done: List[str] = []
+        self.history: List[Dict[str, Any]] = []
+        self.best: Optional[float] = None
+        self.wait = 0
+        self.stopped = False
+        self.seconds = 0.0
+
+    @classmethod
+    def load(cls, folder: Path) -> "TrainState":
+        s = cls(folder)
+        p = Path(folder) / STATE
+        if p.is_file():
+            d = json.loads(p.read_text())
+            for k in ("phase", "epoch", "done", "history", "best", "wait", "stopped", "seconds"):
+                setattr(s, k, d.get(k, getattr(s, k)))
+        return s
+
+    @property
+    def exists(self) -> bool:
+        return (self.folder / STATE).is_file()
+
+    def save(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(str(self.folder / STATE), json.dumps({
+            "phase": self.phase, "epoch": self.epoch, "done": self.done, "history": self.history,
+            "best": self.best, "wait": self.wait, "stopped": self.stopped, "seconds": self.seconds}, indent=1))
+
+    def start_phase(self, name: str) -> int:
+        """Begin (or continue) phase ``name``; returns the epochs already completed in it."""
+        if self.phase != name:
+            self.phase, self.epoch, self.wait, self.stopped = name, 0, 0, False
+            self.save()
+        return self.epoch
+
+    def finish_phase(self) -> None:
+        if self.phase and self.phase not in self.done:
+            self.done.append(self.phase)
+        self.save()
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+
+def save_weights_atomic(model, path: Path) -> None:
+    tmp = path.with_name(f"{path.name[:-len('.weights.h5')]}-tmp{os.getpid()}.weights.h5")
+    model.save_weights(str(tmp))
+    os.replace(tmp, path)
+
+
+def save_optimizer(optimizer, path: Path) -> None:
+    arrays = {f"v{i:04d}": np.asarray(v.numpy() if hasattr(v, "numpy") else v) for i, v in enumerate(optimizer.variables)}
+    tmp = path.with_name(f"{path.stem}-tmp{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_optimizer(optimizer, trainable_variables, path: Path) -> bool:
+    """Restore optimizer variables saved by ``save_optimizer``; False if they do not fit."""
+    if not path.is_file():
+        return False
+    if not optimizer.built:
+        optimizer.build(trainable_variables)
+    data = np.load(path)
+    values = [data[k] for k in sorted(data.files)]
+    if len(values) != len(optimizer.variables) or any(tuple(v.shape) != tuple(a.shape) for v, a in zip(optimizer.variables, values)):
+        return False
+    for v, a in zip(optimizer.variables, values):
+        v.assign(a)
+    return True
+
+
+def make_callback(state: TrainState, full_model, monitor: str, patience: int, phase_offset: int, verbose: int):
+    """A Keras callback that, at every epoch end, records history, updates the restartable early
+    stopping and writes the last weights, the optimizer state and (when improved) the best weights."""
+    import keras
+
+    higher_better = "accuracy" in monitor or "auc" in monitor
+
+    class _Checkpoint(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = dict(logs or {})
+            seconds = time.perf_counter() - getattr(self, "_t0", time.perf_counter())
+            lr = self.model.optimizer.learning_rate
+            row = {"epoch": phase_offset + epoch + 1, "phase": state.phase,
+                   "learning_rate": float(np.asarray(lr.numpy() if hasattr(lr, "numpy") else lr)),
+                   "seconds": round(seconds, 3)}
+            row.update({k: float(v) for k, v in logs.items() if k in ("loss", "accuracy", "val_loss", "val_accuracy")})
+            value = logs.get(monitor)
+            if value is not None:
+                value = float(value)
+                improved = state.best is None or (value > state.best if higher_better else value < state.best)
+                if improved:
+                    state.best, state.wait = value, 0
+                    save_weights_atomic(full_model, state.path(BEST_WEIGHTS))
+                else:
+                    state.wait += 1
+                    if patience and state.wait >= patience:
+                        self.model.stop_training = True
+                        state.stopped = True
+                        if verbose:
+                            print(f"early stopping: {monitor} has not improved for {patience} epochs (best {state.best:.4f})", flush=True)
+            save_weights_atomic(self.model, state.path(LAST_WEIGHTS))
+            save_optimizer(self.model.optimizer, state.path(LAST_OPTIMIZER))
+            state.history.append(row)
+            state.epoch = epoch + 1
+            state.seconds += seconds
+            state.save()
+
+    return _Checkpoint()

@@ -1,0 +1,114 @@
+"""``lungedge train``: the click command over ``train.run`` (TensorFlow imported only when it runs)."""
+
+from __future__ import annotations
+
+import click
+
+from lungedge.cli_util import handle_errors
+
+_OVERRIDES = (
+    # (option, recipe field, click type, help)
+    ("--epochs", "epochs", click.IntRange(min=1), "Epochs of the first (frozen-base) phase."),
+    ("--batch-size", "batch_size", click.IntRange(min=1), "Batch size (global, over all replicas)."),
+    ("--learning-rate", "learning_rate", float, "Adam learning rate of the first phase."),
+    ("--image-size", "image_size", click.IntRange(min=32), "Input size in pixels (square)."),
+    ("--alpha", "alpha", float, "MobileNetV2 width multiplier (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)."),
+    ("--weights", "weights", str, "Base weights: imagenet, none, or a weights file path."),
+    ("--split", "split", click.Choice(["random", "grouped"]), "random: stratified per class; grouped: also by patient."),
+    ("--patience", "patience", click.IntRange(min=0), "Early-stopping patience (0: off)."),
+    ("--target-recall", "target_recall", float, "Choose the threshold for this recall of the positive class."),
+    ("--positive-label", "positive_label", str, "The disease class (for the threshold)."),
+    ("--seed", "seed", click.IntRange(min=0), "Seed for the split, initialisation and shuffling."),
+)
+
+
+def _recipe_options(f):
+    for opt, _field, typ, text in reversed(_OVERRIDES):
+        f = click.option(opt, type=typ, default=None, help=text)(f)
+    return f
+
+
+@click.command("train")
+@click.option("--recipe", "-r", "recipe_name", default=None,
+              help="Named recipe: xray-pneumonia, ct-lung-cancer, xray-pneumonia-plus, ct-lung-cancer-plus.")
+@click.option("--data", "-d", "data_dir", type=click.Path(file_okay=False), default=None,
+              help="Labelled data: DIR/<class>/<image>, or the Kaggle layout DIR/{train,val,test}/<class>.")
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), required=False, default=None,
+              help="Run folder to create (must be empty unless --resume).")
+@_recipe_options
+@click.option("--augment/--no-augment", default=None, help="Augment the training images (radiograph-safe).")
+@click.option("--class-weights/--no-class-weights", default=None, help="Balanced class weights.")
+@click.option("--fine-tune-epochs", type=click.IntRange(min=0), default=None, help="Epochs of the fine-tuning phase (0: none).")
+@click.option("--fine-tune-blocks", type=click.IntRange(min=0, max=16), default=None, help="Top blocks to unfreeze.")
+@click.option("--fine-tune-lr", type=float, default=None, help="Learning rate of the fine-tuning phase.")
+@click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE",
+              help="Any recipe field (repeatable), e.g. --set fractions=[0.7,0.15,0.15] --set augment.rotation=5.")
+@click.option("--cv", type=click.IntRange(min=2), default=None,
+              help="Stratified K-fold cross-validation instead of one run (table with mean ± population std).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last epoch checkpoint.")
+@click.option("--strategy", type=click.Choice(["default", "mirrored", "multi-worker"]), default="default",
+              show_default=True, help="tf.distribute strategy (mirrored: all GPUs; multi-worker: TF_CONFIG).")
+@click.option("--list-recipes", is_flag=True, help="Print the named recipes (resolved, as JSON) and exit.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@handle_errors
+def train_cmd(recipe_name, data_dir, out_dir, augment, class_weights, fine_tune_epochs, fine_tune_blocks, fine_tune_lr,
+              sets, cv, resume, strategy, list_recipes, quiet, **overrides):
+    """Fine-tune MobileNetV2 on lung images and write a run folder.
+
+    \b
+    Examples:
+      lungedge train --recipe ct-lung-cancer --data "shared/data/iq_othnccd/The IQ-OTHNCCD lung cancer dataset" --out runs/ct
+      lungedge train --recipe xray-pneumonia --data shared/data/chest_xray/train --out runs/xray --epochs 5
+      lungedge train --recipe ct-lung-cancer --data DIR --out runs/ct-cv5 --cv 5
+      lungedge train --out runs/xray --data shared/data/chest_xray/train --resume
+
+    The run folder holds model.keras, spec.json, recipe.json, split_manifest.csv, history.csv,
+    metrics.json, model_card.md and plots/. Uses a GPU when present, else the CPU.
+    ImageNet weights are read offline (KERAS_HOME/models or LUNGEDGE_IMAGENET_WEIGHTS).
+    """
+    import json
+
+    from edge_runtime.errors import ConfigError
+
+    from .recipes import RECIPES, apply_overrides, get_recipe
+
+    if list_recipes:
+        click.echo(json.dumps({k: r.to_dict() for k, r in RECIPES.items()}, indent=2))
+        return
+    if not data_dir or not out_dir:
+        raise ConfigError("--data and --out are required (see lungedge train --help)")
+    recipe = None
+    if recipe_name:
+        recipe = get_recipe(recipe_name)
+    elif not resume:
+        raise ConfigError("--recipe is required (valid: " + ", ".join(sorted(RECIPES)) + ")")
+    if recipe is not None:
+        changes = {field: overrides[opt.lstrip("-").replace("-", "_")] for opt, field, _, _ in _OVERRIDES
+                   if overrides.get(opt.lstrip("-").replace("-", "_")) is not None}
+        if augment is not None:
+            changes["augment"] = True if augment else False
+            if augment and recipe.augmentation is not None:
+                changes.pop("augment")
+        if class_weights is not None:
+            changes["class_weights"] = class_weights
+        ft = {k: v for k, v in (("epochs", fine_tune_epochs), ("blocks", fine_tune_blocks), ("learning_rate", fine_tune_lr)) if v is not None}
+        if ft:
+            changes["fine_tune"] = ft
+        recipe = recipe.replace(**changes) if changes else recipe
+        recipe = apply_overrides(recipe, sets)
+    verbose = 0 if quiet else 1
+    if cv:
+        if resume:
+            raise ConfigError("--resume is not supported with --cv; rerun the cross-validation into a new folder")
+        from .run import cv_run
+
+        out = cv_run(recipe, data_dir, out_dir, cv, strategy=strategy, verbose=verbose)
+        click.echo(f"cross-validation written to {out}")
+    else:
+        from .run import train_run
+
+        out = train_run(recipe, data_dir, out_dir, resume=resume, strategy=strategy, verbose=verbose)
+        click.echo(f"run folder: {out}")
+
+
+commands = [train_cmd]

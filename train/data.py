@@ -1,0 +1,295 @@
+"""Datasets for training: folder layouts, patient ids, splits, the split manifest, unreadable files.
+
+No TensorFlow here (see ``train.pipeline`` for tf.data); scikit-learn is imported inside the
+split functions.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from edge_runtime.data import atomic_write_text, list_labelled_folder
+from edge_runtime.errors import ConfigError, ImageError
+from edge_runtime.preprocess import load_pixels
+from edge_runtime.spec import Preprocessing
+
+SPLIT_NAMES = ("train", "val", "test")
+
+# Kermany chest X-ray: personNNN_bacteria_MMM / personNNN_virus_MMM (pneumonia),
+# IM-PPPP-SSSS and NORMAL2-IM-PPPP-SSSS (normal). IM-PPPP and NORMAL2-IM-PPPP share one
+# numbering space here on purpose: 211 numbers occur with both prefixes, and whether they are
+# the same child is not documented, so they are treated as one patient (merging can only make
+# groups bigger, never leak a patient across splits).
+_PATIENT_PATTERNS = (
+    (re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+", re.IGNORECASE), lambda m: m.group(1).lower()),
+    (re.compile(r"^(?:NORMAL2-)?IM-(\d+)-\d+", re.IGNORECASE), lambda m: f"im-{int(m.group(1)):04d}"),
+)
+
+
+def patient_id(path: str) -> Optional[str]:
+    """The patient named in a Kermany file name, or None if the name carries none."""
+    name = Path(path).name
+    for pattern, make in _PATIENT_PATTERNS:
+        m = pattern.match(name)
+        if m:
+            return make(m)
+    return None
+
+
+@dataclass
+class Dataset:
+    """Labelled image files plus optional patient groups and a fixed test set (Kaggle layout)."""
+
+    paths: List[str]
+    labels: np.ndarray
+    class_names: Tuple[str, ...]
+    root: str
+    fixed_split: Optional[List[str]] = None  # per-file "test" for files from a Kaggle test/ folder, else None
+    failures: List[Dict[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def groups(self, required: bool = False) -> Optional[List[Optional[str]]]:
+        """Patient id per file (None where the name has none).
+
+        Raises:
+            ConfigError: ``required`` and some file names carry no patient id.
+        """
+        ids = [patient_id(p) for p in self.paths]
+        if required:
+            missing = [p for p, g in zip(self.paths, ids) if g is None]
+            if missing:
+                raise ConfigError(
+                    f"patient-grouped split needs patient ids in file names (Kermany person123_..., IM-0123-...); "
+                    f"{len(missing)} of {len(ids)} files have none, e.g. {Path(missing[0]).name!r}; use split 'random'")
+        return ids
+
+    def counts(self) -> Dict[str, int]:
+        return {name: int((self.labels == i).sum()) for i, name in enumerate(self.class_names)}
+
+    def subset(self, keep: np.ndarray) -> "Dataset":
+        idx = np.flatnonzero(keep)
+        return Dataset(
+            [self.paths[i] for i in idx], self.labels[idx], self.class_names, self.root,
+            None if self.fixed_split is None else [self.fixed_split[i] for i in idx], list(self.failures))
+
+
+def load_dataset(data_dir: str) -> Dataset:
+    """List a labelled dataset. Two layouts:
+
+    * a class-folder tree ``DIR/<class>/**/<image>`` (IQ-OTH/NCCD keeps its upstream names with
+      spaces, e.g. ``Bengin cases``); class names are the folder names, sorted;
+    * the Kaggle chest X-ray layout ``DIR/train/<class>``, optional ``DIR/val/<class>`` and
+      ``DIR/test/<class>``: train and val are pooled (the official val has only 16 images, so
+      validation is carved from the pool) and ``test/`` is kept as the test split.
+
+    Raises:
+        ConfigError: missing folder, no classes or no images, or split folders whose classes differ.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise ConfigError(f"data folder not found: {str(data_dir)!r}")
+    if (root / "train").is_dir() and _has_class_folders(root / "train"):
+        train = list_labelled_folder(str(root / "train"))
+        paths, labels, fixed = list(train.paths), list(train.labels), [""] * len(train)
+        for part in ("val", "test"):
+            if (root / part).is_dir():
+                more = list_labelled_folder(str(root / part), class_names=train.class_names)
+                paths += list(more.paths)
+                labels += list(more.labels)
+                fixed += ["test" if part == "test" else ""] * len(more)
+        has_test = any(fixed)
+        return Dataset(paths, np.asarray(labels, dtype=np.int64), train.class_names, str(root),
+                       [f or None for f in fixed] if has_test else None)
+    files = list_labelled_folder(str(root))
+    if len(files.class_names) < 2:
+        raise ConfigError(f"need at least 2 class folders in {str(root)!r}, found {list(files.class_names)!r}")
+    return Dataset(list(files.paths), np.asarray(files.labels, dtype=np.int64), files.class_names, str(root))
+
+
+def _has_class_folders(p: Path) -> bool:
+    return any(d.is_dir() and not d.name.startswith(".") for d in p.iterdir())
+
+
+def find_unreadable(paths: Sequence[str], prep: Preprocessing, workers: int = 0, progress: bool = True) -> List[Dict[str, str]]:
+    """Decode every file with the shared preprocessing (``load_pixels``); list the ones that fail.
+
+    Returns:
+        ``[{"path": ..., "error": ...}]`` for each unreadable file, in input order.
+    """
+    from tqdm import tqdm
+
+    def check(path: str) -> Optional[str]:
+        try:
+            load_pixels(path, prep)
+        except ImageError as exc:
+            return str(exc)
+        return None
+
+    workers = workers or max(1, min(8, (os.cpu_count() or 1)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(tqdm(pool.map(check, paths), total=len(paths), desc="checking images",
+                            unit="img", disable=not progress, leave=False))
+    return [{"path": p, "error": e} for p, e in zip(paths, results) if e is not None]
+
+
+def drop_unreadable(ds: Dataset, prep: Preprocessing, progress: bool = True) -> Dataset:
+    """Check every file; return the dataset without unreadable ones, listed in ``failures``."""
+    failures = find_unreadable(ds.paths, prep, progress=progress)
+    if not failures:
+        return ds
+    bad = {f["path"] for f in failures}
+    out = ds.subset(np.asarray([p not in bad for p in ds.paths]))
+    out.failures = failures
+    return out
+
+
+def split_dataset(ds: Dataset, fractions: Sequence[float], kind: str = "random", seed: int = 0) -> np.ndarray:
+    """Assign each file to "train", "val" or "test".
+
+    ``random``: stratified per class (scikit-learn ``train_test_split``), fractions as given.
+    ``grouped``: stratified and patient-grouped (``StratifiedGroupKFold``), so no patient is on
+    two sides; the fractions are met approximately (whole patients move).
+    With a fixed test set (Kaggle ``test/``) only train/val are split, in the ratio of their fractions.
+
+    Returns:
+        An array of split names, one per file.
+
+    Raises:
+        ConfigError: too few images per class for the split, or grouped without patient ids.
+    """
+    n = len(ds)
+    out = np.empty(n, dtype=object)
+    train_f, val_f, test_f = (float(x) for x in fractions)
+    if ds.fixed_split is not None:
+        fixed_test = np.asarray([s == "test" for s in ds.fixed_split])
+        out[fixed_test] = "test"
+        pool = np.flatnonzero(~fixed_test)
+        test_f = 0.0
+    else:
+        pool = np.arange(n)
+    counts = np.bincount(ds.labels[pool], minlength=len(ds.class_names))
+    if counts.min() < 3:
+        raise ConfigError(f"each class needs at least 3 images to split into train/val/test, got {dict(zip(ds.class_names, counts.tolist()))}")
+    groups = np.asarray(ds.groups(required=True), dtype=object) if kind == "grouped" else None
+    if kind not in ("random", "grouped"):
+        raise ConfigError(f"split must be 'random' or 'grouped', got {kind!r}")
+    rest = pool
+    if test_f > 0:
+        rest, test = _split_off(rest, ds.labels, groups, test_f, seed)
+        out[test] = "test"
+    train, val = _split_off(rest, ds.labels, groups, val_f / (train_f + val_f), seed + 1)
+    out[train] = "train"
+    out[val] = "val"
+    return out
+
+
+def _split_off(idx: np.ndarray, labels: np.ndarray, groups: Optional[np.ndarray], frac: float, seed: int):
+    """Split ``idx`` into (rest, part) with ``part`` about ``frac`` of it, stratified by label."""
+    y = labels[idx]
+    if groups is None:
+        from sklearn.model_selection import train_test_split
+
+        rest, part = train_test_split(idx, test_size=frac, stratify=y, random_state=seed, shuffle=True)
+        return np.sort(rest), np.sort(part)
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    k = max(2, int(round(1.0 / frac)))
+    sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    rest_i, part_i = next(iter(sgkf.split(np.zeros(len(idx)), y, groups[idx])))
+    return np.sort(idx[rest_i]), np.sort(idx[part_i])
+
+
+def kfold_assignments(ds: Dataset, k: int, val_fraction: float, kind: str = "random", seed: int = 0) -> List[np.ndarray]:
+    """Stratified k-fold (grouped by patient when ``kind`` is "grouped"): for each fold, an
+    array of split names where the fold is "test" and a stratified ``val_fraction`` of the rest
+    is "val" (for early stopping and the threshold).
+
+    Raises:
+        ConfigError: k out of range for the smallest class.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    counts = np.bincount(ds.labels, minlength=len(ds.class_names))
+    if not 2 <= k <= counts.min():
+        raise ConfigError(f"--cv must be from 2 to the smallest class size ({counts.min()}), got {k}")
+    groups = np.asarray(ds.groups(required=True), dtype=object) if kind == "grouped" else None
+    x = np.zeros(len(ds))
+    if groups is None:
+        folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(x, ds.labels)
+    else:
+        folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(x, ds.labels, groups)
+    out = []
+    for i, (rest, test) in enumerate(folds):
+        a = np.empty(len(ds), dtype=object)
+        a[test] = "test"
+        train, val = _split_off(np.asarray(rest), ds.labels, groups, val_fraction, seed + 100 + i)
+        a[train] = "train"
+        a[val] = "val"
+        out.append(a)
+    return out
+
+
+def write_manifest(path: Path, ds: Dataset, assignment: np.ndarray) -> None:
+    """``split_manifest.csv``: path,label,split,group for every file (paths relative to the data root)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "label", "split", "group"])
+    for p, y, s, g in zip(ds.paths, ds.labels, assignment, ds.groups()):
+        w.writerow([_rel(p, ds.root), ds.class_names[int(y)], s, g or ""])
+    atomic_write_text(str(path), buf.getvalue())
+
+
+def read_manifest(path: Path, ds: Dataset) -> np.ndarray:
+    """The split of each file of ``ds`` from a saved manifest (for --resume).
+
+    Raises:
+        ConfigError: the manifest does not list the same files as the data folder.
+    """
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = {r["path"]: r["split"] for r in csv.DictReader(fh)}
+    keys = [_rel(p, ds.root) for p in ds.paths]
+    missing = [k for k in keys if k not in rows]
+    if missing or len(rows) != len(keys):
+        raise ConfigError(f"split manifest {str(path)!r} does not match the data folder ({len(rows)} listed, "
+                          f"{len(keys)} found, e.g. {missing[:1]}); resume needs the same data")
+    return np.asarray([rows[k] for k in keys], dtype=object)
+
+
+def fingerprint(ds: Dataset, assignment: np.ndarray) -> str:
+    """sha256 over the training and validation files (relative path, label, size): identifies the training data."""
+    h = hashlib.sha256()
+    for p, y, s in sorted(zip(ds.paths, ds.labels, assignment), key=lambda t: _rel(t[0], ds.root)):
+        if s in ("train", "val"):
+            size = os.path.getsize(p)
+            h.update(f"{_rel(p, ds.root)}\t{ds.class_names[int(y)]}\t{s}\t{size}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> Dict[int, float]:
+    """Balanced class weights (scikit-learn's ``compute_class_weight('balanced')``)."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(labels)
+    w = compute_class_weight("balanced", classes=present, y=labels)
+    out = {i: 1.0 for i in range(num_classes)}
+    out.update({int(c): float(v) for c, v in zip(present, w)})
+    return out
+
+
+def _rel(path: str, root: str) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)

@@ -1,0 +1,120 @@
+"""tf.data input pipeline over the shared preprocessing (TensorFlow imported here; import lazily).
+
+Decoding and resizing run in parallel through ``edge_runtime.preprocess.load_pixels`` (the
+device's own function, via ``tf.numpy_function``); the uint8 images are cached (in memory or in a
+file), then shuffled, batched, augmented (Keras preprocessing layers, training split only),
+normalised exactly as ``edge_runtime.preprocess.normalize`` does and prefetched, so that the
+model, not the input, is the bottleneck.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+from edge_runtime.preprocess import load_pixels
+from edge_runtime.spec import Preprocessing
+
+from .recipes import Augment
+
+
+def decode_dataset(paths: Sequence[str], prep: Preprocessing):
+    """A dataset of uint8 images (H, W, C), decoded in parallel, in the order of ``paths``."""
+    import tensorflow as tf
+
+    def _load(p):
+        return load_pixels(p.decode("utf-8") if isinstance(p, bytes) else str(p), prep)
+
+    shape = (prep.height, prep.width, prep.channels)
+
+    def _map(p):
+        img = tf.numpy_function(_load, [p], tf.uint8, stateful=False)
+        img.set_shape(shape)
+        return img
+
+    ds = tf.data.Dataset.from_tensor_slices(np.asarray(list(paths), dtype=object).astype(str))
+    return ds.map(_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def normalize_tf(images, prep: Preprocessing):
+    """``(pixels - mean) * (1/std)`` in float32: the same operations as ``edge_runtime.preprocess.normalize``."""
+    import tensorflow as tf
+
+    mean = tf.constant(np.asarray(prep.mean, dtype=np.float32))
+    inv_std = tf.constant(np.float32(1.0) / np.asarray(prep.std, dtype=np.float32))
+    return (tf.cast(images, tf.float32) - mean) * inv_std
+
+
+def build_augmenter(aug: Augment, seed: int):
+    """Keras preprocessing layers for radiographs, applied to float pixels in 0..255."""
+    import keras
+
+    layers = []
+    if aug.rotation > 0:
+        layers.append(keras.layers.RandomRotation(aug.rotation / 360.0, fill_mode="constant", seed=seed))
+    if aug.shift > 0:
+        layers.append(keras.layers.RandomTranslation(aug.shift, aug.shift, fill_mode="constant", seed=seed + 1))
+    if aug.zoom > 0:
+        layers.append(keras.layers.RandomZoom(aug.zoom, aug.zoom, fill_mode="constant", seed=seed + 2))
+    if aug.brightness > 0:
+        layers.append(keras.layers.RandomBrightness(aug.brightness, value_range=(0.0, 255.0), seed=seed + 3))
+    if aug.contrast > 0:
+        layers.append(keras.layers.RandomContrast(aug.contrast, value_range=(0.0, 255.0), seed=seed + 4))
+    if aug.horizontal_flip:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed + 5))
+    return keras.Sequential(layers, name="augment") if layers else None
+
+
+def image_dataset(
+    paths: Sequence[str],
+    labels: Optional[np.ndarray],
+    prep: Preprocessing,
+    batch_size: int,
+    *,
+    training: bool = False,
+    augment: Optional[Augment] = None,
+    seed: int = 0,
+    cache: str = "",
+    decoded=None,
+):
+    """Batched (images, labels) or images-only dataset for fit/predict.
+
+    Args:
+        paths: image files (already checked readable).
+        labels: integer labels, or None for an images-only dataset.
+        prep: the model's preprocessing.
+        batch_size: batch size.
+        training: shuffle each epoch and apply ``augment``.
+        augment: augmentation parameters (training only), or None.
+        seed: shuffle/augmentation seed.
+        cache: "" caches decoded images in memory, a path caches them in files, None disables.
+        decoded: an already decoded (and cached) uint8 dataset to reuse instead of ``paths``.
+    """
+    import tensorflow as tf
+
+    images = decoded if decoded is not None else decode_dataset(paths, prep)
+    if decoded is None and cache is not None:
+        images = images.cache(cache)
+    ds = images if labels is None else tf.data.Dataset.zip((images, tf.data.Dataset.from_tensor_slices(np.asarray(labels, dtype=np.int64))))
+    if training:
+        ds = ds.shuffle(min(len(paths), 10000), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    augmenter = build_augmenter(augment, seed) if (training and augment is not None) else None
+
+    def _prepare(x):
+        x = tf.cast(x, tf.float32)
+        if augmenter is not None:
+            x = tf.clip_by_value(augmenter(x, training=True), 0.0, 255.0)
+        return normalize_tf(x, prep)
+
+    if labels is None:
+        ds = ds.map(_prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        ds = ds.map(lambda x, y: (_prepare(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def steps(n: int, batch_size: int) -> int:
+    return max(1, math.ceil(n / batch_size))

@@ -1,0 +1,194 @@
+"""Run reports: history CSV, plots (training curves, confusion matrix, ROC) and the model card."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from edge_runtime.data import atomic_write_bytes, atomic_write_text
+
+HISTORY_COLUMNS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds")
+
+
+def write_history(path: Path, rows: List[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k, "") for k in HISTORY_COLUMNS})
+    atomic_write_text(str(path), buf.getvalue())
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(str(path), buf.getvalue())
+
+
+def plot_history(path: Path, rows: List[dict], title: str) -> None:
+    plt = _figure()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    ep = [r["epoch"] for r in rows]
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        ax.plot(ep, [r.get(key) for r in rows], "o-", label=f"train {key}")
+        ax.plot(ep, [r.get(f"val_{key}") for r in rows], "o-", label=f"val {key}")
+        phases = [r.get("phase") for r in rows]
+        for i in range(1, len(rows)):
+            if phases[i] != phases[i - 1]:
+                ax.axvline(ep[i] - 0.5, color="grey", ls="--", lw=1)
+                ax.text(ep[i] - 0.4, ax.get_ylim()[1], " fine-tune", va="top", fontsize=8, color="grey")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_confusion(path: Path, cm: Sequence[Sequence[int]], class_names: Sequence[str], title: str) -> None:
+    plt = _figure()
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(class_names), 1.2 + 1.1 * len(class_names)))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=20, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_roc(path: Path, y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], title: str) -> None:
+    """One-vs-rest ROC curve per class (scikit-learn ``roc_curve``)."""
+    from sklearn.metrics import auc, roc_curve
+
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    classes = [1] if len(class_names) == 2 else range(len(class_names))
+    for i in classes:
+        pos = np.asarray(y_true) == i
+        if pos.all() or not pos.any():
+            continue
+        fpr, tpr, _ = roc_curve(pos, probs[:, i])
+        ax.plot(fpr, tpr, label=f"{class_names[i]} (AUC {auc(fpr, tpr):.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def model_card(
+    recipe, spec, counts: Dict[str, Dict[str, int]], metrics: dict, argmax_metrics: dict, val_metrics: dict,
+    data_dir: str, failures: list, seconds: float, device: str, is_ct: bool, fixed_test: bool,
+) -> str:
+    """The model card (Markdown)."""
+    names = list(spec.labels)
+    th = spec.threshold
+    lines = [
+        f"# Model card: {recipe.name}",
+        "",
+        f"{recipe.description}",
+        "",
+        "## Model",
+        f"- MobileNetV2 (alpha {recipe.alpha}, weights `{recipe.weights}`) base, head: GlobalAveragePooling2D"
+        f"{f', Dense({recipe.head_units}, relu)' if recipe.head_units else ''}"
+        f"{f', Dropout({recipe.dropout})' if recipe.dropout else ''}, Dense({len(names)}, softmax).",
+        f"- Input {spec.preprocessing.height}x{spec.preprocessing.width} {spec.preprocessing.color_mode}, "
+        f"{spec.preprocessing.resize} resize, (pixel - {list(spec.preprocessing.mean)}) / {list(spec.preprocessing.std)} "
+        "(`edge_runtime.preprocess`, the same function the device uses).",
+        f"- Output classes (in order): {', '.join(names)}.",
+        f"- Training: Adam {recipe.learning_rate}, batch {recipe.batch_size}, up to {recipe.epochs} epochs with the base frozen"
+        + (f", early stopping on {recipe.monitor} (patience {recipe.patience}, best weights restored)" if recipe.patience else "")
+        + (", class weights (balanced)" if recipe.class_weights else "")
+        + (", augmentation " + str(recipe.augmentation.__dict__) if recipe.augmentation else ", no augmentation")
+        + (f"; then {recipe.fine_tune.epochs} epochs fine-tuning the top {recipe.fine_tune.blocks} blocks at "
+           f"{recipe.fine_tune.learning_rate}" if recipe.fine_tune.enabled else "")
+        + f". Took {seconds / 60:.1f} min on {device}.",
+        "- Decision: " + (f"`{th.label}` when its probability >= {th.value:.4f} (chosen on the validation split for "
+                          f"recall >= {th.target_recall}), otherwise the most probable other class."
+                          if th else "the most probable class (argmax)."),
+        "",
+        "## Data and split",
+        f"- Data: `{data_dir}`; {sum(sum(c.values()) for c in counts.values())} readable images"
+        + (f", {len(failures)} unreadable left out (listed in metrics.json)" if failures else ", none unreadable") + ".",
+        f"- Split: {'patient-grouped stratified' if recipe.split == 'grouped' else 'stratified random per class'} "
+        f"{'/'.join(f'{f:.0%}' for f in recipe.fractions)} (train/val/test), seed {recipe.seed}"
+        + ("; the test split is the dataset's own test folder" if fixed_test else "") + "; see `split_manifest.csv`.",
+        "",
+        "| split | " + " | ".join(names) + " | total |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    for s in ("train", "val", "test"):
+        c = counts.get(s, {})
+        lines.append(f"| {s} | " + " | ".join(str(c.get(n, 0)) for n in names) + f" | {sum(c.values())} |")
+    lines += ["", "## Test metrics", ""]
+    lines.append("| decision | accuracy | macro precision | macro recall | macro F1 | weighted F1 | AUC (macro) |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for label, m in (("threshold" if th else "argmax", metrics), ("argmax", argmax_metrics if th else None),
+                     ("validation (" + ("threshold" if th else "argmax") + ")", val_metrics)):
+        if m is None:
+            continue
+        auc = (m.get("auc") or {}).get("macro")
+        lines.append(f"| {label} | {m['accuracy']:.4f} | {m['macro']['precision']:.4f} | {m['macro']['recall']:.4f} | "
+                     f"{m['macro']['f1']:.4f} | {m['weighted']['f1']:.4f} | {auc:.4f} |" if auc is not None else
+                     f"| {label} | {m['accuracy']:.4f} | {m['macro']['precision']:.4f} | {m['macro']['recall']:.4f} | "
+                     f"{m['macro']['f1']:.4f} | {m['weighted']['f1']:.4f} | n/a |")
+    lines += ["", "| class | precision | recall | F1 | specificity | support |", "|---|---|---|---|---|---|"]
+    for n in names:
+        c = metrics["per_class"][n]
+        lines.append(f"| {n} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['specificity']:.4f} | {c['support']} |")
+    lines += [
+        "",
+        "Plots: `plots/training_curves.png`, `plots/confusion_matrix.png`, `plots/roc.png`.",
+        "",
+        "## Intended use",
+        "- Research and engineering of on-device lung-image classification (conversion to TFLite, "
+        "benchmarks). Not a medical device; not for diagnosis or triage of real patients.",
+        "",
+        "## Limitations",
+        "- Trained on one public dataset from one source; accuracy on images from other hospitals, "
+        "scanners, ages or preprocessing is unknown and usually lower.",
+    ]
+    if is_ct:
+        lines.append(
+            "- **Leakage caveat (CT):** IQ-OTH/NCCD holds slices of about 110 patients with no patient id in the "
+            "file names, so this random split puts slices of one patient on both sides of train/test. The test "
+            "accuracy above (and the published 97-99 % figures, which share the flaw) overstates accuracy on "
+            "new patients.")
+    elif recipe.split == "random":
+        lines.append(
+            "- **Leakage caveat:** the split is random per image, and Kermany file names show several images per "
+            "patient, so one patient can be in train and test; this inflates test accuracy. Use the grouped split "
+            "(`--split grouped`) for a patient-disjoint estimate.")
+    else:
+        lines.append("- The split is patient-grouped (no patient in two splits), from the patient ids in the file names.")
+    lines.append(
+        "- Validation scores on this data are an optimistic guide: earlier measurements on the patient-disjoint "
+        "official Kermany test split gave 0.75-0.90 accuracy for this kind of model (it over-calls pneumonia).")
+    if th:
+        lines.append("- The threshold trades specificity for recall of the disease class; it was chosen on the "
+                     "validation split, whose distribution may differ from deployment data.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,70 @@
+"""Operating point: a decision threshold on the disease class chosen on validation data.
+
+The rule is the runtime's (``edge_runtime.spec.Threshold``): predict the positive class when
+its probability is >= the threshold, otherwise the most probable of the other classes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+from edge_runtime.errors import ConfigError
+
+
+def resolve_label(name: Optional[str], labels: Sequence[str]) -> Optional[str]:
+    """Match a recipe's class name to the dataset's folder names: exact, then case-insensitive,
+    then by prefix ignoring spaces and punctuation ("malignant" -> "Malignant cases").
+
+    Raises:
+        ConfigError: no or several matches.
+    """
+    if name is None:
+        return None
+    if name in labels:
+        return name
+
+    def key(s: str) -> str:
+        return "".join(ch for ch in s.lower() if ch.isalnum())
+
+    exact = [x for x in labels if key(x) == key(name)]
+    if len(exact) == 1:
+        return exact[0]
+    prefix = [x for x in labels if key(x).startswith(key(name))]
+    if len(prefix) == 1:
+        return prefix[0]
+    raise ConfigError(f"positive_label {name!r} matches {'none' if not prefix else 'several'} of the classes {list(labels)!r}")
+
+
+def choose_threshold(positive_probs: Sequence[float], is_positive: Sequence[bool], target_recall: float) -> float:
+    """The highest threshold whose recall of the positive class is >= ``target_recall``.
+
+    The highest such threshold gives the fewest false positives for that recall. With k the
+    number of positives needed (ceil(target * n_pos)), it is the k-th highest positive score.
+
+    Raises:
+        ConfigError: no positive example to choose on, or target out of range.
+    """
+    if not 0.0 < target_recall <= 1.0:
+        raise ConfigError(f"target_recall must be in (0, 1], got {target_recall!r}")
+    p = np.asarray(positive_probs, dtype=np.float64)
+    y = np.asarray(is_positive, dtype=bool)
+    pos = np.sort(p[y])[::-1]
+    if len(pos) == 0:
+        raise ConfigError("cannot choose a threshold: the validation split has no example of the positive class")
+    k = int(math.ceil(target_recall * len(pos) - 1e-9))
+    k = min(max(k, 1), len(pos))
+    return float(np.clip(pos[k - 1], 0.0, 1.0))
+
+
+def apply_threshold(probs: np.ndarray, positive_index: Optional[int], value: Optional[float]) -> np.ndarray:
+    """Predicted class per row: the positive class if its probability >= ``value``, else the
+    most probable other class; plain argmax when ``positive_index`` or ``value`` is None."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if positive_index is None or value is None:
+        return probs.argmax(axis=1)
+    rest = probs.copy()
+    rest[:, positive_index] = -np.inf
+    return np.where(probs[:, positive_index] >= value, positive_index, rest.argmax(axis=1))

@@ -487,6 +487,10 @@ def format_markdown(report: dict) -> str:
             _f(r.get("first_classify_ms"), "{:.1f}"), _f(r.get("peak_rss_mb"), "{:.0f}"), _f(r.get("size_mb")),
             r.get("sha256") or "", _f(r.get("accuracy"), "{:.3f}"), status]
         lines.append("| " + " | ".join(cells) + " |")
+    acc_errors = [(m.get("name"), m["accuracy"]["error"]) for r in sources for m in r.get("models", [])
+                  if (m.get("accuracy") or {}).get("error")]
+    if acc_errors:
+        lines += ["", "Accuracy not measured:", ""] + [f"- {name}: {err}" for name, err in acc_errors]
     bad = [(m.get("name"), f) for r in sources for m in r.get("models", [])
            for f in (m.get("images") or {}).get("failures", [])]
     if bad:

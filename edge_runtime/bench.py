@@ -156,7 +156,8 @@ def _accuracy(path, data_dir, threads, backend, labels, mean, std) -> dict:
     try:
         m = evaluate_classifier(clf, data_dir, progress=False)
     except ConfigError as exc:  # labels and folders do not match: say so, keep the timings
-        return {"data": str(data_dir), "error": str(exc)}
+        msg = str(exc)
+        return {"data": str(data_dir), "error": msg if len(msg) <= 300 else msg[:297] + "..."}
     return {"data": str(data_dir), "accuracy": m["accuracy"], "n": int(np.sum(m["confusion_matrix"])),
             "failures": len(m["failures"]), "decision": m["decision"],
             "macro_f1": m.get("macro", {}).get("f1")}

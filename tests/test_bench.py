@@ -223,3 +223,13 @@ def test_own_models_with_accuracy(tiny_mobilenet, tmp_path):
         assert m["runs"][0]["first_label"] in ("NORMAL", "PNEUMONIA")
     md = bench.format_markdown(report)
     assert "| model_int8.tflite | int8 |" in md
+
+
+def test_png_is_skipped_with_a_reason_without_matplotlib(tmp_path, monkeypatch):
+    report = {"schema": bench.SCHEMA, "machine": {"hostname": "h", "arch": "x"}, "settings": {},
+              "models": [bench._error_result("m.tflite", "model file not found: 'm.tflite'")]}
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib -> ImportError
+    paths = bench.write_report(report, tmp_path)
+    assert paths["png"] is None and "PNG chart skipped" in paths["png_skipped"]
+    assert "FAILED: model file not found" in Path(paths["md"]).read_text()
+    assert not list(tmp_path.glob("*.png"))

@@ -175,6 +175,8 @@ class Recipe:
             object.__setattr__(self, "target_recall", float(self.target_recall))
             if not self.positive_label:
                 raise ConfigError("target_recall needs positive_label (the disease class whose recall is targeted)")
+        if self.weights is None:
+            object.__setattr__(self, "weights", "none")
         if not isinstance(self.weights, str) or not self.weights:
             raise ConfigError(f"weights must be 'imagenet', 'none' or a file path, got {self.weights!r}")
         if not _is_number(self.alpha) or float(self.alpha) not in (0.35, 0.5, 0.75, 1.0, 1.3, 1.4):

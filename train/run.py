@@ -179,7 +179,7 @@ def cv_run(recipe: Union[Recipe, str], data_dir: str, out_dir: str, k: int, *, s
                      **{f"recall_{n}": m["per_class"][n]["recall"] for n in ds.class_names}})
     summary = _cv_summary(rows)
     summary.update({"k": k, "recipe": recipe.name, "data": str(data_dir), "split": recipe.split,
-                    "std": "population (ddof=0)", "failures": ds.failures})
+                    "std_kind": "population (ddof=0)", "failures": ds.failures})
     atomic_write_text(str(out / "cv_summary.json"), json.dumps(summary, indent=2))
     table = cv_table_markdown(summary)
     atomic_write_text(str(out / "cv_table.md"), table)

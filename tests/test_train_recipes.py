@@ -1,0 +1,253 @@
+"""Recipes, splits, manifest, weights lookup: no TensorFlow needed (scikit-learn for splits)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edge_runtime.errors import ConfigError
+from edge_runtime.spec import Preprocessing
+from train import weights as weights_mod
+from train.data import (Dataset, drop_unreadable, kfold_assignments, load_dataset, patient_id, read_manifest,
+                        split_dataset, write_manifest)
+from train.recipes import RECIPES, Augment, FineTune, Recipe, apply_overrides, get_recipe
+from train.threshold import apply_threshold, choose_threshold, resolve_label
+
+
+# ---------------------------------------------------------------- recipes
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_json_round_trip(name):
+    r = RECIPES[name]
+    again = Recipe.from_json(r.to_json())
+    assert again == r
+    assert json.loads(again.to_json()) == json.loads(r.to_json())
+
+
+def test_paper_recipes_match_the_papers():
+    x, ct = get_recipe("xray-pneumonia"), get_recipe("ct-lung-cancer")
+    assert (x.fractions, x.epochs, x.image_size, x.split, x.weights) == ((0.75, 0.15, 0.10), 20, 224, "random", "imagenet")
+    assert x.augmentation is not None and not x.fine_tune.enabled
+    assert (ct.fractions, ct.epochs, ct.batch_size, ct.learning_rate) == ((0.70, 0.15, 0.15), 50, 32, 1e-3)
+    assert (ct.patience, ct.monitor, ct.augmentation, ct.head_units, ct.dropout) == (5, "val_accuracy", None, 128, 0.5)
+    plus = get_recipe("xray-pneumonia-plus")
+    assert plus.split == "grouped" and plus.class_weights and plus.fine_tune.enabled and plus.target_recall == 0.95
+
+
+def test_overrides_are_validated_and_recipe_is_frozen():
+    r = get_recipe("ct-lung-cancer", epochs=3, alpha=0.35, image_size=96, weights="none")
+    assert (r.epochs, r.alpha, r.image_size, r.name) == (3, 0.35, 96, "ct-lung-cancer")
+    assert get_recipe("ct-lung-cancer").epochs == 50  # the named recipe is unchanged
+    with pytest.raises(Exception):
+        r.epochs = 4  # frozen dataclass
+    for bad in ({"epochs": 0}, {"fractions": (0.5, 0.5, 0.5)}, {"split": "by-luck"}, {"alpha": 0.3},
+                {"dropout": 1.0}, {"monitor": "loss"}, {"target_recall": 1.5}, {"image_size": "224"}):
+        with pytest.raises(ConfigError):
+            r.replace(**bad)
+    with pytest.raises(ConfigError, match="unknown recipe field"):
+        r.replace(epoch=3)
+    with pytest.raises(ConfigError, match="positive_label"):
+        r.replace(positive_label=None, target_recall=0.9)
+
+
+def test_unknown_recipe_lists_valid_names():
+    with pytest.raises(ConfigError) as exc:
+        get_recipe("xray")
+    for name in RECIPES:
+        assert name in str(exc.value)
+
+
+def test_apply_overrides_parses_values_and_dotted_names():
+    r = apply_overrides(get_recipe("ct-lung-cancer"), [
+        "epochs=7", "fractions=[0.6,0.2,0.2]", "fine_tune.epochs=2", "fine_tune.blocks=3",
+        "augment.rotation=5", "weights=none", "target_recall=null", "class_weights=true"])
+    assert r.epochs == 7 and r.fractions == (0.6, 0.2, 0.2) and r.weights == "none" and r.class_weights
+    assert r.fine_tune == FineTune(epochs=2, blocks=3, learning_rate=1e-5)
+    assert r.augmentation == Augment(rotation=5.0)  # defaults for the rest of the augmentation
+    with pytest.raises(ConfigError):
+        apply_overrides(r, ["epochs"])
+    with pytest.raises(ConfigError):
+        apply_overrides(r, ["head.units=3"])
+
+
+# ---------------------------------------------------------------- data and splits
+
+def _dataset(counts, root="/data", groups_per_class=None):
+    paths, labels = [], []
+    for c, n in enumerate(counts):
+        for i in range(n):
+            if groups_per_class:
+                pid = i % groups_per_class
+                paths.append(f"{root}/c{c}/person{c * 1000 + pid}_bacteria_{i}.jpeg")
+            else:
+                paths.append(f"{root}/c{c}/img{i}.jpeg")
+            labels.append(c)
+    return Dataset(paths, np.asarray(labels), tuple(f"c{c}" for c in range(len(counts))), root)
+
+
+def test_patient_ids_from_kermany_names():
+    assert patient_id("x/person1000_bacteria_2931.jpeg") == "person1000"
+    assert patient_id("person7_virus_12.jpeg") == "person7"
+    assert patient_id("IM-0115-0001.jpeg") == "im-0115"
+    assert patient_id("NORMAL2-IM-0115-0003.jpeg") == "im-0115"  # one numbering space: merged, never split
+    assert patient_id("Bengin case (1).jpg") is None
+
+
+def test_random_split_is_stratified_with_the_given_fractions():
+    ds = _dataset([200, 600])
+    a = split_dataset(ds, (0.75, 0.15, 0.10), "random", seed=1)
+    for c, n in ((0, 200), (1, 600)):
+        for s, f in (("train", 0.75), ("val", 0.15), ("test", 0.10)):
+            got = int(((a == s) & (ds.labels == c)).sum())
+            assert abs(got - f * n) <= 1.5, (c, s, got)
+    assert np.array_equal(a, split_dataset(ds, (0.75, 0.15, 0.10), "random", seed=1))  # seeded
+    assert not np.array_equal(a, split_dataset(ds, (0.75, 0.15, 0.10), "random", seed=2))
+
+
+def test_grouped_split_keeps_each_patient_on_one_side():
+    ds = _dataset([300, 900], groups_per_class=60)
+    a = split_dataset(ds, (0.70, 0.15, 0.15), "grouped", seed=3)
+    sides = {}
+    for g, s in zip(ds.groups(), a):
+        sides.setdefault(g, set()).add(s)
+    assert all(len(v) == 1 for v in sides.values())
+    fr = [float((a == s).mean()) for s in ("train", "val", "test")]
+    assert abs(fr[0] - 0.70) < 0.07 and abs(fr[1] - 0.15) < 0.06 and abs(fr[2] - 0.15) < 0.06, fr
+
+
+def test_grouped_split_refuses_files_without_patient_ids():
+    with pytest.raises(ConfigError, match="patient"):
+        split_dataset(_dataset([20, 20]), (0.7, 0.15, 0.15), "grouped")
+
+
+def test_kfold_folds_cover_everything_once():
+    ds = _dataset([40, 100])
+    folds = kfold_assignments(ds, 5, 0.15, "random", seed=0)
+    assert len(folds) == 5
+    tests = np.stack([f == "test" for f in folds])
+    assert (tests.sum(axis=0) == 1).all()
+    for f in folds:
+        assert {"train", "val", "test"} == set(f)
+    with pytest.raises(ConfigError):
+        kfold_assignments(ds, 41, 0.15)
+
+
+def _write_images(folder: Path, n: int, value: int, prefix: str = "img") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((20, 24), value + i, dtype=np.uint8)).save(folder / f"{prefix}{i}.png")
+
+
+def test_unreadable_files_are_reported_and_left_out(tmp_path):
+    _write_images(tmp_path / "Bengin cases", 4, 10)
+    _write_images(tmp_path / "Normal cases", 4, 100)
+    (tmp_path / "Normal cases" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "Bengin cases" / "empty.png").write_bytes(b"")
+    ds = load_dataset(str(tmp_path))
+    assert ds.class_names == ("Bengin cases", "Normal cases") and len(ds) == 10
+    ok = drop_unreadable(ds, Preprocessing(height=32, width=32), progress=False)
+    assert len(ok) == 8 and len(ok.failures) == 2
+    assert {Path(f["path"]).name for f in ok.failures} == {"broken.jpg", "empty.png"}
+    assert all(f["error"] for f in ok.failures)
+
+
+def test_kaggle_layout_keeps_the_official_test_split(tmp_path):
+    for part, n in (("train", 12), ("val", 2), ("test", 4)):
+        _write_images(tmp_path / part / "NORMAL", n, 10, f"IM-00{part}")
+        _write_images(tmp_path / part / "PNEUMONIA", n, 200, f"p{part}")
+    ds = load_dataset(str(tmp_path))
+    assert ds.class_names == ("NORMAL", "PNEUMONIA") and len(ds) == 36
+    a = split_dataset(ds, (0.75, 0.15, 0.10), "random", seed=0)
+    test_files = {p for p, s in zip(ds.paths, a) if s == "test"}
+    assert test_files == {p for p in ds.paths if "/test/" in p}
+    assert {"train", "val"} <= set(a[[("/test/" not in p) for p in ds.paths]])
+
+
+def test_manifest_round_trip(tmp_path):
+    _write_images(tmp_path / "data" / "a", 6, 10)
+    _write_images(tmp_path / "data" / "b", 6, 100)
+    ds = load_dataset(str(tmp_path / "data"))
+    a = split_dataset(ds, (0.5, 0.25, 0.25), "random", seed=0)
+    write_manifest(tmp_path / "m.csv", ds, a)
+    rows = list(csv.DictReader(open(tmp_path / "m.csv")))
+    assert len(rows) == 12 and set(rows[0]) == {"path", "label", "split", "group"}
+    assert rows[0]["path"].startswith("a/")
+    assert np.array_equal(read_manifest(tmp_path / "m.csv", ds), a)
+
+
+# ---------------------------------------------------------------- threshold
+
+def test_choose_threshold_meets_the_target_recall_with_fewest_false_positives():
+    rng = np.random.default_rng(0)
+    y = rng.random(500) < 0.4
+    p = np.clip(np.where(y, rng.normal(0.7, 0.2, 500), rng.normal(0.3, 0.2, 500)), 0, 1)
+    for target in (0.8, 0.95, 1.0):
+        t = choose_threshold(p, y, target)
+        assert (p[y] >= t).mean() >= target
+        higher = np.nextafter(t, 2.0)
+        assert (p[y] >= higher).mean() < target  # any higher threshold misses the target
+    with pytest.raises(ConfigError):
+        choose_threshold(p, np.zeros(500, bool), 0.9)
+
+
+def test_apply_threshold_is_the_runtime_rule():
+    probs = np.array([[0.5, 0.3, 0.2], [0.2, 0.35, 0.45], [0.6, 0.1, 0.3]])
+    assert apply_threshold(probs, None, None).tolist() == [0, 2, 0]
+    # class 1 when p1 >= 0.3, else the most probable other class
+    assert apply_threshold(probs, 1, 0.3).tolist() == [1, 1, 0]
+
+
+def test_resolve_label_matches_folder_names():
+    labels = ("Bengin cases", "Malignant cases", "Normal cases")
+    assert resolve_label("malignant", labels) == "Malignant cases"
+    assert resolve_label("PNEUMONIA", ("NORMAL", "PNEUMONIA")) == "PNEUMONIA"
+    with pytest.raises(ConfigError):
+        resolve_label("cases", labels)
+
+
+# ---------------------------------------------------------------- ImageNet weights lookup
+
+def test_weights_lookup_order_and_clear_error(tmp_path, monkeypatch):
+    name = weights_mod.imagenet_file_name(1.0, 224)
+    monkeypatch.setattr(weights_mod, "_REPO", tmp_path / "repo")
+    monkeypatch.delenv(weights_mod.ENV_VAR, raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
+    with pytest.raises(ConfigError) as exc:
+        weights_mod.resolve_weights("imagenet")
+    msg = str(exc.value)
+    assert weights_mod.ENV_VAR in msg and "KERAS_HOME" in msg and name in msg and "\n" not in msg
+    (tmp_path / "kh" / "models").mkdir(parents=True)
+    (tmp_path / "kh" / "models" / name).write_bytes(b"h5")
+    assert weights_mod.resolve_weights("imagenet", 1.0, 96) == str(tmp_path / "kh" / "models" / name)
+    own = tmp_path / "elsewhere.h5"
+    own.write_bytes(b"h5")
+    monkeypatch.setenv(weights_mod.ENV_VAR, str(own))
+    assert weights_mod.resolve_weights("imagenet") == str(own)
+    assert weights_mod.resolve_weights("none") is None
+    with pytest.raises(ConfigError, match="not found"):
+        weights_mod.resolve_weights(str(tmp_path / "missing.h5"))
+
+
+@pytest.mark.needs_shared
+def test_real_kermany_grouped_split_has_no_patient_on_two_sides(xray_dir):
+    ds = load_dataset(str(xray_dir))
+    groups = ds.groups(required=True)  # every real file name carries a patient
+    a = split_dataset(ds, (0.75, 0.15, 0.10), "grouped", seed=42)
+    sides = {}
+    for g, s in zip(groups, a):
+        sides.setdefault(g, set()).add(s)
+    assert all(len(v) == 1 for v in sides.values())
+    assert len(sides) > 1000
+    for s, f in (("train", 0.75), ("val", 0.15), ("test", 0.10)):
+        assert abs(float((a == s).mean()) - f) < 0.03
+    # the random split, by contrast, does put patients on two sides (the leak the grouped split removes)
+    r = split_dataset(ds, (0.75, 0.15, 0.10), "random", seed=42)
+    mixed = {}
+    for g, s in zip(groups, r):
+        mixed.setdefault(g, set()).add(s)
+    assert sum(len(v) > 1 for v in mixed.values()) > 100

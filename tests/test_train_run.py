@@ -1,0 +1,290 @@
+"""Training end to end on tiny models (MobileNetV2 alpha 0.35, 96 px, weights none) and generated images."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edge_runtime.errors import ConfigError
+from edge_runtime.spec import ModelSpec
+
+pytestmark = pytest.mark.needs_tf
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTRACT = ("model.keras", "spec.json", "recipe.json", "split_manifest.csv", "history.csv", "metrics.json",
+            "model_card.md", "plots/training_curves.png", "plots/confusion_matrix.png", "plots/roc.png")
+
+
+def make_images(root: Path, per_class: int = 24, size: int = 64, seed: int = 0, bad: bool = True) -> Path:
+    """NORMAL (dark, Kermany IM- names) and PNEUMONIA (bright blob, person names) images, plus a corrupt file."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(("NORMAL", "PNEUMONIA")):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.normal(70 + 90 * c, 25, (size, size))
+            if c:
+                yy, xx = np.mgrid[:size, :size]
+                img += 60 * np.exp(-((yy - rng.integers(16, 48)) ** 2 + (xx - rng.integers(16, 48)) ** 2) / 120.0)
+            arr = np.clip(img, 0, 255).astype(np.uint8)
+            fname = f"IM-{i // 2:04d}-{i:04d}.jpeg" if c == 0 else f"person{i // 2}_bacteria_{i}.jpeg"
+            Image.fromarray(arr).save(d / fname)
+    if bad:
+        (root / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return root
+
+
+def tiny(name="xray-pneumonia-plus", **kw):
+    from train.recipes import get_recipe
+
+    base = dict(alpha=0.35, image_size=96, weights="none", batch_size=8, epochs=2, patience=2,
+                fractions=(0.6, 0.2, 0.2), fine_tune={"epochs": 1, "blocks": 2})
+    base.update(kw)
+    return get_recipe(name, **base)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("xray"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_dir, tmp_path_factory):
+    """One complete tiny run: grouped split, augmentation, class weights, fine-tuning, threshold."""
+    from train.run import train_run
+
+    out = tmp_path_factory.mktemp("runs") / "plus"
+    # patience 0: keep the last weights (with early stopping, the best could be from before fine-tuning)
+    recipe = tiny(patience=0, fine_tune={"epochs": 1, "blocks": 2, "learning_rate": 1e-3})
+    return train_run(recipe, str(data_dir), str(out), verbose=0)
+
+
+def test_run_folder_has_every_contract_file(run_dir):
+    for name in CONTRACT:
+        assert (run_dir / name).is_file() and (run_dir / name).stat().st_size > 0, name
+    assert not (run_dir / "checkpoints").exists()
+    spec = ModelSpec.from_json((run_dir / "spec.json").read_text())
+    assert spec.labels == ("NORMAL", "PNEUMONIA") and spec.positive_label == "PNEUMONIA"
+    assert spec.preprocessing.height == 96 and spec.variant is None and spec.recipe == "xray-pneumonia-plus"
+    assert spec.training_fingerprint.startswith("sha256:") and spec.threshold.target_recall == 0.95
+    history = list(csv.DictReader(open(run_dir / "history.csv")))
+    assert [r["phase"] for r in history] == ["head", "head", "fine_tune"]
+    assert [int(r["epoch"]) for r in history] == list(range(1, len(history) + 1))
+    m = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("accuracy", "per_class", "macro", "weighted", "auc", "confusion_matrix", "argmax", "validation"):
+        assert key in m
+    assert set(m["per_class"]["NORMAL"]) >= {"precision", "recall", "f1", "specificity", "support"}
+    card = (run_dir / "model_card.md").read_text()
+    assert "Intended use" in card and "Limitations" in card and "patient-grouped" in card
+
+
+def test_corrupt_file_is_reported_and_not_in_the_manifest(run_dir):
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert [Path(f["path"]).name for f in m["failures"]] == ["IM-9999-0001.jpeg"]
+    rows = list(csv.DictReader(open(run_dir / "split_manifest.csv")))
+    assert len(rows) == 48 and not any("9999" in r["path"] for r in rows)
+    assert "1 unreadable" in (run_dir / "model_card.md").read_text()
+
+
+def test_grouped_manifest_keeps_patients_on_one_side(run_dir):
+    sides = {}
+    for r in csv.DictReader(open(run_dir / "split_manifest.csv")):
+        sides.setdefault(r["group"], set()).add(r["split"])
+    assert all(g for g in sides) and all(len(v) == 1 for v in sides.values())
+
+
+def test_fine_tuning_trains_only_the_top_blocks(run_dir):
+    import keras
+
+    from train.model import build_model
+    from train.recipes import Recipe
+
+    recipe = Recipe.from_json((run_dir / "recipe.json").read_text())
+    keras.utils.set_random_seed(recipe.seed)
+    fresh = build_model(recipe, 2).base  # the same seeded initialisation as the run
+    trained = keras.models.load_model(run_dir / "model.keras", compile=False).get_layer(fresh.name)
+
+    def kernel(model, layer):
+        return np.asarray(model.get_layer(layer).get_weights()[0])
+
+    assert np.array_equal(kernel(fresh, "block_1_project"), kernel(trained, "block_1_project"))  # frozen
+    assert not np.array_equal(kernel(fresh, "block_16_project"), kernel(trained, "block_16_project"))  # fine-tuned
+    bn_f, bn_t = fresh.get_layer("block_16_project_BN"), trained.get_layer("block_16_project_BN")
+    assert all(np.array_equal(a, b) for a, b in zip(bn_f.get_weights(), bn_t.get_weights()))  # BN stays frozen
+
+
+def test_unfreeze_top_leaves_lower_blocks_and_batchnorm_frozen():
+    import keras
+
+    from train.model import build_model, unfreeze_top
+
+    built = build_model(tiny(), 2)
+    assert not built.base.trainable_weights
+    unfreeze_top(built.base, 2)
+    names = {v.path.split("/")[-2] for v in built.base.trainable_weights}
+    assert names and all(n.startswith(("block_15", "block_16", "Conv_1")) for n in names), names
+    assert not any(isinstance(l, keras.layers.BatchNormalization) and l.trainable for l in built.base.layers)
+
+
+def test_threshold_gives_the_target_recall_on_validation(run_dir, data_dir):
+    """Re-predict the validation files with the saved model and check the stored operating point."""
+    import keras
+
+    from edge_runtime.preprocess import preprocess
+
+    spec = ModelSpec.from_json((run_dir / "spec.json").read_text())
+    rows = [r for r in csv.DictReader(open(run_dir / "split_manifest.csv")) if r["split"] == "val"]
+    model = keras.models.load_model(run_dir / "model.keras", compile=False)
+    x = np.stack([preprocess(data_dir / r["path"], spec.preprocessing) for r in rows])
+    p = model.predict(x, verbose=0)[:, spec.labels.index("PNEUMONIA")]
+    pos = np.asarray([r["label"] == "PNEUMONIA" for r in rows])
+    assert (p[pos] >= spec.threshold.value - 1e-5).mean() >= 0.95
+
+
+def test_evaluate_keras_on_a_run_folder(run_dir, data_dir):
+    from train.evaluate import evaluate_keras
+
+    m = evaluate_keras(str(run_dir), str(data_dir))
+    assert m["n"] == 48 and len(m["failures"]) == 1 and m["decision"] == "threshold"
+    assert m["model"]["backend"] == "keras" and m["class_names"] == ["NORMAL", "PNEUMONIA"]
+    a = evaluate_keras(str(run_dir / "model.keras"), str(data_dir), limit=10, use_threshold=False)
+    assert a["n"] == 10 and a["decision"] == "argmax"
+    # the CLI uses it for run folders too (exit 1: one image failed)
+    from click.testing import CliRunner
+
+    from lungedge.cli import main
+
+    res = CliRunner().invoke(main, ["evaluate", "--model", str(run_dir), "--data", str(data_dir)])
+    assert res.exit_code == 1 and "accuracy" in res.output and "IM-9999-0001.jpeg" in res.output
+
+
+def test_pipeline_matches_the_shared_preprocessing(data_dir):
+    from edge_runtime.preprocess import load_pixels, preprocess
+    from edge_runtime.spec import Preprocessing
+    from train.pipeline import image_dataset
+
+    prep = Preprocessing(height=40, width=40)
+    paths = sorted(str(p) for p in (data_dir / "PNEUMONIA").glob("*.jpeg"))[:5]
+    batch = next(iter(image_dataset(paths, None, prep, 5)))
+    want = np.stack([preprocess(p, prep) for p in paths])
+    assert np.array_equal(batch.numpy(), want)
+    assert load_pixels(paths[0], prep).dtype == np.uint8
+
+
+def test_paper_recipe_trains_the_head_on_cached_features_and_cv_table(data_dir, tmp_path):
+    """ct-lung-cancer (frozen base, no augmentation): features once, then k-fold with mean ± population std."""
+    from train.run import cv_run
+
+    recipe = tiny("ct-lung-cancer", fine_tune={"epochs": 0}, epochs=3)
+    out = cv_run(recipe, str(data_dir), str(tmp_path / "cv"), 3, verbose=0)
+    summary = json.loads((out / "cv_summary.json").read_text())
+    accs = [json.loads((out / f"fold_{i}" / "metrics.json").read_text())["accuracy"] for i in (1, 2, 3)]
+    assert [r["accuracy"] for r in summary["folds"]] == accs
+    assert summary["mean"]["accuracy"] == pytest.approx(np.mean(accs))
+    assert summary["std"]["accuracy"] == pytest.approx(np.std(accs, ddof=0))
+    assert "mean ± std" in (out / "cv_table.md").read_text()
+    tests = [{r["path"] for r in csv.DictReader(open(out / f"fold_{i}" / "split_manifest.csv")) if r["split"] == "test"}
+             for i in (1, 2, 3)]
+    assert sum(len(t) for t in tests) == 48 and not (tests[0] & tests[1]) and not (tests[1] & tests[2])
+    for i in (1, 2, 3):
+        assert all((out / f"fold_{i}" / f).is_file() for f in CONTRACT)
+
+
+def test_refuses_a_non_empty_out_and_unknown_strategy(run_dir, data_dir):
+    from train.run import train_run
+
+    with pytest.raises(ConfigError, match="not empty"):
+        train_run(tiny(), str(data_dir), str(run_dir), verbose=0)
+    with pytest.raises(ConfigError, match="strategy"):
+        train_run(tiny(), str(data_dir), str(run_dir / "x"), strategy="tpu", verbose=0)
+
+
+def test_cli_train_help_and_unknown_recipe():
+    from click.testing import CliRunner
+
+    from lungedge.cli import main
+
+    r = CliRunner().invoke(main, ["train", "--help"])
+    assert r.exit_code == 0 and "Example" in r.output and "--resume" in r.output and "--cv" in r.output
+    r = CliRunner().invoke(main, ["train", "--recipe", "nope", "--data", ".", "--out", "x"])
+    assert r.exit_code == 2 and "ct-lung-cancer" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["train", "--list-recipes"])
+    assert r.exit_code == 0 and "xray-pneumonia-plus" in json.loads(r.output)
+
+
+def _run_py(code: str, *args, env=None, **kw):
+    e = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=str(ROOT), env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+_TRAIN = """
+import sys, json
+from train.recipes import Recipe
+from train.run import train_run
+recipe = Recipe.from_json(open(sys.argv[1]).read())
+train_run(recipe, sys.argv[2], sys.argv[3], resume=sys.argv[4] == "1", strategy=sys.argv[5], verbose=2)
+"""
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_mid_run(tmp_path):
+    data = make_images(tmp_path / "data", per_class=60, bad=False)
+    recipe = tiny(epochs=6, patience=0, fine_tune={"epochs": 0}, batch_size=4)
+    (tmp_path / "recipe.json").write_text(recipe.to_json())
+    out = tmp_path / "run"
+    proc = _run_py(_TRAIN, str(tmp_path / "recipe.json"), str(data), str(out), "0", "default")
+    state = out / "checkpoints" / "state.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["epoch"] >= 2:
+            break
+        time.sleep(0.2)
+    time.sleep(0.5)  # into the next epoch
+    assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stdout.read()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = json.loads(state.read_text())
+    assert 2 <= before["epoch"] < 6 and not (out / "model.keras").exists()
+    manifest = (out / "split_manifest.csv").read_text()
+    proc = _run_py(_TRAIN, str(tmp_path / "recipe.json"), str(data), str(out), "1", "default")
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    assert f"resuming phase head after epoch {before['epoch']}" in log
+    assert (out / "split_manifest.csv").read_text() == manifest
+    history = list(csv.DictReader(open(out / "history.csv")))
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4, 5, 6]
+    assert [float(r["loss"]) for r in history[:before["epoch"]]] == [r["loss"] for r in before["history"]]
+    assert all((out / f).is_file() for f in CONTRACT) and not (out / "checkpoints").exists()
+
+
+_MIRRORED = """
+import sys, json, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from train.recipes import Recipe
+from train.run import train_run
+out = train_run(Recipe.from_json(open(sys.argv[1]).read()), sys.argv[2], sys.argv[3], strategy="mirrored", verbose=0)
+print("DEVICE", json.load(open(out / "metrics.json"))["device"])
+"""
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path, data_dir):
+    recipe = tiny(epochs=1, fine_tune={"epochs": 1, "blocks": 1})
+    (tmp_path / "recipe.json").write_text(recipe.to_json())
+    proc = _run_py(_MIRRORED, str(tmp_path / "recipe.json"), str(data_dir), str(tmp_path / "run"))
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    assert "strategy mirrored (2 replicas)" in log
+    assert all((tmp_path / "run" / f).is_file() for f in CONTRACT)

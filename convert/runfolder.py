@@ -32,6 +32,7 @@ class RunFolder:
     model_path: Path
     spec: ModelSpec
     manifest: Tuple[dict, ...]
+    data_root: Optional[Path] = None
 
     def split(self, name: str) -> Split:
         """Rows of the manifest whose split is ``name`` (possibly empty)."""
@@ -51,8 +52,11 @@ class RunFolder:
         path = Path(p)
         if path.is_absolute():
             return str(path)
-        beside = self.path / path
-        return str(beside if beside.exists() else path)
+        # train/ writes paths relative to the data root it recorded in metrics.json
+        for base in ([self.data_root] if self.data_root else []) + [self.path]:
+            if (base / path).exists():
+                return str(base / path)
+        return str(path)
 
 
 def load_run(run_dir) -> RunFolder:
@@ -77,7 +81,18 @@ def load_run(run_dir) -> RunFolder:
         spec = ModelSpec.from_json(spec_path.read_text(encoding="utf-8"))
     except ConfigError as exc:
         raise ConfigError(f"{spec_path}: {exc}") from None
-    return RunFolder(root, model_path, spec, tuple(_read_manifest(root / "split_manifest.csv")))
+    return RunFolder(root, model_path, spec, tuple(_read_manifest(root / "split_manifest.csv")), _data_root(root))
+
+
+def _data_root(root: Path) -> Optional[Path]:
+    """The data folder the run was trained on (``metrics.json`` key ``data``), if recorded."""
+    import json
+
+    try:
+        data = json.loads((root / "metrics.json").read_text(encoding="utf-8")).get("data")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(data) if isinstance(data, str) and data else None
 
 
 def _read_manifest(path: Path) -> List[dict]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,9 @@ import click
 
 from lungedge import __version__
 from lungedge.cli_util import EXIT_FAILED, EXIT_OK, handle_errors
+
+# TensorFlow's C++ start-up chatter hides the progress bars and results users need to see.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Modules that each define ``commands``: a list of click commands to add to the group.
 _COMMAND_MODULES = ("train.cli", "convert.cli", "lungedge.bench_cli", "lungedge.pipeline_cli")

@@ -45,11 +45,11 @@ def synthetic_radiograph(rng: np.random.Generator, size: int = 224, opacities: i
     for _ in range(opacities):
         side = rng.choice((-1, 1))
         ox, oy = cx + side * rng.uniform(0.10, 0.24), rng.uniform(0.30, 0.68)
-        r = rng.uniform(0.035, 0.10)
+        r = rng.uniform(0.04, 0.11)
         stretch = rng.uniform(0.6, 1.6)
         blob = np.exp(-(((xx - ox) / (r * stretch)) ** 2 + ((yy - oy) / r) ** 2))
         texture = 0.75 + 0.25 * rng.random((size, size)).astype(np.float32)
-        img += rng.uniform(0.22, 0.42) * blob * texture * lungs
+        img += rng.uniform(0.28, 0.5) * blob * texture * lungs
     # exposure, blur-free film grain
     img = img * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.08)
     img += rng.normal(0, 0.025, img.shape).astype(np.float32)

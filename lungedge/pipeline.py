@@ -289,9 +289,9 @@ def _test_images(run_dir: Path, limit: int, with_labels: bool = False):
 
 def _quant_summary(report: dict) -> list:
     out = []
-    for name, v in (report.get("variants") or {}).items():
-        out.append({"variant": name, "size_bytes": v.get("size_bytes"), "size_ratio": v.get("size_ratio"),
-                    "accuracy": v.get("accuracy"), "agreement": v.get("agreement"), "gate": v.get("gate")})
+    for v in report.get("variants") or []:
+        out.append({"variant": v.get("variant"), "size_bytes": v.get("size_bytes"), "size_ratio": v.get("size_ratio"),
+                    "accuracy": v.get("accuracy"), "agreement": v.get("top1_agreement"), "gate": v.get("gate")})
     return out
 
 

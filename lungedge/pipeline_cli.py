@@ -66,9 +66,9 @@ def pipeline_cmd(recipe, data, out, overrides, variants, test_data, calibration,
 @click.command("demo")
 @click.option("--out", "-o", default="lungedge-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the generated data and the report.")
-@click.option("--images-per-class", type=click.IntRange(min=20), default=150, show_default=True)
+@click.option("--images-per-class", type=click.IntRange(min=20), default=200, show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
-              help="Training epochs (default: 12 with ImageNet weights, 30 without).")
+              help="Training epochs (default: 40 with ImageNet weights, 30 without; early stopping).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--bench-runs", type=click.IntRange(min=1), default=30, show_default=True)
 @handle_errors
@@ -85,6 +85,7 @@ def demo_cmd(out, images_per_class, epochs, seed, bench_runs):
     """
     from lungedge.demo_data import make_demo_dataset
     from lungedge.pipeline import run_pipeline
+    from train.recipes import get_recipe
 
     started = time.perf_counter()
     root = Path(out)
@@ -93,7 +94,8 @@ def demo_cmd(out, images_per_class, epochs, seed, bench_runs):
     click.echo(note, err=True)
     notes = [f"Data: {2 * images_per_class} procedurally generated images (seed {seed}) in {data}; "
              "they say nothing about real radiographs.", note]
-    result = run_pipeline("xray-pneumonia", str(data), str(root / "report"), overrides=overrides,
+    recipe = get_recipe("xray-pneumonia").replace(**overrides)
+    result = run_pipeline(recipe, str(data), str(root / "report"),
                           calibration_count=100, bench_runs=bench_runs, title="lungedge demo", notes=notes,
                           log=lambda m: click.echo(m, err=True))
     _print_result(result, started, next_steps=True)
@@ -106,10 +108,10 @@ def demo_overrides(epochs, seed):
     from train.weights import find_imagenet_weights
 
     common = {"name": "demo", "split": "random", "fractions": (0.7, 0.15, 0.15), "seed": seed, "augment": False,
-              "patience": 5, "target_recall": None}
+              "patience": 8, "monitor": "val_loss", "target_recall": None}
     try:
         path = find_imagenet_weights(1.0, 224)
-        return ({**common, "weights": "imagenet", "epochs": epochs or 12},
+        return ({**common, "weights": "imagenet", "epochs": epochs or 40},
                 f"Using MobileNetV2 ImageNet weights from {path} (frozen base, new head).")
     except ConfigError:
         return ({**common, "weights": "none", "alpha": 0.35, "image_size": 96, "epochs": epochs or 30},

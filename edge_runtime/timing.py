@@ -60,7 +60,19 @@ def summarize(raw_ms: Sequence[float]) -> Summary:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB."""
+    """Peak resident set size of this process so far, in MiB.
+
+    On Linux this is ``VmHWM`` from /proc/self/status: ``getrusage``'s ``ru_maxrss`` survives
+    ``exec``, so a process started from a large parent (e.g. one that loaded TensorFlow) would
+    report the parent's peak instead of its own.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 

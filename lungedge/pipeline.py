@@ -270,11 +270,12 @@ def _test_images(run_dir: Path, limit: int, with_labels: bool = False):
 
     rows = []
     manifest = run_dir / "split_manifest.csv"
+    root = Path(_read_json(run_dir / "metrics.json").get("data") or ".")  # manifest paths are relative to it
     if manifest.is_file():
         with open(manifest, newline="") as fh:
             for r in csv.DictReader(fh):
                 if r.get("split") == "test":
-                    rows.append((r["path"], r["label"]))
+                    rows.append((str(root / r["path"]), r["label"]))
     # take a few of each class, in a fixed order
     by_class: Dict[str, list] = {}
     for p, lab in rows:

@@ -1,0 +1,110 @@
+"""Measure the input pipeline: training images/s with the tf.data pipeline vs. the same model fitted
+on in-memory arrays (the upper bound: no decoding at all).
+
+    python -m train.throughput --data ../shared/data/chest_xray/train --images 512 --epochs 3
+
+The first epoch of each is a warm-up (tracing; for the pipeline also decoding into the cache) and
+is not counted; images/s is the median over the remaining epochs. The base is frozen, as in the
+paper recipes, so each step is the base's forward pass plus the head's training step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from edge_runtime.data import atomic_write_text
+from edge_runtime.preprocess import preprocess
+
+
+def measure(data_dir: str, images: int = 512, epochs: int = 3, recipe_name: str = "xray-pneumonia",
+            image_size: int = 224, alpha: float = 1.0, weights: str = "imagenet", batch_size: int = 32,
+            augment: bool = False, seed: int = 0) -> dict:
+    """Images/s of ``fit`` with the pipeline and with in-memory arrays, same model and images.
+
+    Returns:
+        dict with ``pipeline_img_s``, ``arrays_img_s``, ``ratio`` and the set-up.
+    """
+    import keras
+
+    from .data import drop_unreadable, load_dataset
+    from .model import build_model, compile_model
+    from .pipeline import image_dataset
+    from .recipes import get_recipe
+    from .run import preprocessing_for
+
+    recipe = get_recipe(recipe_name, image_size=image_size, alpha=alpha, weights=weights, batch_size=batch_size,
+                        augment=augment, seed=seed)
+    prep = preprocessing_for(recipe)
+    ds = drop_unreadable(load_dataset(data_dir), prep, progress=False)
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(ds), size=min(images, len(ds)), replace=False))
+    paths = [ds.paths[i] for i in pick]
+    labels = ds.labels[pick]
+
+    def timed_fit(model, *args, **kw):
+        times = []
+
+        class _T(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.t0 = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                times.append(time.perf_counter() - self.t0)
+
+        model.fit(*args, epochs=epochs, verbose=0, callbacks=[_T()], **kw)
+        return times
+
+    keras.utils.set_random_seed(seed)
+    built = build_model(recipe, len(ds.class_names))
+    compile_model(built.model, recipe.learning_rate)
+    pipe_ds = image_dataset(paths, labels, prep, batch_size, training=True, augment=recipe.augmentation, seed=seed)
+    t_pipe = timed_fit(built.model, pipe_ds, shuffle=False)
+
+    t0 = time.perf_counter()
+    x = np.stack([preprocess(p, prep) for p in paths])
+    load_s = time.perf_counter() - t0
+    keras.utils.set_random_seed(seed)
+    built = build_model(recipe, len(ds.class_names))
+    compile_model(built.model, recipe.learning_rate)
+    t_arr = timed_fit(built.model, x, labels, batch_size=batch_size, shuffle=True)
+
+    n = len(paths)
+    pipe = n / float(np.median(t_pipe[1:] if len(t_pipe) > 1 else t_pipe))
+    arr = n / float(np.median(t_arr[1:] if len(t_arr) > 1 else t_arr))
+    return {
+        "images": n, "epochs": epochs, "batch_size": batch_size, "image_size": image_size, "alpha": alpha,
+        "augment": bool(augment), "pipeline_epoch_seconds": [round(t, 3) for t in t_pipe],
+        "arrays_epoch_seconds": [round(t, 3) for t in t_arr], "arrays_preload_seconds": round(load_s, 2),
+        "pipeline_img_s": round(pipe, 2), "arrays_img_s": round(arr, 2), "ratio": round(pipe / arr, 3),
+        "note": "first epoch of each is warm-up (not counted); median of the rest",
+    }
+
+
+def main(argv: Optional[list] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--alpha", type=float, default=1.0)
+    ap.add_argument("--weights", default="imagenet")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--augment", action="store_true", help="augment in the pipeline (the arrays run has none)")
+    ap.add_argument("--out", default=None, help="also write the result JSON here")
+    a = ap.parse_args(argv)
+    res = measure(a.data, a.images, a.epochs, image_size=a.image_size, alpha=a.alpha, weights=a.weights,
+                  batch_size=a.batch_size, augment=a.augment)
+    text = json.dumps(res, indent=2)
+    print(text)
+    if a.out:
+        atomic_write_text(str(Path(a.out)), text)
+
+
+if __name__ == "__main__":
+    main()

@@ -20,19 +20,55 @@ from edge_runtime.errors import ModelError
 
 
 def final_dense(model):
-    """The model's last layer when it is a Dense layer with a softmax, else None."""
-    layer = model.layers[-1] if model.layers else None
-    if layer is None or type(layer).__name__ != "Dense":
+    """The Dense layer whose output the model's final softmax reads (a Dense with a softmax
+    activation, or a linear Dense followed by a softmax Activation), looking inside a nested
+    head model (``Sequential`` or functional) that ends the model; None when there is none."""
+    found = _pre_dense_chain(model)
+    return found[0] if found else None
+
+
+def _pre_dense_chain(model):
+    """(final Dense layer, list of models that map the input to that layer's input)."""
+    import keras
+
+    layer = model.layers[-1] if getattr(model, "layers", None) else None
+    if layer is None:
         return None
-    act = getattr(getattr(layer, "activation", None), "__name__", "")
-    return layer if act == "softmax" and getattr(layer, "use_bias", False) else None
+    if type(layer).__name__ == "Dense":
+        if _activation(layer) == "softmax" and getattr(layer, "use_bias", False):
+            return layer, [keras.Model(model.inputs, layer.input)]
+        return None
+    if _is_softmax(layer) and len(model.layers) >= 2:
+        dense = model.layers[-2]  # Dense(linear) -> Activation("softmax")
+        if (type(dense).__name__ == "Dense" and _activation(dense) == "linear"
+                and getattr(dense, "use_bias", False)
+                and (isinstance(model, keras.Sequential) or layer.input is dense.output)):
+            return dense, [keras.Model(model.inputs, dense.input)]
+        return None
+    if isinstance(layer, keras.Model):
+        inner = _pre_dense_chain(layer)
+        if inner:
+            return inner[0], [keras.Model(model.inputs, layer.input)] + inner[1]
+    return None
+
+
+def _activation(layer) -> str:
+    return getattr(getattr(layer, "activation", None), "__name__", "")
+
+
+def _is_softmax(layer) -> bool:
+    name = type(layer).__name__
+    return name == "Softmax" or (name == "Activation" and _activation(layer) == "softmax")
 
 
 def keras_logits(model, dense, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Pre-softmax outputs of the Keras model: features into the final Dense layer, times W, plus b."""
-    import keras
-
-    feats = keras.Model(model.inputs, dense.input).predict(x, batch_size=batch_size, verbose=0)
+    found = _pre_dense_chain(model)
+    if not found or found[0] is not dense:
+        raise ModelError("bias correction: cannot find the model's final softmax Dense layer")
+    feats = x
+    for part in found[1]:
+        feats = part.predict(feats, batch_size=batch_size, verbose=0)
     w, b = dense.get_weights()
     return np.asarray(feats, np.float64) @ w.astype(np.float64) + b.astype(np.float64)
 

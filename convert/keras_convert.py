@@ -115,6 +115,35 @@ def converter_versions() -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Silence Python and C++ (file descriptors 1 and 2) output and converter warnings."""
+    import sys
+    import tempfile
+    import warnings
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = []
+    try:
+        sink = tempfile.TemporaryFile()
+        for fd in (1, 2):
+            saved.append((fd, os.dup(fd)))
+            os.dup2(sink.fileno(), fd)
+    except OSError:  # no real descriptors (embedded interpreters): Python-level only
+        sink = None
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
+        if sink is not None:
+            sink.close()
+
+
 def _representative(calibration: np.ndarray):
     def gen():
         for i in range(len(calibration)):
@@ -146,8 +175,9 @@ def tflite_bytes(model, variant: Variant, calibration: Optional[np.ndarray] = No
         conv.inference_input_type = tf.int8
         conv.inference_output_type = tf.int8
     try:
-        # Keras' export path prints every captured tensor to stdout; keep the console readable.
-        with contextlib.redirect_stdout(io.StringIO()):
+        # Keras' export path prints every captured tensor, and the converter logs each pass:
+        # keep the console readable (errors still arrive as the exception below).
+        with _quiet():
             return bytes(conv.convert())
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

@@ -340,3 +340,27 @@ def test_cli_gate_exit_codes(tiny_run, tmp_path):
         assert res.exit_code == 0 and "ignored" in res.output
     finally:
         convert.run.convert_run = original
+
+
+@pytest.mark.needs_tf
+def test_bias_correction_finds_the_final_dense_layer_in_each_head_form():
+    import keras
+
+    from convert.bias_correction import final_dense, keras_logits
+
+    inp = keras.Input((8, 8, 3))
+    feats = keras.layers.GlobalAveragePooling2D()(inp)
+    plain = keras.Model(inp, keras.layers.Dense(3, activation="softmax", name="a")(feats))
+    split = keras.Model(inp, keras.layers.Activation("softmax")(keras.layers.Dense(3, name="b")(feats)))
+    head = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dropout(0.5),
+                             keras.layers.Dense(3, name="c"), keras.layers.Activation("softmax")])
+    nested = keras.Model(inp, head(feats))
+    no_softmax = keras.Model(inp, keras.layers.Dense(3, name="d")(feats))
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32)
+    for model, name in ((plain, "a"), (split, "b"), (nested, "c")):
+        dense = final_dense(model)
+        assert dense is not None and dense.name == name
+        z = keras_logits(model, dense, x)
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        np.testing.assert_allclose(p / p.sum(axis=1, keepdims=True), model.predict(x, verbose=0), atol=1e-5)
+    assert final_dense(no_softmax) is None

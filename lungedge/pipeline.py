@@ -266,20 +266,14 @@ def _pngs(run_dir: Path) -> Dict[str, str]:
 
 
 def _test_images(run_dir: Path, limit: int, with_labels: bool = False):
-    import csv
+    """A few test-split images of each class, in a fixed order (from the run's manifest)."""
+    from convert.runfolder import load_run
 
-    rows = []
-    manifest = run_dir / "split_manifest.csv"
-    root = Path(_read_json(run_dir / "metrics.json").get("data") or ".")  # manifest paths are relative to it
-    if manifest.is_file():
-        with open(manifest, newline="") as fh:
-            for r in csv.DictReader(fh):
-                if r.get("split") == "test":
-                    rows.append((str(root / r["path"]), r["label"]))
-    # take a few of each class, in a fixed order
+    run = load_run(run_dir)
+    test = run.split("test")
     by_class: Dict[str, list] = {}
-    for p, lab in rows:
-        by_class.setdefault(lab, []).append(p)
+    for p, y in zip(test.paths, test.labels):
+        by_class.setdefault(run.spec.labels[y], []).append(p)
     picked = []
     while len(picked) < limit and any(by_class.values()):
         for lab in sorted(by_class):

@@ -281,7 +281,7 @@ print("DEVICE", json.load(open(out / "metrics.json"))["device"])
 
 @pytest.mark.slow
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path, data_dir):
-    recipe = tiny(epochs=1, fine_tune={"epochs": 1, "blocks": 1})
+    recipe = tiny(epochs=2, fine_tune={"epochs": 0})
     (tmp_path / "recipe.json").write_text(recipe.to_json())
     proc = _run_py(_MIRRORED, str(tmp_path / "recipe.json"), str(data_dir), str(tmp_path / "run"))
     log, _ = proc.communicate(timeout=300)

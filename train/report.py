@@ -11,6 +11,11 @@ import numpy as np
 
 from edge_runtime.data import atomic_write_bytes, atomic_write_text
 
+PAPERS = {
+    "xray-pneumonia": "accuracy 95.40 %, precision 95.62 %, recall 95.40 %, F1 95.46 % (75/15/10 random split)",
+    "ct-lung-cancer": "test accuracy 97 % (70/15/15), stratified 5-fold CV 97.26 ± 0.66 % (population std)",
+}
+
 HISTORY_COLUMNS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds")
 
 
@@ -156,6 +161,10 @@ def model_card(
                      f"{m['macro']['f1']:.4f} | {m['weighted']['f1']:.4f} | {auc:.4f} |" if auc is not None else
                      f"| {label} | {m['accuracy']:.4f} | {m['macro']['precision']:.4f} | {m['macro']['recall']:.4f} | "
                      f"{m['macro']['f1']:.4f} | {m['weighted']['f1']:.4f} | n/a |")
+    paper = next((v for k, v in PAPERS.items() if recipe.name.startswith(k)), None)
+    if paper:
+        lines += ["", f"Published (paper recipe): {paper}. Not comparable one to one: different split, "
+                  "and the published data set is larger than the part in this project's data."]
     lines += ["", "| class | precision | recall | F1 | specificity | support |", "|---|---|---|---|---|---|"]
     for n in names:
         c = metrics["per_class"][n]
@@ -185,9 +194,10 @@ def model_card(
             "(`--split grouped`) for a patient-disjoint estimate.")
     else:
         lines.append("- The split is patient-grouped (no patient in two splits), from the patient ids in the file names.")
-    lines.append(
-        "- Validation scores on this data are an optimistic guide: earlier measurements on the patient-disjoint "
-        "official Kermany test split gave 0.75-0.90 accuracy for this kind of model (it over-calls pneumonia).")
+    if not is_ct:
+        lines.append(
+            "- Validation scores on this data are an optimistic guide: earlier measurements on the patient-disjoint "
+            "official Kermany test split gave 0.75-0.90 accuracy for this kind of model (it over-calls pneumonia).")
     if th:
         lines.append("- The threshold trades specificity for recall of the disease class; it was chosen on the "
                      "validation split, whose distribution may differ from deployment data.")

@@ -392,7 +392,7 @@ def _fit_and_report(recipe: Recipe, ds: Dataset, assignment: np.ndarray, out: Pa
     atomic_write_text(str(out / "metrics.json"), json.dumps(metrics, indent=2))
     is_ct = recipe.name.startswith("ct") or any(h in x.lower() for x in names for h in ("bengin", "benign", "malignant"))
     card = model_card(recipe, spec, counts, test_m, argmax_m, val_m, str(ds.root), ds.failures, seconds, ctx.device,
-                      is_ct=is_ct and recipe.split == "random", fixed_test=ds.fixed_split is not None)
+                      is_ct=is_ct, fixed_test=ds.fixed_split is not None)
     atomic_write_text(str(out / "model_card.md"), card)
     _cleanup(state.folder)
     _log(verbose, f"test ({metrics['decision']}):\n{format_report(test_m)}")

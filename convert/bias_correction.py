@@ -105,7 +105,7 @@ def tflite_logits(tflite: bytes, x: np.ndarray) -> np.ndarray:
 
 
 def correct_and_convert(model, convert: Callable[[], bytes], calibration: np.ndarray,
-                        rounds: int = 2, tolerance: float = 0.02) -> Tuple[bytes, Optional[dict]]:
+                        rounds: int = 1, tolerance: float = 0.02) -> Tuple[bytes, Optional[dict]]:
     """Convert, measure the logit offset on ``calibration``, fix the bias, convert again.
 
     Args:

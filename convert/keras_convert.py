@@ -178,10 +178,34 @@ def tflite_bytes(model, variant: Variant, calibration: Optional[np.ndarray] = No
         # Keras' export path prints every captured tensor, and the converter logs each pass:
         # keep the console readable (errors still arrive as the exception below).
         with _quiet():
+            if variant.float_stem_ops:
+                return _selective(tf, conv, model, variant, calibration)
             return bytes(conv.convert())
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise ModelError(f"TFLite conversion to {variant.name} failed: {first}") from None
+
+
+def _selective(tf, conv, model, variant: Variant, calibration: np.ndarray) -> bytes:
+    """Quantise all but the first ``variant.float_stem_ops`` compute ops (left in float).
+
+    The ops are found by converting once fully and reading the output tensor names of the
+    first compute ops; the debugger's denylist then keeps them in float.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    full = conv.convert()
+    it = Interpreter(model_content=full)
+    ops = [op for op in it._get_ops_details() if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE")]
+    nodes = [it._get_tensor_details(op["outputs"][0], 0)["name"] for op in ops[: variant.float_stem_ops]]
+    again = tf.lite.TFLiteConverter.from_keras_model(model)
+    again.optimizations = [tf.lite.Optimize.DEFAULT]
+    again.representative_dataset = _representative(np.asarray(calibration, np.float32))
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=nodes)
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=again, debug_dataset=_representative(np.asarray(calibration[:1], np.float32)),
+        debug_options=options)
+    return bytes(debugger.get_nondebug_quantized_model())
 
 
 def variant_spec(spec: ModelSpec, variant: Variant, source_sha256: Optional[str],

@@ -36,7 +36,8 @@ FLOAT32_TOLERANCE = 1e-4
 
 # ---- no TensorFlow needed ------------------------------------------------------------------
 def test_variants_named_and_unknown_refused_with_list():
-    assert set(VARIANTS) == {"float32", "float16", "dynamic", "int8", "int8-float-io"}
+    assert set(VARIANTS) == {"float32", "float16", "dynamic", "int8", "int8-float-io", "int8-mixed"}
+    assert get_variant("int8-mixed").float_stem_ops > 0 and not get_variant("int8-mixed").integer_only
     assert get_variant("INT8").io_dtype == "int8"
     assert get_variant("int8-float-io").calibrated and get_variant("int8-float-io").io_dtype == "float32"
     assert [v.name for v in parse_variants("float32, float16,float32")] == ["float32", "float16"]
@@ -188,7 +189,7 @@ def test_every_variant_converts_loads_and_carries_metadata(tiny_run, converted):
     train_spec = ModelSpec.from_json((tiny_run / "spec.json").read_text())
     source_sha = hashlib.sha256((tiny_run / "model.keras").read_bytes()).hexdigest()
     expected_io = {"float32": "float32", "float16": "float32", "dynamic": "float32", "int8": "int8",
-                   "int8-float-io": "float32"}
+                   "int8-float-io": "float32", "int8-mixed": "float32"}
     assert [v["variant"] for v in report["variants"]] == list(VARIANTS)
     for name, io_dtype in expected_io.items():
         path = out / f"model_{name}.tflite"
@@ -203,6 +204,7 @@ def test_every_variant_converts_loads_and_carries_metadata(tiny_run, converted):
         assert {"tensorflow", "keras", "lungedge", "converter"} <= set(spec.versions)
         if VARIANTS[name].calibrated:
             assert spec.extra["conversion"]["calibration_images"] == 16
+            assert spec.extra["conversion"]["bias_correction"]["conversions"] >= 1
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
 
 
@@ -225,7 +227,7 @@ def test_report_numbers_and_float_parity(converted):
     on_disk = json.loads((out / "quantization_report.json").read_text())
     assert on_disk["passed"] == report["passed"]
     md = (out / "quantization_report.md").read_text()
-    assert "| int8-float-io |" in md and "recall disease %" in md
+    assert "| int8-mixed |" in md and "recall disease %" in md
     assert (out / "quantization_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -364,3 +366,20 @@ def test_bias_correction_finds_the_final_dense_layer_in_each_head_form():
         p = np.exp(z - z.max(axis=1, keepdims=True))
         np.testing.assert_allclose(p / p.sum(axis=1, keepdims=True), model.predict(x, verbose=0), atol=1e-5)
     assert final_dense(no_softmax) is None
+
+
+@pytest.mark.needs_tf
+@pytest.mark.slow
+def test_mixed_variant_keeps_the_stem_in_float(converted):
+    from ai_edge_litert.interpreter import Interpreter
+
+    out, _ = converted
+    kinds = {}
+    for name in ("int8-float-io", "int8-mixed"):
+        it = Interpreter(model_path=str(out / f"model_{name}.tflite"))
+        ops = [op for op in it._get_ops_details() if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE")]
+        kinds[name] = [it._get_tensor_details(op["outputs"][0], 0)["dtype"].__name__ for op in ops]
+    stem = get_variant("int8-mixed").float_stem_ops
+    assert kinds["int8-mixed"][:stem] == ["float32"] * stem
+    assert set(kinds["int8-mixed"][stem:-1]) == {"int8"}
+    assert kinds["int8-float-io"][0] == "int8"

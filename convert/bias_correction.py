@@ -81,7 +81,11 @@ def tflite_logits(tflite: bytes, x: np.ndarray) -> np.ndarray:
     """
     from ai_edge_litert.interpreter import Interpreter
 
-    it = Interpreter(model_content=tflite, experimental_preserve_all_tensors=True)
+    import warnings
+
+    with warnings.catch_warnings():  # "for debugging purposes only": here it is the point
+        warnings.simplefilter("ignore")
+        it = Interpreter(model_content=tflite, experimental_preserve_all_tensors=True)
     it.allocate_tensors()
     ops = [op for op in it._get_ops_details() if op.get("op_name") == "SOFTMAX"]
     if not ops:

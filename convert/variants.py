@@ -52,7 +52,8 @@ VARIANTS: Dict[str, Variant] = {
     for v in (
         Variant("float32", "no quantisation (the reference)"),
         Variant("float16", "weights stored as float16, computed in float32", optimize=True, float16_weights=True),
-        Variant("dynamic", "int8 weights, float activations (dynamic range quantisation)", optimize=True),
+        Variant("dynamic", "int8 weights, float activations (dynamic range quantisation; needs LiteRT: "
+                "tflite-runtime 2.14 lacks its FULLY_CONNECTED v12)", optimize=True),
         Variant("int8", "full integer: int8 weights and activations, int8 input and output",
                 optimize=True, calibrated=True, integer_only=True, io_dtype="int8"),
         Variant("int8-float-io", "int8 weights and activations inside, float32 input and output",

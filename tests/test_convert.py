@@ -175,7 +175,7 @@ def converted(tiny_run, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("converted")
     report = convert_run(tiny_run, variants=list(VARIANTS), out_dir=str(out), calibration_count=16,
-                         progress=False, max_accuracy_drop=100.0, max_recall_drop=100.0)
+                         progress=False, max_accuracy_drop=100.0, max_recall_drop=100.0, rethreshold=True)
     return out, report
 
 
@@ -199,7 +199,12 @@ def test_every_variant_converts_loads_and_carries_metadata(tiny_run, converted):
         spec = read_spec_from_file(path)
         assert spec.variant == name
         assert spec.labels == LABELS and spec.preprocessing == train_spec.preprocessing
-        assert spec.threshold == train_spec.threshold and spec.recipe == "tiny-test"
+        assert spec.recipe == "tiny-test"
+        if VARIANTS[name].calibrated:  # re-chosen on the validation split (rethreshold=True)
+            assert spec.threshold.label == "disease" and spec.threshold.target_recall == 0.9
+            assert spec.threshold.chosen_on.startswith("validation (re-chosen")
+        else:
+            assert spec.threshold == train_spec.threshold
         assert spec.source_model_sha256 == source_sha
         assert {"tensorflow", "keras", "lungedge", "converter"} <= set(spec.versions)
         if VARIANTS[name].calibrated:
@@ -228,6 +233,7 @@ def test_report_numbers_and_float_parity(converted):
     assert on_disk["passed"] == report["passed"]
     md = (out / "quantization_report.md").read_text()
     assert "| int8-mixed |" in md and "recall disease %" in md
+    assert "int8: threshold re-chosen on 12 validation images" in md
     assert (out / "quantization_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

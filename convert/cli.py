@@ -66,7 +66,7 @@ def convert_cmd(run_dir, variants, data_dir, calibration_count, calibration_dir,
     for v in report["variants"]:
         ratio = f"{v['size_ratio']:.3f}" if v["size_ratio"] is not None else "-"
         click.echo(f"{v['variant']:<16}{v['size_bytes']:>11}{ratio:>7}{100 * v['accuracy']:>8.2f}"
-                   f"{-v['accuracy_drop_pts']:>+7.2f}{100 * v['top1_agreement']:>9.2f}{v['max_prob_diff']:>9.4f}"
+                   f"{0.0 - v['accuracy_drop_pts']:>+7.2f}{100 * v['top1_agreement']:>9.2f}{v['max_prob_diff']:>9.4f}"
                    f"{v['conversion_seconds']:>8.1f}  {v['gate']}"
                    + (f" ({'; '.join(v['gate_reasons'])})" if v["gate_reasons"] else ""))
     click.echo(f"report: {report['files']['md']}")

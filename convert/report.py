@@ -40,7 +40,7 @@ def markdown(report: dict) -> str:
         ratio = "-" if v["size_ratio"] is None else f"{v['size_ratio']:.3f}"
         gate = v["gate"] + (f" ({'; '.join(v['gate_reasons'])})" if v["gate_reasons"] else "")
         rows.append([f"{v['variant']}", str(v["size_bytes"]), ratio, _pct(v["accuracy"]),
-                     f"{-v['accuracy_drop_pts']:+.2f}"]
+                     f"{0.0 - v['accuracy_drop_pts']:+.2f}"]
                     + [_pct(v["per_class_recall"][n]) for n in labels]
                     + [f"{v['macro_f1']:.4f}", _pct(v["top1_agreement"]), f"{v['max_prob_diff']:.4f}",
                        f"{v['conversion_seconds']:.1f}", gate])

@@ -17,6 +17,8 @@ from edge_runtime.spec import ModelSpec, Preprocessing, Threshold
 TRAIN_PER_CLASS, TEST_PER_CLASS = 100, 50
 #: int8 (full integer) must give the Keras model's top-1 class on at least this share.
 MIN_INT8_AGREEMENT = 0.97
+#: float16 weights: largest probability difference from Keras on any real test image.
+FLOAT16_TOLERANCE = 0.05
 #: file size as a ratio of float32 (MobileNetV2 1.0/224 with a Dense head). The issue's int8
 #: target is 0.30; measured 0.307: int8 weights are 0.256 of the float32 file, and the per-channel
 #: quantisation parameters (a float32 scale and an int64 zero point per output channel, for
@@ -92,6 +94,7 @@ def test_int8_agrees_with_keras_on_real_xrays(xray_dir, imagenet_weights, tmp_pa
     record = read_spec_from_file(rows["int8"]["file"]).extra["conversion"]
     assert record["bias_correction"]["conversions"] >= 1 and record["calibration_images"] == 100
     assert rows["float16"]["top1_agreement"] == 1.0, summary
+    assert rows["float16"]["max_prob_diff"] <= FLOAT16_TOLERANCE, summary
     assert rows["float16"]["size_ratio"] <= MAX_FLOAT16_RATIO, summary
     assert rows["int8"]["size_ratio"] <= MAX_INT8_RATIO, summary
     assert report["keras"]["accuracy"] >= 0.75, "the head did not learn: the agreement would say little"

@@ -406,8 +406,8 @@ def compare_reports(paths: Sequence[str], out_dir: str) -> dict:
     if not paths:
         raise ConfigError("no reports given to compare")
     reports = [load_report(p) for p in paths]
-    for p, r in zip(paths, reports):
-        r["_label"] = _machine_label(r, Path(p).stem)
+    for p, r in zip(paths, reports):  # bench_report.json files from several machines differ by folder
+        r["_label"] = _machine_label(r, f"{Path(p).parent.name}/{Path(p).stem}")
     merged = {"schema": SCHEMA, "kind": "comparison",
               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "sources": [str(p) for p in paths], "reports": reports}

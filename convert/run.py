@@ -32,6 +32,7 @@ def convert_run(
     calibration_dir: Optional[str] = None,
     rethreshold: bool = False,
     seed: int = 0,
+    bias_correction: bool = True,
 ) -> dict:
     """Convert a run's ``model.keras`` to each variant and compare them with it.
 
@@ -52,6 +53,8 @@ def convert_run(
             manifest's validation split with the quantised model's own probabilities
             (stored in that variant's metadata).
         seed: for the calibration pick.
+        bias_correction: correct the final layer's bias of the integer variants for the
+            quantisation's mean logit shift on the calibration images (``convert.bias_correction``).
 
     Returns:
         The report (also written as JSON): per variant ``gate`` ("passed"/"failed") and
@@ -103,7 +106,8 @@ def convert_run(
         t0 = time.perf_counter()
         data = convert_keras_model(model, spec, v, calibration=calibration,
                                    source_sha256=sha,
-                                   extra={"calibration": calib_info} if v.calibrated else None)
+                                   extra={"calibration": calib_info} if v.calibrated else None,
+                                   bias_correction=bias_correction)
         seconds = time.perf_counter() - t0
         path = out / f"model_{v.name}.tflite"
         write_tflite(path, data)
@@ -131,6 +135,7 @@ def convert_run(
                  "class_counts": class_counts(y_test.tolist(), spec.labels),
                  "failures": [{"path": p, "error": e} for p, e in failures]},
         "calibration": calib_info,
+        "bias_correction": bias_correction,
         "gate": {"max_accuracy_drop": max_accuracy_drop, "max_recall_drop": max_recall_drop,
                  "disease_class": disease or "every class"},
         "keras": _keras_row(keras_m),

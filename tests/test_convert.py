@@ -328,11 +328,12 @@ def test_cli_gate_exit_codes(tiny_run, tmp_path):
 
     runner = CliRunner()
     args = ["convert", str(tiny_run), "--variants", "dynamic", "--out", str(tmp_path), "--no-progress"]
-    res = runner.invoke(main, args + ["--max-accuracy-drop", "100", "--max-recall-drop", "100"])
+    res = runner.invoke(main, args + ["--max-accuracy-drop", "100", "--max-recall-drop", "100", "--no-bias-correction"])
     assert res.exit_code == 0, res.output
     assert "dynamic" in res.output and (tmp_path / "model_dynamic.tflite").is_file()
     report = json.loads((tmp_path / "quantization_report.json").read_text())
     assert report["passed"] and report["variants"][0]["size_ratio"] is None
+    assert report["bias_correction"] is False and "bias correction off" in (tmp_path / "quantization_report.md").read_text()
 
     # the same report marked failed: exit 1, or 0 with --no-gate
     import convert.run

@@ -16,7 +16,7 @@ from train import weights as weights_mod
 from train.data import (Dataset, drop_unreadable, kfold_assignments, load_dataset, patient_id, read_manifest,
                         split_dataset, write_manifest)
 from train.recipes import RECIPES, Augment, FineTune, Recipe, apply_overrides, get_recipe
-from train.threshold import apply_threshold, choose_threshold, resolve_label
+from train.threshold import apply_threshold, choose_operating_point, choose_threshold, resolve_label
 
 
 # ---------------------------------------------------------------- recipes
@@ -193,6 +193,28 @@ def test_choose_threshold_meets_the_target_recall_with_fewest_false_positives():
         assert (p[y] >= higher).mean() < target  # any higher threshold misses the target
     with pytest.raises(ConfigError):
         choose_threshold(p, np.zeros(500, bool), 0.9)
+
+
+def _balanced(pred, y, classes):
+    return np.mean([(pred[y == c] == c).mean() for c in classes])
+
+
+@pytest.mark.parametrize("target", [0.8, 0.95, 0.99])
+def test_operating_point_meets_recall_with_the_best_balanced_accuracy(target):
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 600)
+    logits = rng.normal(0, 1, (600, 3)) + 1.6 * np.eye(3)[y]
+    logits[:, 1] += 0.8  # a model that over-calls class 1 (the "disease")
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    t = choose_operating_point(probs, y, 1, target)
+    pred = apply_threshold(probs, 1, t)
+    assert (pred[y == 1] == 1).mean() >= target
+    best = _balanced(pred, y, range(3))
+    for g in np.linspace(0, 1, 2001):  # no threshold that meets the target does better
+        p = apply_threshold(probs, 1, g)
+        if (p[y == 1] == 1).mean() >= target:
+            assert _balanced(p, y, range(3)) <= best + 1e-12
+    assert t <= choose_threshold(probs[:, 1], y == 1, target)
 
 
 def test_apply_threshold_is_the_runtime_rule():

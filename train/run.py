@@ -27,7 +27,7 @@ from . import checkpoint as ck
 from .data import (Dataset, class_weights, drop_unreadable, fingerprint, kfold_assignments, load_dataset,
                    read_manifest, split_dataset, write_manifest)
 from .recipes import Recipe, get_recipe
-from .threshold import apply_threshold, choose_threshold, resolve_label
+from .threshold import apply_threshold, choose_operating_point, resolve_label
 
 STRATEGIES = ("default", "mirrored", "multi-worker")
 
@@ -353,7 +353,7 @@ def _fit_and_report(recipe: Recipe, ds: Dataset, assignment: np.ndarray, out: Pa
     threshold = None
     pos_index = names.index(positive) if positive else None
     if recipe.target_recall and positive:
-        value = choose_threshold(p_val[:, pos_index], y["val"] == pos_index, recipe.target_recall)
+        value = choose_operating_point(p_val, y["val"], pos_index, recipe.target_recall)
         threshold = Threshold(positive, value, recipe.target_recall, "validation")
         _log(verbose, f"threshold: {positive} when p >= {value:.4f} (validation recall >= {recipe.target_recall})")
     th_value = threshold.value if threshold else None

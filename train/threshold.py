@@ -38,6 +38,34 @@ def resolve_label(name: Optional[str], labels: Sequence[str]) -> Optional[str]:
     raise ConfigError(f"positive_label {name!r} matches {'none' if not prefix else 'several'} of the classes {list(labels)!r}")
 
 
+def choose_operating_point(probs: np.ndarray, y_true: Sequence[int], positive_index: int, target_recall: float) -> float:
+    """The threshold, among those whose recall of the positive class on these data is >= ``target_recall``,
+    with the best balanced accuracy (mean per-class recall); ties go to the lower threshold.
+
+    Taking simply the highest threshold that meets the target would push the disease class's recall
+    down to the target even when the model does better at its natural operating point; maximising
+    balanced accuracy under the recall constraint moves the threshold only where it pays: up when the
+    model over-calls the disease, down when the target is not met.
+
+    Raises:
+        ConfigError: no positive example, or target out of range.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(y_true)
+    is_pos = y == positive_index
+    t_max = choose_threshold(probs[:, positive_index], is_pos, target_recall)
+    candidates = np.unique(np.concatenate([probs[:, positive_index], [t_max]]))
+    candidates = candidates[candidates <= t_max]
+    present = [c for c in range(probs.shape[1]) if (y == c).any()]
+    best_t, best_score = t_max, -1.0
+    for t in candidates:  # ascending: ties keep the lower threshold
+        pred = apply_threshold(probs, positive_index, float(t))
+        score = float(np.mean([(pred[y == c] == c).mean() for c in present]))
+        if score > best_score + 1e-12:
+            best_t, best_score = float(t), score
+    return float(np.clip(best_t, 0.0, 1.0))
+
+
 def choose_threshold(positive_probs: Sequence[float], is_positive: Sequence[bool], target_recall: float) -> float:
     """The highest threshold whose recall of the positive class is >= ``target_recall``.
 

@@ -273,12 +273,16 @@ def run_bench(
 
     Raises:
         ConfigError: no models, or bad settings.
+        MissingDependencyError: the backend is not installed.
     """
     models = [str(m) for m in models]
     if not models:
         raise ConfigError("no models given to benchmark")
     threads = [int(t) for t in threads]
     _check_settings(threads, runs, warmup)
+    from .backend import load_backend
+
+    load_backend(backend)  # a missing backend is a usage error, not N failed models
     kwargs = dict(images=[str(x) for x in images] if images is not None else None, threads=threads, runs=runs,
                   warmup=warmup, backend=backend, data_dir=str(data_dir) if data_dir else None,
                   labels=labels if labels is None or isinstance(labels, str) else list(labels),

@@ -233,3 +233,18 @@ def test_png_is_skipped_with_a_reason_without_matplotlib(tmp_path, monkeypatch):
     assert paths["png"] is None and "PNG chart skipped" in paths["png_skipped"]
     assert "FAILED: model file not found" in Path(paths["md"]).read_text()
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_missing_backend_is_a_usage_error(monkeypatch):
+    import edge_runtime.backend as backend_mod
+
+    real = backend_mod.importlib.import_module
+
+    def no_tflite(name, *a, **k):
+        if name.startswith(("tflite_runtime", "ai_edge_litert")):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(backend_mod.importlib, "import_module", no_tflite)
+    res = CliRunner().invoke(_cli(), ["bench", "m.tflite", "--backend", "tflite-runtime"])
+    assert res.exit_code == 2 and "backend tflite-runtime is not usable" in res.output

@@ -69,28 +69,24 @@ def compare(keras_probs: np.ndarray, probs: np.ndarray, keras_pred: np.ndarray, 
 
 def choose_threshold(probs: np.ndarray, y_true: Sequence[int], labels: Sequence[str],
                      old: Threshold, chosen_on: str) -> Threshold:
-    """Re-choose a threshold for a quantised model with the training rule's target.
+    """Re-choose a threshold for a quantised model by the training rule (train/threshold.py).
 
-    With a target recall: the largest value whose recall of ``old.label`` on these images is
-    at least the target (ties keep more of the other classes right). Without one: the value
-    that maximises accuracy. Used on the validation split only.
+    Among the values whose recall of ``old.label`` on these images is at least the target (all
+    values when there is no target), the one with the best balanced accuracy (mean per-class
+    recall); ties go to the lower value. Used on the validation split only.
     """
     i = list(labels).index(old.label)
     y = np.asarray(y_true)
     p = np.asarray(probs, np.float64)
-    candidates = np.unique(np.concatenate([p[:, i], [old.value]]))
-    best_value, best_key = old.value, None
-    for v in candidates:
-        pred = decide(p, labels, Threshold(old.label, float(v)))
-        pos = y == i
+    present = [c for c in range(p.shape[1]) if (y == c).any()]
+    pos = y == i
+    best_value, best_score = old.value, None
+    for v in np.unique(np.concatenate([p[:, i], [old.value]])):  # ascending: ties keep the lower
+        pred = decide(p, labels, Threshold(old.label, float(np.clip(v, 0.0, 1.0))))
         recall = float(np.mean(pred[pos] == i)) if pos.any() else 1.0
-        acc = float(np.mean(pred == y))
-        if old.target_recall is not None:
-            if recall + 1e-12 < old.target_recall:
-                continue
-            key = (acc, v)
-        else:
-            key = (acc, -abs(v - old.value))
-        if best_key is None or key > best_key:
-            best_key, best_value = key, float(v)
+        if old.target_recall is not None and recall + 1e-12 < old.target_recall:
+            continue
+        score = float(np.mean([(pred[y == c] == c).mean() for c in present]))
+        if best_score is None or score > best_score + 1e-12:
+            best_value, best_score = float(v), score
     return Threshold(old.label, float(np.clip(best_value, 0.0, 1.0)), old.target_recall, chosen_on)

@@ -16,7 +16,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 from edge_runtime.data import atomic_write_text
 from edge_runtime.errors import LungedgeError
 
-DEFAULT_VARIANTS = ("float32", "float16", "int8")
+DEFAULT_VARIANTS = ("float32", "float16", "int8", "int8-mixed")
+#: Integer variants in order of preference for shipping: fastest first.
+_INTEGER_PREFERENCE = ("int8", "int8-float-io", "int8-mixed")
 
 
 @dataclass
@@ -113,10 +115,20 @@ def run_pipeline(
         summary["quantization"] = _quant_summary(report)
         stages[1].outputs = _existing(run_dir, ["quantization_report.md", "quantization_report.json",
                                                 "quantization_report.png"] + [f"model_{v}.tflite" for v in variants])
-        if not report.get("passed", False):
-            stages[1].message = "a quantised variant lost more accuracy than the gate allows (see quantization_report.md)"
-            if gate:
-                stages[1].status = "gate failed"
+        gates = {v.get("variant"): v.get("gate") for v in report.get("variants") or []}
+        failed = [v for v, g in gates.items() if g != "passed"]
+        integer = [v for v in _INTEGER_PREFERENCE if v in gates]
+        shippable = next((v for v in integer if gates[v] == "passed"), None)
+        summary["shippable_integer_variant"] = shippable
+        # The gate asks for a small model that keeps the Keras model's accuracy: every float
+        # variant must pass, and at least one integer variant (the first passing one is shipped).
+        blocking = [v for v in failed if v not in integer] + (integer if integer and not shippable else [])
+        if failed:
+            stages[1].message = (f"gate failed for {', '.join(failed)}"
+                                 + (f"; {shippable} passed and is the integer model to ship" if shippable else "")
+                                 + " (see quantization_report.md)")
+        if blocking and gate:
+            stages[1].status = "gate failed"
 
     def bench_stage() -> None:
         from edge_runtime.bench import run_bench, write_report
@@ -134,8 +146,9 @@ def run_pipeline(
     def classify_stage() -> None:
         from edge_runtime import Classifier
 
-        best = next((run_dir / f"model_{v}.tflite" for v in ("int8",) + tuple(variants)
-                     if (run_dir / f"model_{v}.tflite").is_file()), None)
+        order = [summary.get("shippable_integer_variant")] + list(_INTEGER_PREFERENCE) + list(variants)
+        best = next((run_dir / f"model_{v}.tflite" for v in order
+                     if v and (run_dir / f"model_{v}.tflite").is_file()), None)
         if best is None:
             raise LungedgeError("no converted model to classify with")
         clf = Classifier(best)
@@ -148,7 +161,8 @@ def run_pipeline(
 
     for stage, fn in zip(stages, (train_stage, convert_stage, bench_stage, classify_stage)):
         if not do(stage, fn):
-            if not (stage.name == "convert" and stage.status == "gate failed" and (run_dir / "model_int8.tflite").exists()):
+            # a gate failure still leaves usable files: benchmark and classify them, report the failure
+            if not (stage.name == "convert" and stage.status == "gate failed"):
                 break
     summary["stages"] = [s.__dict__ for s in stages]
     atomic_write_text(str(out / "summary.json"), json.dumps(summary, indent=2, default=str))

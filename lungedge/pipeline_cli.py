@@ -15,13 +15,19 @@ def _print_result(result, started: float, next_steps: bool) -> None:
     click.echo("")
     for s in result.stages:
         click.echo(f"  {s.name:<10} {s.status:<12} {s.seconds:7.1f} s  {s.message}")
+    for q in result.summary.get("quantization") or []:
+        acc = q.get("accuracy")
+        click.echo(f"  {q['variant']:<14} test accuracy {acc * 100 if acc is not None else float('nan'):6.2f} %"
+                   f"  size x{q.get('size_ratio') or float('nan'):.3f}  gate {q.get('gate')}")
+    if result.summary.get("shippable_integer_variant"):
+        click.echo(f"  integer model to ship: model_{result.summary['shippable_integer_variant']}.tflite")
     click.echo(f"\nreport: {result.index}  (also {result.out_dir / 'index.md'})")
     click.echo(f"total {time.perf_counter() - started:.0f} s")
     if next_steps:
         click.echo("\nNext, on real data (a class-folder tree such as chest_xray/train/{NORMAL,PNEUMONIA}):")
         click.echo("  lungedge train --recipe xray-pneumonia --data chest_xray/train --out runs/xray")
-        click.echo("  lungedge convert runs/xray --variants float32,float16,int8")
-        click.echo("  lungedge classify --model runs/xray/model_int8.tflite chest_xray/test/PNEUMONIA")
+        click.echo("  lungedge convert runs/xray --variants float32,float16,int8,int8-mixed")
+        click.echo("  lungedge classify --model runs/xray/model_int8-mixed.tflite chest_xray/test/PNEUMONIA")
 
 
 @click.command("pipeline")
@@ -30,7 +36,8 @@ def _print_result(result, started: float, next_steps: bool) -> None:
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Report folder to create.")
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
               help="Override a recipe field, e.g. --set epochs=5 (repeatable).")
-@click.option("--variants", default="float32,float16,int8", show_default=True)
+@click.option("--variants", default="float32,float16,int8,int8-mixed", show_default=True,
+              help="TFLite variants (see `lungedge convert --help`).")
 @click.option("--test-data", type=click.Path(file_okay=False), default=None,
               help="Labelled folder for the quantisation report (default: the run's test split).")
 @click.option("--calibration", type=click.IntRange(min=1), default=200, show_default=True,
@@ -40,8 +47,12 @@ def _print_result(result, started: float, next_steps: bool) -> None:
 @click.option("--no-gate", is_flag=True, help="Do not fail the pipeline when a quantised variant loses accuracy.")
 @handle_errors
 def pipeline_cmd(recipe, data, out, overrides, variants, test_data, calibration, bench_runs, bench_threads, no_gate):
-    """Train, convert to float32/float16/int8, gate the quantisation, benchmark, classify,
-    and write one report folder with an index (index.html, index.md).
+    """Train, convert to float32/float16/int8/int8-mixed, gate the quantisation, benchmark,
+    classify, and write one report folder with an index (index.html, index.md).
+
+    The gate passes when every float variant and at least one integer variant keep the Keras
+    model's accuracy (see `lungedge convert --help`); the first passing integer variant
+    (int8, then int8-float-io, then int8-mixed) is the one to ship and is used to classify.
 
     \b
     Example:
@@ -77,7 +88,8 @@ def demo_cmd(out, images_per_class, epochs, seed, bench_runs):
 
     Makes a seeded two-class set (NORMAL / PNEUMONIA with consolidation-like opacities),
     trains MobileNetV2 on it (ImageNet weights when they can be found, said plainly when not),
-    converts to float32/float16/int8, benchmarks and classifies, then prints where the report is.
+    converts to float32/float16/int8/int8-mixed, benchmarks and classifies, then prints where
+    the report is.
 
     \b
     Example:

@@ -10,22 +10,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from edge_runtime.decision import decide
 from edge_runtime.metrics import classification_metrics
 from edge_runtime.spec import ModelSpec, Threshold
-
-
-def decide(probs: np.ndarray, labels: Sequence[str], threshold: Optional[Threshold]) -> np.ndarray:
-    """Class index per row: the threshold rule of ``edge_runtime.Classifier``, else argmax.
-
-    With a threshold on label L: L when p(L) >= value, otherwise the most probable other class.
-    """
-    probs = np.asarray(probs, np.float64)
-    if threshold is None:
-        return probs.argmax(axis=1)
-    i = list(labels).index(threshold.label)
-    rest = probs.copy()
-    rest[:, i] = -np.inf
-    return np.where(probs[:, i] >= threshold.value, i, rest.argmax(axis=1))
 
 
 def keras_probabilities(model, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -69,24 +56,12 @@ def compare(keras_probs: np.ndarray, probs: np.ndarray, keras_pred: np.ndarray, 
 
 def choose_threshold(probs: np.ndarray, y_true: Sequence[int], labels: Sequence[str],
                      old: Threshold, chosen_on: str) -> Threshold:
-    """Re-choose a threshold for a quantised model by the training rule (train/threshold.py).
-
-    Among the values whose recall of ``old.label`` on these images is at least the target (all
-    values when there is no target), the one with the best balanced accuracy (mean per-class
-    recall); ties go to the lower value. Used on the validation split only.
+    """Re-choose a threshold for a quantised model by the training rule
+    (``train.threshold.choose_operating_point``): under the recall target (if any), the best
+    balanced accuracy, ties to the lower value. Used on the validation split only.
     """
-    i = list(labels).index(old.label)
-    y = np.asarray(y_true)
-    p = np.asarray(probs, np.float64)
-    present = [c for c in range(p.shape[1]) if (y == c).any()]
-    pos = y == i
-    best_value, best_score = old.value, None
-    for v in np.unique(np.concatenate([p[:, i], [old.value]])):  # ascending: ties keep the lower
-        pred = decide(p, labels, Threshold(old.label, float(np.clip(v, 0.0, 1.0))))
-        recall = float(np.mean(pred[pos] == i)) if pos.any() else 1.0
-        if old.target_recall is not None and recall + 1e-12 < old.target_recall:
-            continue
-        score = float(np.mean([(pred[y == c] == c).mean() for c in present]))
-        if best_score is None or score > best_score + 1e-12:
-            best_value, best_score = float(v), score
-    return Threshold(old.label, float(np.clip(best_value, 0.0, 1.0)), old.target_recall, chosen_on)
+    from train.threshold import choose_operating_point
+
+    value = choose_operating_point(np.asarray(probs, np.float64), y_true, list(labels).index(old.label),
+                                   old.target_recall)
+    return Threshold(old.label, value, old.target_recall, chosen_on)

@@ -12,6 +12,7 @@ import numpy as np
 
 from .backend import Backend, load_backend
 from .data import expand_inputs
+from .decision import apply_threshold
 from .errors import ConfigError, ImageError, LungedgeError, ModelError
 from .metadata import read_model_bytes, read_spec
 from .preprocess import ImageSource, load_pixels, normalize
@@ -287,11 +288,7 @@ class Classifier:
 
     def _decide(self, probs: np.ndarray):
         if self.use_threshold:
-            if probs[self._th_index] >= self._th_value:
-                return self._th_index, True
-            rest = probs.copy()
-            rest[self._th_index] = -np.inf
-            return int(np.argmax(rest)), True
+            return int(apply_threshold(probs[None, :], self._th_index, self._th_value)[0]), True
         return int(np.argmax(probs)), False
 
 

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from edge_runtime.decision import apply_threshold  # noqa: F401 (the one decision rule, re-exported)
 from edge_runtime.errors import ConfigError
 
 
@@ -38,7 +39,8 @@ def resolve_label(name: Optional[str], labels: Sequence[str]) -> Optional[str]:
     raise ConfigError(f"positive_label {name!r} matches {'none' if not prefix else 'several'} of the classes {list(labels)!r}")
 
 
-def choose_operating_point(probs: np.ndarray, y_true: Sequence[int], positive_index: int, target_recall: float) -> float:
+def choose_operating_point(probs: np.ndarray, y_true: Sequence[int], positive_index: int,
+                           target_recall: Optional[float]) -> float:
     """The threshold, among those whose recall of the positive class on these data is >= ``target_recall``,
     with the best balanced accuracy (mean per-class recall); ties go to the lower threshold.
 
@@ -53,7 +55,8 @@ def choose_operating_point(probs: np.ndarray, y_true: Sequence[int], positive_in
     probs = np.asarray(probs, dtype=np.float64)
     y = np.asarray(y_true)
     is_pos = y == positive_index
-    t_max = choose_threshold(probs[:, positive_index], is_pos, target_recall)
+    # without a recall target every threshold is allowed: best balanced accuracy overall
+    t_max = 1.0 if target_recall is None else choose_threshold(probs[:, positive_index], is_pos, target_recall)
     candidates = np.unique(np.concatenate([probs[:, positive_index], [t_max]]))
     candidates = candidates[candidates <= t_max]
     present = [c for c in range(probs.shape[1]) if (y == c).any()]
@@ -85,14 +88,3 @@ def choose_threshold(positive_probs: Sequence[float], is_positive: Sequence[bool
     k = int(math.ceil(target_recall * len(pos) - 1e-9))
     k = min(max(k, 1), len(pos))
     return float(np.clip(pos[k - 1], 0.0, 1.0))
-
-
-def apply_threshold(probs: np.ndarray, positive_index: Optional[int], value: Optional[float]) -> np.ndarray:
-    """Predicted class per row: the positive class if its probability >= ``value``, else the
-    most probable other class; plain argmax when ``positive_index`` or ``value`` is None."""
-    probs = np.asarray(probs, dtype=np.float64)
-    if positive_index is None or value is None:
-        return probs.argmax(axis=1)
-    rest = probs.copy()
-    rest[:, positive_index] = -np.inf
-    return np.where(probs[:, positive_index] >= value, positive_index, rest.argmax(axis=1))

@@ -4,9 +4,16 @@ Public surface (TensorFlow is imported only inside the conversion functions):
 ``VARIANTS``, ``get_variant``, ``parse_variants``, ``convert_keras_model``, ``convert_run``.
 """
 
-from .keras_convert import convert_keras_model
-from .run import convert_run
-from .variants import DEFAULT_VARIANTS, VARIANTS, Variant, get_variant, parse_variants
+import importlib
+
+# Imported on first use (PEP 562), so that `lungedge classify` does not pay for them.
+_LAZY = {'convert_keras_model': 'keras_convert', 'convert_run': 'run', 'DEFAULT_VARIANTS': 'variants', 'VARIANTS': 'variants', 'Variant': 'variants', 'get_variant': 'variants', 'parse_variants': 'variants'}
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANTS", "Variant", "get_variant", "parse_variants",
            "convert_keras_model", "convert_run"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

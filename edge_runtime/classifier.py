@@ -117,6 +117,7 @@ class Classifier:
         self._in_index, self._out_index = self._in["index"], self._out["index"]
         self._in_dtype = np.dtype(self._in["dtype"])
         self._in_q = _quant(self._in)
+        self._lut = self._input_lut()
         self._out_q = _quant(self._out)
         self._labels = list(self.spec.labels)
         if self.use_threshold:
@@ -215,9 +216,15 @@ class Classifier:
             ImageError: the image cannot be read (see ``preprocess``).
         """
         t0 = now()
-        x = normalize(load_pixels(image, self.spec.preprocessing), self.spec.preprocessing)
-        t1 = now()
-        probs = self._run(x)
+        pixels = load_pixels(image, self.spec.preprocessing)
+        if self._lut is not None:  # quantised input: pixel -> input value by table, same numbers
+            self._interpreter.set_tensor(self._in_index, self._lut[pixels][None, ...])
+            t1 = now()
+            probs = self._invoke()
+        else:
+            x = normalize(pixels, self.spec.preprocessing)
+            t1 = now()
+            probs = self._run(x)
         t2 = now()
         idx, applied = self._decide(probs)
         source = str(image) if isinstance(image, (str, os.PathLike)) else ""
@@ -263,8 +270,20 @@ class Classifier:
     # ---- private steps --------------------------------------------------------------
     def _run(self, x: np.ndarray) -> np.ndarray:
         self._interpreter.set_tensor(self._in_index, self._quantize_input(x)[None, ...])
+        return self._invoke()
+
+    def _invoke(self) -> np.ndarray:
         self._interpreter.invoke()
         return self._read_output()
+
+    def _input_lut(self) -> Optional[np.ndarray]:
+        """For a quantised input with one mean/std for all channels: the input value of each
+        pixel value 0..255, computed once by the same normalise-and-quantise steps."""
+        pre = self.spec.preprocessing
+        if self._in_q is None or len(pre.mean) != 1 or len(pre.std) != 1:
+            return None
+        levels = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
+        return self._quantize_input(normalize(levels, pre)).reshape(256)
 
     def _quantize_input(self, x: np.ndarray) -> np.ndarray:
         if self._in_q is None:

@@ -12,8 +12,15 @@ card), ``evaluate`` (Keras model on a labelled folder), ``weights`` (offline Ima
 ``throughput`` (input pipeline measurement), ``cli`` (``lungedge train``).
 """
 
-from .evaluate import evaluate_keras
-from .recipes import RECIPES, Recipe, get_recipe
-from .run import cv_run, train_run
+import importlib
+
+# Imported on first use (PEP 562), so that `lungedge classify` does not pay for them.
+_LAZY = {'evaluate_keras': 'evaluate', 'RECIPES': 'recipes', 'Recipe': 'recipes', 'get_recipe': 'recipes', 'cv_run': 'run', 'train_run': 'run'}
 
 __all__ = ["Recipe", "RECIPES", "get_recipe", "train_run", "cv_run", "evaluate_keras"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

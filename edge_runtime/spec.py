@@ -67,7 +67,7 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
-        return _from_dict(cls, d, "preprocessing")
+        return dataclass_from_dict(cls, d, "preprocessing")
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class Threshold:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Threshold":
-        return _from_dict(cls, d, "threshold")
+        return dataclass_from_dict(cls, d, "threshold")
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
-        return _from_dict(cls, d, "model metadata")
+        return dataclass_from_dict(cls, d, "model metadata")
 
     @classmethod
     def from_json(cls, text: str) -> "ModelSpec":
@@ -173,7 +173,8 @@ def _floats(name: str, values: Sequence[float], channels: int) -> Tuple[float, .
     return out
 
 
-def _from_dict(cls, d: Any, what: str):
+def dataclass_from_dict(cls, d: Any, what: str):
+    """Build dataclass ``cls`` from a JSON object, refusing unknown or missing fields in one line."""
     if not isinstance(d, dict):
         raise ConfigError(f"{what} must be a JSON object, got {type(d).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}

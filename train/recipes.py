@@ -23,23 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple, Union
 
 from edge_runtime.errors import ConfigError
+from edge_runtime.spec import dataclass_from_dict
 
 SPLITS = ("random", "grouped")
 MONITORS = ("val_accuracy", "val_loss")
 COLOR_MODES = ("rgb", "grayscale")
 
 
-def _build(cls, d: Any, what: str):
-    if not isinstance(d, dict):
-        raise ConfigError(f"{what} must be a JSON object, got {type(d).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ConfigError(f"{what} has unknown field(s) {unknown}; known: {sorted(names)}")
-    try:
-        return cls(**d)
-    except TypeError as exc:
-        raise ConfigError(f"{what} is incomplete: {exc}") from None
+_build = dataclass_from_dict
 
 
 def _is_number(v: Any) -> bool:

@@ -27,44 +27,39 @@ def shared_dir() -> Path:
     return SHARED
 
 
+def _require(path: Path, what: str) -> Path:
+    """``path`` inside ../shared, or skip (fail in CI) saying what is missing."""
+    if not path.exists():
+        _missing_shared(f"{what} not found at {path}")
+    return path
+
+
 @pytest.fixture(scope="session")
 def coral_dir(shared_dir) -> Path:
     d = shared_dir / CORAL
-    if not (d / "mobilenet_v2_1.0_224_quant.tflite").is_file():
-        _missing_shared(f"third-party TFLite models not found in {d}")
+    _require(d / "mobilenet_v2_1.0_224_quant.tflite", "third-party TFLite models")
     return d
 
 
 @pytest.fixture(scope="session")
 def imagenet_weights(shared_dir) -> Path:
-    p = shared_dir / "models/mobilenet_v2_imagenet/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
-    if not p.is_file():
-        _missing_shared(f"MobileNetV2 ImageNet weights not found at {p}")
-    return p
+    name = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    return _require(shared_dir / "models/mobilenet_v2_imagenet" / name, "MobileNetV2 ImageNet weights")
 
 
 @pytest.fixture(scope="session")
 def xray_dir(shared_dir) -> Path:
-    d = shared_dir / "data/chest_xray/train"
-    if not d.is_dir():
-        _missing_shared(f"chest X-ray data not found at {d}")
-    return d
+    return _require(shared_dir / "data/chest_xray/train", "chest X-ray data")
 
 
 @pytest.fixture(scope="session")
 def ct_dir(shared_dir) -> Path:
-    d = shared_dir / "data/iq_othnccd/The IQ-OTHNCCD lung cancer dataset"
-    if not d.is_dir():
-        _missing_shared(f"IQ-OTH/NCCD data not found at {d}")
-    return d
+    return _require(shared_dir / "data/iq_othnccd/The IQ-OTHNCCD lung cancer dataset", "IQ-OTH/NCCD data")
 
 
 @pytest.fixture(scope="session")
 def fullres_dir(shared_dir) -> Path:
-    d = shared_dir / "data/chest_xray_fullres"
-    if not d.is_dir():
-        _missing_shared(f"full-resolution X-rays not found at {d}")
-    return d
+    return _require(shared_dir / "data/chest_xray_fullres", "full-resolution X-rays")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,151 +1,175 @@
-"""Empirical bias correction of the final layer for integer variants.
+"""Sequential empirical bias correction of an integer TFLite model (integer variants).
 
-Full-integer quantisation of a MobileNetV2 classifier shifts its logits systematically (on the
-X-ray model measured here: every flipped decision went the same way), because small rounding
-errors through the base add up in the same direction and the head magnifies them. The
-correction measures, on the calibration images (training images, never test), the mean
-difference between the Keras model's logits and the quantised model's logits, moves the
-final Dense layer's bias by that amount and converts again (Nagel et al. 2019, "bias
-correction", applied to the last layer). A softmax ignores a shift common to all classes, so
-the per-class offsets are centred.
+Full-integer quantisation of MobileNetV2 shifts what each layer outputs on average: rounding a
+3x3 depthwise kernel to int8 does not average out over nine weights, inputs after ReLU6 have
+means far from zero, and each layer inherits the shifts of the layers before it. Across 52
+layers the shifts add up and move the logits (on the runs here, every flipped decision of the
+uncorrected CT model went the same way).
+
+The correction (Nagel et al. 2019, "Data-free quantization through weight equalization and
+bias correction", section 4.2, empirical variant; Finkelstein et al. 2019, "Fighting
+quantization bias with bias") works on the converted file itself. For each convolution and
+fully connected op in graph order it runs the integer model and the float32 model on the same
+calibration images (training images, never test), takes the mean difference of the op's
+output per channel where neither is clipped by the fused activation or the int8 range, and
+subtracts it from the op's int32 bias. Each op is measured after the ones before it have been
+corrected, so a shift is fixed where it arises instead of being passed on. Weights, scales and
+ops are untouched: the file has the same size and speed.
+
+Measured (``convert/README.md``): on the ct-lung-cancer run the int8 model's mean probability
+difference from Keras on the test and validation images went from 0.056 to 0.010.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+import time
+import warnings
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import numpy as np
 
 from edge_runtime.errors import ModelError
 
-
-def final_dense(model):
-    """The Dense layer whose output the model's final softmax reads (a Dense with a softmax
-    activation, or a linear Dense followed by a softmax Activation), looking inside a nested
-    head model (``Sequential`` or functional) that ends the model; None when there is none."""
-    found = _pre_dense_chain(model)
-    return found[0] if found else None
+#: images the correction runs on (taken from the calibration images).
+DEFAULT_IMAGES = 64
+#: where each fused activation of the schema keeps its input unchanged (float units).
+_LINEAR_RANGE = {0: (-np.inf, np.inf), 1: (0.0, np.inf), 2: (-1.0, 1.0), 3: (0.0, 6.0)}
 
 
-def _pre_dense_chain(model):
-    """(final Dense layer, list of models that map the input to that layer's input)."""
-    import keras
-
-    layer = model.layers[-1] if getattr(model, "layers", None) else None
-    if layer is None:
-        return None
-    if type(layer).__name__ == "Dense":
-        if _activation(layer) == "softmax" and getattr(layer, "use_bias", False):
-            return layer, [keras.Model(model.inputs, layer.input)]
-        return None
-    if _is_softmax(layer) and len(model.layers) >= 2:
-        dense = model.layers[-2]  # Dense(linear) -> Activation("softmax")
-        if (type(dense).__name__ == "Dense" and _activation(dense) == "linear"
-                and getattr(dense, "use_bias", False)
-                and (isinstance(model, keras.Sequential) or layer.input is dense.output)):
-            return dense, [keras.Model(model.inputs, dense.input)]
-        return None
-    if isinstance(layer, keras.Model):
-        inner = _pre_dense_chain(layer)
-        if inner:
-            return inner[0], [keras.Model(model.inputs, layer.input)] + inner[1]
-    return None
+@dataclass
+class _Op:
+    index: int
+    name: str           # the output tensor's name (the same in the float32 file)
+    output: int         # tensor index
+    bias: int           # tensor index of the int32 bias
+    buffer: int         # buffer index of the bias
+    activation: int     # schema ActivationFunctionType
 
 
-def _activation(layer) -> str:
-    return getattr(getattr(layer, "activation", None), "__name__", "")
-
-
-def _is_softmax(layer) -> bool:
-    name = type(layer).__name__
-    return name == "Softmax" or (name == "Activation" and _activation(layer) == "softmax")
-
-
-def keras_logits(model, dense, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Pre-softmax outputs of the Keras model: features into the final Dense layer, times W, plus b."""
-    found = _pre_dense_chain(model)
-    if not found or found[0] is not dense:
-        raise ModelError("bias correction: cannot find the model's final softmax Dense layer")
-    feats = x
-    for part in found[1]:
-        feats = part.predict(feats, batch_size=batch_size, verbose=0)
-    w, b = dense.get_weights()
-    return np.asarray(feats, np.float64) @ w.astype(np.float64) + b.astype(np.float64)
-
-
-def tflite_logits(tflite: bytes, x: np.ndarray) -> np.ndarray:
-    """Dequantised input of the final SOFTMAX op of a converted model, per image.
-
-    Raises:
-        ModelError: the graph has no SOFTMAX op or its input cannot be read.
-    """
+def _interpreter(data: bytes):
     from ai_edge_litert.interpreter import Interpreter
 
-    import warnings
-
-    with warnings.catch_warnings():  # "for debugging purposes only": here it is the point
+    with warnings.catch_warnings():  # "preserve all tensors is for debugging": here it is the point
         warnings.simplefilter("ignore")
-        it = Interpreter(model_content=tflite, experimental_preserve_all_tensors=True)
+        it = Interpreter(model_content=bytes(data), experimental_preserve_all_tensors=True)
     it.allocate_tensors()
-    ops = [op for op in it._get_ops_details() if op.get("op_name") == "SOFTMAX"]
-    if not ops:
-        raise ModelError("bias correction: the converted model has no SOFTMAX op")
-    logit_index = int(ops[-1]["inputs"][0])
-    detail = next(t for t in it.get_tensor_details() if t["index"] == logit_index)
-    scale, zero = detail.get("quantization", (0.0, 0))
+    return it
+
+
+def _correctable_ops(model, schema) -> List[_Op]:
+    """CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED ops with an int8 output and an int32 bias."""
+    codes = []
+    for i in range(model.OperatorCodesLength()):
+        oc = model.OperatorCodes(i)
+        codes.append(max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode()))
+    b = schema.BuiltinOperator
+    options = {b.CONV_2D: schema.Conv2DOptions, b.DEPTHWISE_CONV_2D: schema.DepthwiseConv2DOptions,
+               b.FULLY_CONNECTED: schema.FullyConnectedOptions}
+    sg = model.Subgraphs(0)
+    ops = []
+    for i in range(sg.OperatorsLength()):
+        op = sg.Operators(i)
+        code = codes[op.OpcodeIndex()]
+        if code not in options or op.InputsLength() < 3 or op.Inputs(2) < 0:
+            continue
+        out, bias = sg.Tensors(op.Outputs(0)), sg.Tensors(op.Inputs(2))
+        if out.Type() != schema.TensorType.INT8 or bias.Type() != schema.TensorType.INT32:
+            continue  # a float op (the stem of int8-mixed) or an int16 model: nothing to correct
+        table = op.BuiltinOptions()
+        activation = 0
+        if table is not None:
+            opts = options[code]()
+            opts.Init(table.Bytes, table.Pos)
+            activation = opts.FusedActivationFunction()
+        ops.append(_Op(i, out.Name().decode("utf-8"), op.Outputs(0), op.Inputs(2), bias.Buffer(), activation))
+    return ops
+
+
+def _feed(it, x: np.ndarray) -> None:
     inp = it.get_input_details()[0]
-    in_scale, in_zero = inp.get("quantization", (0.0, 0))
-    rows = []
-    for i in range(len(x)):
-        xi = x[i : i + 1]
-        if np.dtype(inp["dtype"]) != np.float32:
-            info = np.iinfo(inp["dtype"])
-            xi = np.clip(np.rint(xi / in_scale + in_zero), info.min, info.max).astype(inp["dtype"])
-        it.set_tensor(inp["index"], xi)
-        it.invoke()
-        z = it.get_tensor(logit_index)[0].astype(np.float64)
-        rows.append((z - zero) * scale if scale else z)
-    return np.asarray(rows)
+    if np.dtype(inp["dtype"]) != np.float32:
+        scale, zero = inp["quantization"]
+        info = np.iinfo(inp["dtype"])
+        x = np.clip(np.rint(x / scale + zero), info.min, info.max).astype(inp["dtype"])
+    it.set_tensor(inp["index"], x)
+    it.invoke()
 
 
-def correct_and_convert(model, convert: Callable[[], bytes], calibration: np.ndarray,
-                        rounds: int = 1, tolerance: float = 0.02) -> Tuple[bytes, Optional[dict]]:
-    """Convert, measure the logit offset on ``calibration``, fix the bias, convert again.
+def correct_biases(quantized: bytes, reference: bytes, images: np.ndarray, max_images: int = DEFAULT_IMAGES,
+                   progress: bool = False) -> Tuple[bytes, Optional[dict]]:
+    """Correct the int32 biases of ``quantized`` so each layer's mean output matches ``reference``.
 
     Args:
-        model: the Keras model (its final bias is changed during the call and restored after).
-        convert: converts ``model`` as it currently is to TFLite bytes.
-        calibration: preprocessed training images.
-        rounds: at most this many corrections.
-        tolerance: stop when every centred offset is below this (in logits).
+        quantized: an integer ``.tflite`` model (int8 activations; any input/output type).
+        reference: the float32 ``.tflite`` model of the same Keras model (same tensor names).
+        images: preprocessed float32 images (N, H, W, C) from the training split.
+        max_images: use at most this many of ``images`` (the last ones).
+        progress: a progress bar over the layers on stderr.
 
     Returns:
-        (bytes of the last conversion, a record of the correction or None when the model's
-        last layer is not a softmax Dense layer and nothing was done).
+        (corrected model bytes, record for the metadata), or (``quantized``, None) when it has no
+        op to correct.
+
+    Raises:
+        ModelError: no images, or the two models do not share the ops' tensor names.
     """
-    dense = final_dense(model)
-    data = convert()
-    if dense is None or calibration is None or len(calibration) == 0:
-        return data, None
-    w, b0 = dense.get_weights()
-    target = keras_logits(model, dense, calibration)
-    history = []
-    conversions = 1
-    bias = b0.astype(np.float64).copy()
-    try:
-        for round_ in range(rounds + 1):
-            offset = (target - tflite_logits(data, calibration)).mean(axis=0)
-            offset -= offset.mean()
-            history.append([float(v) for v in offset])
-            if np.max(np.abs(offset)) < tolerance or round_ == rounds:
-                break
-            bias = bias + offset
-            dense.set_weights([w, bias.astype(b0.dtype)])
-            data = convert()
-            conversions += 1
-    finally:
-        dense.set_weights([w, b0])
-    record = {"layer": dense.name, "images": int(len(calibration)), "offsets_per_round": history,
-              "bias_change": [float(v) for v in (bias - b0)], "conversions": conversions,
-              "residual_offset": history[-1]}
-    return data, record
+    from ai_edge_litert import schema_py_generated as schema
+    from tqdm import tqdm
+
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or len(images) == 0:
+        raise ModelError("bias correction needs calibration images (N, H, W, C)")
+    x = images[-max_images:]
+    data = bytearray(quantized)
+    model = schema.Model.GetRootAs(data, 0)
+    ops = _correctable_ops(model, schema)
+    if not ops:
+        return bytes(quantized), None
+    t0 = time.perf_counter()
+    ref = _interpreter(reference)
+    by_name = {t["name"]: t["index"] for t in ref.get_tensor_details()}
+    missing = [op.name for op in ops if op.name not in by_name]
+    if missing:
+        raise ModelError(f"bias correction: the float32 reference has no tensor {missing[0][:80]!r}")
+    # float outputs of every op on every image, float16 to halve the memory (MobileNetV2, 64
+    # images: 0.9 GB); their rounding is far below the int8 steps being corrected.
+    expected = {op.name: [] for op in ops}
+    for i in range(len(x)):
+        _feed(ref, x[i:i + 1])
+        for op in ops:
+            expected[op.name].append(ref.get_tensor(by_name[op.name]).astype(np.float16))
+    del ref
+    expected = {k: np.concatenate(v) for k, v in expected.items()}
+
+    sg = model.Subgraphs(0)
+    changes = []
+    for op in tqdm(ops, desc="bias correction", unit="layer", disable=not progress, leave=False):
+        it = _interpreter(data)
+        out = it._get_tensor_details(op.output, 0)
+        scale, zero = out["quantization"]
+        got = []
+        for i in range(len(x)):
+            _feed(it, x[i:i + 1])
+            got.append(it.get_tensor(op.output).copy())
+        q = np.concatenate(got).astype(np.int32)
+        f = expected[op.name].astype(np.float64)
+        lo, hi = _LINEAR_RANGE.get(op.activation, (-np.inf, np.inf))
+        keep = (q > -128) & (q < 127) & (f > lo) & (f < hi)
+        diff = np.where(keep, (q - zero) * scale - f, 0.0)
+        channels = f.shape[-1]
+        n = keep.reshape(-1, channels).sum(axis=0)
+        shift = diff.reshape(-1, channels).sum(axis=0) / np.maximum(n, 1)
+        bias_scale = np.asarray(it._get_tensor_details(op.bias, 0)["quantization_parameters"]["scales"], np.float64)
+        del it
+        step = np.rint(shift / bias_scale).astype(np.int64)
+        view = model.Buffers(op.buffer).DataAsNumpy().view(np.int32)  # a view into ``data``
+        view[:] = np.clip(view.astype(np.int64) - step, -2**31, 2**31 - 1).astype(np.int32)
+        changes.append((float(np.max(np.abs(shift))), op.name.split(";")[0][-60:]))
+    largest = max(changes)
+    return bytes(data), {
+        "method": "sequential empirical bias correction of every conv/fully connected op "
+                  "against the float32 model (Nagel et al. 2019)",
+        "layers": len(ops), "images": int(len(x)), "seconds": round(time.perf_counter() - t0, 1),
+        "largest_shift": {"layer": largest[1], "value": largest[0]},
+    }

@@ -31,7 +31,7 @@ from .variants import DEFAULT_VARIANTS, VARIANTS
 @click.option("--rethreshold", is_flag=True,
               help="Re-choose the decision threshold of integer variants on the validation split.")
 @click.option("--no-bias-correction", is_flag=True,
-              help="Skip the final-layer bias correction of the integer variants (for comparison).")
+              help="Skip the layer-by-layer bias correction of the integer variants (for comparison).")
 @click.option("--no-gate", is_flag=True, help="Exit 0 even when a variant fails the gate (still reported).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: RUN_DIR).")

@@ -221,7 +221,8 @@ def variant_spec(spec: ModelSpec, variant: Variant, source_sha256: Optional[str]
 
 def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Union[str, Variant],
                         calibration: Optional[np.ndarray] = None, source_sha256: Optional[str] = None,
-                        extra: Optional[dict] = None, bias_correction: bool = True) -> bytes:
+                        extra: Optional[dict] = None, bias_correction: bool = True,
+                        progress: bool = False) -> bytes:
     """Convert any Keras classifier to one TFLite variant with the lungedge record inside.
 
     Args:
@@ -233,9 +234,10 @@ def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Unio
             integer variants (see ``convert.calibration``).
         source_sha256: hash of the source model (default: of the file, or of the weights).
         extra: more facts for ``spec.extra["conversion"]`` (e.g. calibration count).
-        bias_correction: for the integer variants, correct the final Dense bias for the
-            quantisation's mean logit shift on the calibration images and convert again
-            (see ``convert.bias_correction``); recorded in the metadata.
+        bias_correction: for the integer variants, correct each conv / fully connected op's
+            int32 bias, in graph order, so its mean output on the calibration images matches
+            the float32 model's (``convert.bias_correction``); recorded in the metadata.
+        progress: a progress bar for the bias correction on stderr.
 
     Returns:
         The ``.tflite`` file's bytes; the record is checked to read back.
@@ -257,13 +259,13 @@ def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Unio
     extra = dict(extra or {})
     if v.calibrated:
         extra.setdefault("calibration_images", int(len(calibration)) if calibration is not None else 0)
+    data = tflite_bytes(model, v, calibration)
     if v.calibrated and bias_correction:
-        from .bias_correction import correct_and_convert
+        from .bias_correction import correct_biases
 
-        data, record = correct_and_convert(model, lambda: tflite_bytes(model, v, calibration), calibration)
-        extra["bias_correction"] = record or "not applied: the last layer is not a Dense layer with softmax"
-    else:
-        data = tflite_bytes(model, v, calibration)
+        reference = tflite_bytes(model, get_variant("float32"))
+        data, record = correct_biases(data, reference, calibration, progress=progress)
+        extra["bias_correction"] = record or "not applied: no integer conv or fully connected op"
     return embed_spec(data, variant_spec(spec, v, sha, extra=extra))
 
 

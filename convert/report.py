@@ -53,7 +53,7 @@ def markdown(report: dict) -> str:
         f"Decision rule: {k['decision']} (each variant uses the threshold in its own metadata).",
         f"Calibration (integer variants): {report['calibration']['count']} images, "
         f"{report['calibration']['source']}, per class {report['calibration']['class_counts']}; "
-        f"final-layer bias correction {'on' if report.get('bias_correction', True) else 'off'}.",
+        f"layer-by-layer bias correction {'on' if report.get('bias_correction', True) else 'off'}.",
         f"Gate: a variant fails when its accuracy is more than {report['gate']['max_accuracy_drop']} points "
         f"below Keras, or its recall of {disease} more than {report['gate']['max_recall_drop']} points below. "
         f"Overall: **{'passed' if report['passed'] else 'FAILED'}**.",

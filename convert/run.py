@@ -53,8 +53,8 @@ def convert_run(
             manifest's validation split with the quantised model's own probabilities
             (stored in that variant's metadata).
         seed: for the calibration pick.
-        bias_correction: correct the final layer's bias of the integer variants for the
-            quantisation's mean logit shift on the calibration images (``convert.bias_correction``).
+        bias_correction: correct the integer variants' biases, layer by layer, for the mean
+            shift quantisation causes on the calibration images (``convert.bias_correction``).
 
     Returns:
         The report (also written as JSON): per variant ``gate`` ("passed"/"failed") and
@@ -107,7 +107,7 @@ def convert_run(
         data = convert_keras_model(model, spec, v, calibration=calibration,
                                    source_sha256=sha,
                                    extra={"calibration": calib_info} if v.calibrated else None,
-                                   bias_correction=bias_correction)
+                                   bias_correction=bias_correction, progress=progress)
         seconds = time.perf_counter() - t0
         path = out / f"model_{v.name}.tflite"
         write_tflite(path, data)

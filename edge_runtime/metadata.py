@@ -155,12 +155,35 @@ def embed_spec(data: bytes, spec: ModelSpec) -> bytes:
     entry.name = METADATA_NAME
     entry.buffer = len(model.buffers) - 1
     model.metadata.append(entry)
-    builder = flatbuffers.Builder(len(data) + len(payload) + 1024)
+    builder = _sharing_builder(flatbuffers)(len(data) + len(payload) + 1024)
     builder.Finish(model.Pack(builder), file_identifier=_TFLITE_IDENTIFIER)
     out = bytes(builder.Output())
     if read_spec(out) != spec:  # never write a file whose record cannot be read back
         raise ModelError("metadata did not survive the round trip through the flatbuffer")
     return out
+
+
+def _sharing_builder(flatbuffers):
+    """A flatbuffers ``Builder`` that writes each distinct numeric vector once.
+
+    Flatbuffer tables refer to vectors by offset, so identical vectors can be shared. A
+    per-channel int8 model has two all-zero zero-point vectors (int64) per layer, one for the
+    weights and one for the bias: shared, they stop costing 16 bytes per channel (about 0.27 MB
+    of a MobileNetV2). Readers see the same values.
+    """
+
+    class SharingBuilder(flatbuffers.Builder):
+        def __init__(self, size: int):
+            super().__init__(size)
+            self._shared: Dict[tuple, int] = {}
+
+        def CreateNumpyVector(self, x):  # noqa: N802 - flatbuffers' name
+            key = (x.dtype.str, x.shape, x.tobytes())
+            if key not in self._shared:
+                self._shared[key] = super().CreateNumpyVector(x)
+            return self._shared[key]
+
+    return SharingBuilder
 
 
 def _name(value) -> str:

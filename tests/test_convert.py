@@ -209,7 +209,7 @@ def test_every_variant_converts_loads_and_carries_metadata(tiny_run, converted):
         assert {"tensorflow", "keras", "lungedge", "converter"} <= set(spec.versions)
         if VARIANTS[name].calibrated:
             assert spec.extra["conversion"]["calibration_images"] == 16
-            assert spec.extra["conversion"]["bias_correction"]["conversions"] >= 1
+            assert spec.extra["conversion"]["bias_correction"]["layers"] >= 1
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
 
 
@@ -351,28 +351,107 @@ def test_cli_gate_exit_codes(tiny_run, tmp_path):
         convert.run.convert_run = original
 
 
-@pytest.mark.needs_tf
-def test_bias_correction_finds_the_final_dense_layer_in_each_head_form():
+def _tiny_bn_model(seed: int = 0):
+    """Conv+BN+ReLU6, depthwise+BN+ReLU6, 1x1 conv, pooling and a softmax head: the layer kinds
+    the bias correction handles, with BN statistics far from identity (as after training)."""
     import keras
 
-    from convert.bias_correction import final_dense, keras_logits
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, use_bias=False)(inp)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU(6.0)(x)
+    x = keras.layers.DepthwiseConv2D(3, use_bias=False)(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU(6.0)(x)
+    x = keras.layers.Conv2D(16, 1)(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(3, activation="softmax")(keras.layers.Dense(8, name="logits")(x))
+    model = keras.Model(inp, out)
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            g, b, m, v = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 3, g.shape), rng.normal(0.5, 1, b.shape),
+                               rng.normal(0, 0.3, m.shape), rng.uniform(0.05, 2, v.shape)])
+        elif isinstance(layer, keras.layers.Dense):  # a zero bias is dropped by the converter
+            w, b = layer.get_weights()
+            layer.set_weights([w, rng.normal(0, 0.5, b.shape)])
+    return model
 
-    inp = keras.Input((8, 8, 3))
-    feats = keras.layers.GlobalAveragePooling2D()(inp)
-    plain = keras.Model(inp, keras.layers.Dense(3, activation="softmax", name="a")(feats))
-    split = keras.Model(inp, keras.layers.Activation("softmax")(keras.layers.Dense(3, name="b")(feats)))
-    head = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dropout(0.5),
-                             keras.layers.Dense(3, name="c"), keras.layers.Activation("softmax")])
-    nested = keras.Model(inp, head(feats))
-    no_softmax = keras.Model(inp, keras.layers.Dense(3, name="d")(feats))
-    x = np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32)
-    for model, name in ((plain, "a"), (split, "b"), (nested, "c")):
-        dense = final_dense(model)
-        assert dense is not None and dense.name == name
-        z = keras_logits(model, dense, x)
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        np.testing.assert_allclose(p / p.sum(axis=1, keepdims=True), model.predict(x, verbose=0), atol=1e-5)
-    assert final_dense(no_softmax) is None
+
+def _logit_means(data: bytes, x: np.ndarray):
+    """(per-class mean of the dequantised logits, the SOFTMAX op's input, over images ``x``;
+    the logits' quantisation step, 0 for float)."""
+    import warnings
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        it = Interpreter(model_content=data, experimental_preserve_all_tensors=True)
+    it.allocate_tensors()
+    softmax = next(op for op in it._get_ops_details() if op["op_name"] == "SOFTMAX")
+    t = it._get_tensor_details(softmax["inputs"][0], 0)
+    inp = it.get_input_details()[0]
+    rows = []
+    for i in range(len(x)):
+        xi = x[i:i + 1]
+        if inp["dtype"] != np.float32:
+            s, z = inp["quantization"]
+            xi = np.clip(np.rint(xi / s + z), -128, 127).astype(inp["dtype"])
+        it.set_tensor(inp["index"], xi)
+        it.invoke()
+        v = it.get_tensor(t["index"]).astype(np.float64)
+        s, z = t["quantization"]
+        rows.append(((v - z) * s if s else v).reshape(-1, v.shape[-1]))
+    return np.concatenate(rows).mean(axis=0), t["quantization"][0]
+
+
+@pytest.mark.needs_tf
+def test_bias_correction_removes_the_mean_shift_layer_by_layer():
+    """The int8 model's logits, on the images the correction used, average what the float32
+    model's do (the shift left is under half an int8 step), and the file keeps its size."""
+    from convert.bias_correction import correct_biases
+    from convert.keras_convert import tflite_bytes
+
+    model = _tiny_bn_model()
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-1, 1, (48, SIZE, SIZE, 3)).astype(np.float32)
+    quantized = tflite_bytes(model, get_variant("int8"), x)
+    reference = tflite_bytes(model, get_variant("float32"))
+    corrected, record = correct_biases(quantized, reference, x, max_images=48)
+    # 3 convolutions and the last fully connected op (the converter folds the bias of the linear
+    # Dense before it into it, leaving that one without a bias to correct)
+    assert record["layers"] == 4 and record["images"] == 48, record
+    assert len(corrected) == len(quantized) and corrected != quantized
+
+    want, _ = _logit_means(reference, x)
+    got, step = _logit_means(quantized, x)
+    fixed, _ = _logit_means(corrected, x)
+    before, after = np.abs(got - want), np.abs(fixed - want)
+    # left: under half an int8 step (the outputs are rounded to that grid), a quarter of before
+    assert after.max() < 0.5 * step and after.max() < 0.25 * before.max(), (before, after, step)
+    assert after.mean() < before.mean(), (before, after)
+
+
+@pytest.mark.needs_tf
+def test_bias_correction_refuses_a_reference_of_another_model():
+    from convert.bias_correction import correct_biases
+    from convert.keras_convert import tflite_bytes
+
+    x = np.random.default_rng(0).uniform(-1, 1, (4, SIZE, SIZE, 3)).astype(np.float32)
+    import keras
+
+    inp = keras.Input((SIZE, SIZE, 3))
+    other = keras.Model(inp, keras.layers.Dense(3, activation="softmax", name="elsewhere")(
+        keras.layers.GlobalAveragePooling2D()(inp)))
+    with pytest.raises(ModelError) as err:
+        correct_biases(tflite_bytes(_tiny_bn_model(), get_variant("int8"), x),
+                       tflite_bytes(other, get_variant("float32")), x)
+    assert "reference has no tensor" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ModelError, match="needs calibration images"):
+        correct_biases(b"", b"", np.zeros((0, SIZE, SIZE, 3), np.float32))
 
 
 @pytest.mark.needs_tf

@@ -19,11 +19,10 @@ TRAIN_PER_CLASS, TEST_PER_CLASS = 100, 50
 MIN_INT8_AGREEMENT = 0.97
 #: float16 weights: largest probability difference from Keras on any real test image.
 FLOAT16_TOLERANCE = 0.05
-#: file size as a ratio of float32 (MobileNetV2 1.0/224 with a Dense head). The issue's int8
-#: target is 0.30; measured 0.307: int8 weights are 0.256 of the float32 file, and the per-channel
-#: quantisation parameters (a float32 scale and an int64 zero point per output channel, for
-#: weights and biases) add 410 KB that a float32 file does not carry. 0.31 pins what is reached.
-MAX_FLOAT16_RATIO, MAX_INT8_RATIO = 0.52, 0.31
+#: file size as a ratio of float32 (MobileNetV2 1.0/224 with a Dense head), the issue's targets.
+#: int8 reaches it because identical vectors are written once (``edge_runtime.metadata``): the
+#: all-zero int64 zero points of every channel's weights and bias would otherwise add 0.27 MB.
+MAX_FLOAT16_RATIO, MAX_INT8_RATIO = 0.52, 0.30
 
 
 def _pick(files, per_class: int, seed: int):
@@ -92,7 +91,7 @@ def test_int8_agrees_with_keras_on_real_xrays(xray_dir, imagenet_weights, tmp_pa
     assert report["test"]["n"] == 2 * TEST_PER_CLASS
     assert rows["int8"]["top1_agreement"] >= MIN_INT8_AGREEMENT, summary
     record = read_spec_from_file(rows["int8"]["file"]).extra["conversion"]
-    assert record["bias_correction"]["conversions"] >= 1 and record["calibration_images"] == 100
+    assert record["bias_correction"]["layers"] == 54 and record["calibration_images"] == 100
     assert rows["float16"]["top1_agreement"] == 1.0, summary
     assert rows["float16"]["max_prob_diff"] <= FLOAT16_TOLERANCE, summary
     assert rows["float16"]["size_ratio"] <= MAX_FLOAT16_RATIO, summary

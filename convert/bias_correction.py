@@ -86,6 +86,15 @@ def _correctable_ops(model, schema) -> List[_Op]:
     return ops
 
 
+def evenly_spaced(n: int, k: int) -> np.ndarray:
+    """Up to ``k`` distinct indices spread evenly over ``range(n)``, first and last included.
+
+    Calibration arrays come sorted by class (``convert.calibration.stratified_pick``), so this
+    gives each class its share where taking the first or last ``k`` would give one class.
+    """
+    return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(int))
+
+
 def _feed(it, x: np.ndarray) -> None:
     inp = it.get_input_details()[0]
     if np.dtype(inp["dtype"]) != np.float32:
@@ -104,7 +113,8 @@ def correct_biases(quantized: bytes, reference: bytes, images: np.ndarray, max_i
         quantized: an integer ``.tflite`` model (int8 activations; any input/output type).
         reference: the float32 ``.tflite`` model of the same Keras model (same tensor names).
         images: preprocessed float32 images (N, H, W, C) from the training split.
-        max_images: use at most this many of ``images`` (the last ones).
+        max_images: use at most this many of ``images``, evenly spaced through the array (so
+            a class-sorted calibration array gives each class its share).
         progress: a progress bar over the layers on stderr.
 
     Returns:
@@ -120,7 +130,7 @@ def correct_biases(quantized: bytes, reference: bytes, images: np.ndarray, max_i
     images = np.asarray(images, np.float32)
     if images.ndim != 4 or len(images) == 0:
         raise ModelError("bias correction needs calibration images (N, H, W, C)")
-    x = images[-max_images:]
+    x = images[evenly_spaced(len(images), max_images)]
     data = bytearray(quantized)
     model = schema.Model.GetRootAs(data, 0)
     ops = _correctable_ops(model, schema)

@@ -75,6 +75,16 @@ def test_empty_calibration_folder_is_one_line(tmp_path):
         calibration_from_folder(str(tmp_path / "nope"), Preprocessing(SIZE, SIZE), LABELS)
 
 
+def test_bias_correction_images_spread_over_a_class_sorted_array():
+    from convert.bias_correction import evenly_spaced
+
+    labels = np.asarray([0] * 100 + [1] * 100 + [2] * 100)  # as stratified_pick orders them
+    idx = evenly_spaced(300, 64)
+    assert len(idx) == 64 and idx[0] == 0 and idx[-1] == 299
+    assert np.bincount(labels[idx]).tolist() in ([21, 22, 21], [22, 21, 21], [21, 21, 22])
+    assert evenly_spaced(10, 64).tolist() == list(range(10))
+
+
 def test_decide_follows_the_threshold_rule():
     probs = np.array([[0.7, 0.3], [0.4, 0.6], [0.8, 0.2]])
     assert decide(probs, LABELS, None).tolist() == [0, 1, 0]

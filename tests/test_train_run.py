@@ -65,7 +65,7 @@ def run_dir(data_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("runs") / "plus"
     # patience 0: keep the last weights (with early stopping, the best could be from before fine-tuning)
-    recipe = tiny(patience=0, fine_tune={"epochs": 1, "blocks": 2, "learning_rate": 1e-3})
+    recipe = tiny(patience=0, fine_tune={"epochs": 1, "blocks": 2, "learning_rate": 1e-3}, augment=True)
     return train_run(recipe, str(data_dir), str(out), verbose=0)
 
 

@@ -297,15 +297,17 @@ RECIPES: Dict[str, Recipe] = {
         _PAPER_CT,
         _PAPER_XRAY.replace(
             name="xray-pneumonia-plus",
-            description="X-ray, improved: patient-grouped 75/15/10, class weights, augmentation, up to 8 epochs "
-            "head (early stopping on val loss, patience 2) then 3 epochs fine-tuning the top 3 blocks at 2e-5, "
-            "threshold for pneumonia recall >= 0.95 on validation.",
+            description="X-ray, improved: patient-grouped 75/15/10, class weights, head on cached base features "
+            "up to 50 epochs (early stopping on val loss, patience 8), then 5 epochs fine-tuning the top 3 blocks "
+            "at 1e-5, threshold for pneumonia recall >= 0.95 on validation. (The first version, with augmentation, "
+            "8 head epochs and patience 2, stopped on its epoch-3 head and scored 94.06 % against 97.13 %.)",
             split="grouped",
-            epochs=8,
+            epochs=50,
+            augment=False,
             class_weights=True,
-            patience=2,
+            patience=8,
             monitor="val_loss",
-            fine_tune=FineTune(epochs=3, blocks=3, learning_rate=2e-5),
+            fine_tune=FineTune(epochs=5, blocks=3, learning_rate=1e-5),
             target_recall=0.95,
         ),
         _PAPER_CT.replace(

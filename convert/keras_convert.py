@@ -222,7 +222,7 @@ def variant_spec(spec: ModelSpec, variant: Variant, source_sha256: Optional[str]
 def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Union[str, Variant],
                         calibration: Optional[np.ndarray] = None, source_sha256: Optional[str] = None,
                         extra: Optional[dict] = None, bias_correction: bool = True,
-                        progress: bool = False) -> bytes:
+                        progress: bool = False, reference: Optional[bytes] = None) -> bytes:
     """Convert any Keras classifier to one TFLite variant with the lungedge record inside.
 
     Args:
@@ -238,6 +238,8 @@ def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Unio
             int32 bias, in graph order, so its mean output on the calibration images matches
             the float32 model's (``convert.bias_correction``); recorded in the metadata.
         progress: a progress bar for the bias correction on stderr.
+        reference: the float32 ``.tflite`` of the same model for the bias correction (default:
+            converted here); pass it when converting several integer variants of one model.
 
     Returns:
         The ``.tflite`` file's bytes; the record is checked to read back.
@@ -263,7 +265,8 @@ def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Unio
     if v.calibrated and bias_correction:
         from .bias_correction import correct_biases
 
-        reference = tflite_bytes(model, get_variant("float32"))
+        if reference is None:
+            reference = tflite_bytes(model, get_variant("float32"))
         data, record = correct_biases(data, reference, calibration, progress=progress)
         extra["bias_correction"] = record or "not applied: no integer conv or fully connected op"
     return embed_spec(data, variant_spec(spec, v, sha, extra=extra))

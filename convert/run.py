@@ -14,10 +14,10 @@ from edge_runtime.errors import ConfigError
 from .calibration import DEFAULT_COUNT, calibration_from_files, calibration_from_folder, load_images
 from .evaluate import choose_threshold, compare, decide, keras_probabilities, summarize, tflite_probabilities
 from .keras_convert import (check_classifier, convert_keras_model, converter_versions, load_keras_model,
-                            model_sha256, write_tflite)
+                            model_sha256, tflite_bytes, write_tflite)
 from .report import report_paths, write_report
 from .runfolder import calibration_split, class_counts, eval_split, load_run
-from .variants import DEFAULT_VARIANTS, parse_variants
+from .variants import DEFAULT_VARIANTS, get_variant, parse_variants
 
 
 def convert_run(
@@ -101,13 +101,15 @@ def convert_run(
             val = (xv, np.asarray([val_split.labels[i] for i in kv]))
 
     disease = spec.positive_label or (spec.threshold.label if spec.threshold else None)
+    # the bias correction's float32 reference: converted once for all integer variants
+    reference = tflite_bytes(model, get_variant("float32")) if needs_calibration and bias_correction else None
     rows, sizes = [], {}
     for v in chosen:
         t0 = time.perf_counter()
         data = convert_keras_model(model, spec, v, calibration=calibration,
                                    source_sha256=sha,
                                    extra={"calibration": calib_info} if v.calibrated else None,
-                                   bias_correction=bias_correction, progress=progress)
+                                   bias_correction=bias_correction, progress=progress, reference=reference)
         seconds = time.perf_counter() - t0
         path = out / f"model_{v.name}.tflite"
         write_tflite(path, data)

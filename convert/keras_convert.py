@@ -5,34 +5,25 @@ TensorFlow is imported inside the functions, never at module import.
 
 from __future__ import annotations
 
-import contextlib
+
 import hashlib
-import io
+
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 
-from edge_runtime.errors import ConfigError, MissingDependencyError, ModelError
+from edge_runtime.errors import ConfigError, ModelError
 from edge_runtime.metadata import embed_spec
 from edge_runtime.spec import ModelSpec
+
+from train.tfimport import import_tf
+from train.tfimport import quiet as _quiet
 
 from .variants import Variant, get_variant
 
 ModelLike = Union[str, "os.PathLike[str]", Any]
-
-
-def import_tf():
-    """TensorFlow and Keras, quietly, or a one-line MissingDependencyError."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        import keras
-        import tensorflow as tf
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"conversion needs TensorFlow (pip install 'lungedge[train]'): {exc}") from None
-    return tf, keras
 
 
 def load_keras_model(model_or_path: ModelLike):
@@ -113,35 +104,6 @@ def converter_versions() -> dict:
     except Exception:  # the metadata writer needs it, but the record should not fail on it
         pass
     return out
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence Python and C++ (file descriptors 1 and 2) output and converter warnings."""
-    import sys
-    import tempfile
-    import warnings
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = []
-    try:
-        sink = tempfile.TemporaryFile()
-        for fd in (1, 2):
-            saved.append((fd, os.dup(fd)))
-            os.dup2(sink.fileno(), fd)
-    except OSError:  # no real descriptors (embedded interpreters): Python-level only
-        sink = None
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for fd, copy in saved:
-            os.dup2(copy, fd)
-            os.close(copy)
-        if sink is not None:
-            sink.close()
 
 
 def _representative(calibration: np.ndarray):

@@ -23,6 +23,10 @@ def write_report(report: dict, out_dir) -> dict:
     return paths
 
 
+def _counts(counts) -> str:
+    return ", ".join(f"{k} {v}" for k, v in (counts or {}).items()) or "-"
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
@@ -33,30 +37,36 @@ def markdown(report: dict) -> str:
     disease = report["gate"]["disease_class"]
     k = report["keras"]
     head = ["model", "size (bytes)", "x float32", "accuracy %", "Δ acc (pts)"]
-    head += [f"recall {n} %" for n in labels] + ["macro F1", "top-1 agreement %", "max |Δp|", "convert s", "gate"]
+    head += [f"recall {n} %" for n in labels] + ["macro F1", "top-1 agreement %", "max abs Δp", "convert s", "gate"]
     rows = [["Keras (source)", "-", "-", _pct(k["accuracy"]), "-"]
             + [_pct(k["per_class_recall"][n]) for n in labels] + [f"{k['macro_f1']:.4f}", "100", "0", "-", "-"]]
     for v in report["variants"]:
         ratio = "-" if v["size_ratio"] is None else f"{v['size_ratio']:.3f}"
         gate = v["gate"] + (f" ({'; '.join(v['gate_reasons'])})" if v["gate_reasons"] else "")
+        gate = gate.replace("|", "\\|")
         rows.append([f"{v['variant']}", str(v["size_bytes"]), ratio, _pct(v["accuracy"]),
                      f"{0.0 - v['accuracy_drop_pts']:+.2f}"]
                     + [_pct(v["per_class_recall"][n]) for n in labels]
                     + [f"{v['macro_f1']:.4f}", _pct(v["top1_agreement"]), f"{v['max_prob_diff']:.4f}",
                        f"{v['conversion_seconds']:.1f}", gate])
     t = report["test"]
+    verdict = report.get("verdict") or {}
     lines = [
-        f"# Quantisation report: {report['source']}",
+        f"# Quantisation report: {Path(str(report['source'])).name}",
         "",
-        f"Test images: {t['n']} ({t['note']}; per class {t['class_counts']}"
+        f"**Verdict: {verdict.get('message', 'passed' if report['passed'] else 'FAILED')}.**",
+        "",
+        f"Run folder `{report['source']}`. Test images: {t['n']} ({t['note']}; per class {_counts(t['class_counts'])}"
         + (f"; {len(t['failures'])} unreadable, left out" if t["failures"] else "") + ").",
         f"Decision rule: {k['decision']} (each variant uses the threshold in its own metadata).",
         f"Calibration (integer variants): {report['calibration']['count']} images, "
-        f"{report['calibration']['source']}, per class {report['calibration']['class_counts']}; "
+        f"{report['calibration']['source']}, per class {_counts(report['calibration']['class_counts'])}; "
         f"layer-by-layer bias correction {'on' if report.get('bias_correction', True) else 'off'}.",
-        f"Gate: a variant fails when its accuracy is more than {report['gate']['max_accuracy_drop']} points "
-        f"below Keras, or its recall of {disease} more than {report['gate']['max_recall_drop']} points below. "
-        f"Overall: **{'passed' if report['passed'] else 'FAILED'}**.",
+        f"Gate (convert/gate.py): a variant fails when it did not learn (accuracy not above the majority-class "
+        f"rate, one-sided binomial p < 0.01), its accuracy is more than {report['gate']['max_accuracy_drop']} "
+        f"points below Keras, or its recall of {disease} more than {report['gate']['max_recall_drop']} points "
+        "below; the conversion passes when every float variant and at least one integer variant pass. "
+        f"With {t['n']} test images one image is {100 / max(t['n'], 1):.2f} points.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" for _ in head) + "|",
@@ -96,11 +106,16 @@ def chart_png(report: dict) -> bytes:
     ax2.axhline(keras_acc, color="k", linestyle="--", label=f"Keras {keras_acc:.1f} %")
     ax2.axhline(keras_acc - report["gate"]["max_accuracy_drop"], color="tab:red", linestyle=":",
                 label="gate")
-    lo = min(accs + [keras_acc]) - 5
-    ax2.set_ylim(max(0, lo), 100)
-    ax2.set_ylabel("test accuracy %")
+    disease = report["gate"]["disease_class"]
+    if disease in report["labels"]:
+        recalls = [100 * v["per_class_recall"][disease] for v in report["variants"]]
+        ax2.plot(names, recalls, "D", color="tab:purple", label=f"{disease} recall")
+    ax2.set_ylim(0, 100)
+    ax2.set_ylabel("percent of test images")
     ax2.set_title(f"accuracy on {report['test']['n']} test images (red: gate failed)")
-    ax2.legend(loc="lower right")
+    for i, a in enumerate(accs):
+        ax2.text(i, a / 2, f"{a:.1f}", ha="center", va="center", color="white")
+    ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3, fontsize=8)
     for ax in (ax1, ax2):
         ax.tick_params(axis="x", rotation=20)
     fig.suptitle(f"Quantisation report: {Path(str(report['source'])).name}")

@@ -9,8 +9,10 @@ from typing import Iterable, Optional, Union
 
 import numpy as np
 
-from edge_runtime.errors import ConfigError
+from edge_runtime import floor
+from edge_runtime.errors import ConfigError, ModelError
 
+from . import gate
 from .calibration import DEFAULT_COUNT, calibration_from_files, calibration_from_folder, load_images
 from .evaluate import choose_threshold, compare, decide, keras_probabilities, summarize, tflite_probabilities
 from .keras_convert import (check_classifier, convert_keras_model, converter_versions, load_keras_model,
@@ -26,8 +28,8 @@ def convert_run(
     data_dir: Optional[str] = None,
     out_dir: Optional[str] = None,
     calibration_count: int = DEFAULT_COUNT,
-    max_accuracy_drop: float = 1.0,
-    max_recall_drop: float = 2.0,
+    max_accuracy_drop: float = gate.DEFAULT_MAX_ACCURACY_DROP,
+    max_recall_drop: float = gate.DEFAULT_MAX_RECALL_DROP,
     progress: bool = True,
     calibration_dir: Optional[str] = None,
     rethreshold: bool = False,
@@ -88,6 +90,10 @@ def convert_run(
     keras_probs = keras_probabilities(model, x_test)
     keras_m = summarize(y_test, keras_probs, spec, spec.threshold)
     keras_pred = decide(keras_probs, spec.labels, spec.threshold)
+    keras_verdict = floor.judge(y_test, keras_pred, spec.labels)
+    keras_m["learning_floor"] = keras_verdict.to_dict()
+    if keras_verdict.failed:
+        raise ModelError(f"{keras_verdict.sentence()}: the Keras model of {run.path} is not worth converting")
 
     calibration, calib_info = None, {"count": 0, "source": "not needed", "class_counts": {}}
     if needs_calibration:
@@ -126,6 +132,7 @@ def convert_run(
     for r in rows:
         r["size_ratio"] = (r["size_bytes"] / base) if base else None
 
+    verdict = gate.overall(rows)
     report = {
         "source": str(run.path),
         "created_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -139,10 +146,11 @@ def convert_run(
         "calibration": calib_info,
         "bias_correction": bias_correction,
         "gate": {"max_accuracy_drop": max_accuracy_drop, "max_recall_drop": max_recall_drop,
-                 "disease_class": disease or "every class"},
+                 "disease_class": disease or "every class", "learning_floor": floor.ALPHA},
         "keras": _keras_row(keras_m),
         "variants": rows,
-        "passed": all(r["gate"] == "passed" for r in rows),
+        "passed": verdict.passed,
+        "verdict": verdict.to_dict(),
         "size_ratio_note": None if base else "float32 not converted: no size ratios",
     }
     report["files"] = report_paths(out)
@@ -184,25 +192,6 @@ def _keras_row(m: dict) -> dict:
             "macro_f1": m["macro"]["f1"], "decision": m["decision"], "metrics": m}
 
 
-def gate_reasons(keras_m: dict, m: dict, disease: Optional[str], max_accuracy_drop: float,
-                 max_recall_drop: float) -> list:
-    """Why a variant fails the gate (empty list: it passes).
-
-    It fails when its accuracy is more than ``max_accuracy_drop`` percentage points below the
-    Keras model's, or its recall of ``disease`` (of every class when None) more than
-    ``max_recall_drop`` points below.
-    """
-    reasons = []
-    drop = 100.0 * (keras_m["accuracy"] - m["accuracy"])
-    if drop > max_accuracy_drop + 1e-9:
-        reasons.append(f"accuracy {drop:.2f} points below Keras (limit {max_accuracy_drop:g})")
-    for name in ([disease] if disease else list(keras_m["per_class"])):
-        rdrop = 100.0 * (keras_m["per_class"][name]["recall"] - m["per_class"][name]["recall"])
-        if rdrop > max_recall_drop + 1e-9:
-            reasons.append(f"{name} recall {rdrop:.2f} points below Keras (limit {max_recall_drop:g})")
-    return reasons
-
-
 def _judge(path, v, x, y, keras_probs, keras_pred, keras_m, spec, disease, max_acc, max_rec, seconds, progress):
     """Load the written file in the runtime, run the test images, apply the gate."""
     from edge_runtime.classifier import Classifier
@@ -212,9 +201,12 @@ def _judge(path, v, x, y, keras_probs, keras_pred, keras_m, spec, disease, max_a
     threshold = clf.spec.threshold if clf.use_threshold else None
     m = summarize(y, probs, spec, threshold)
     pred = decide(probs, spec.labels, threshold)
+    verdict = floor.judge(y, pred, spec.labels)
+    m["learning_floor"] = verdict.to_dict()
     cmp_ = compare(keras_probs, probs, keras_pred, pred)
     drop = 100.0 * (keras_m["accuracy"] - m["accuracy"])
-    reasons = gate_reasons(keras_m, m, disease, max_acc, max_rec)
+    reasons = gate.variant_reasons(keras_m, m, disease, max_acc, max_rec, learned=not verdict.failed,
+                                   floor_sentence=verdict.sentence())
     details = clf.describe()
     return {
         "variant": v.name,
@@ -226,6 +218,10 @@ def _judge(path, v, x, y, keras_probs, keras_pred, keras_m, spec, disease, max_a
         "backend": f"{clf.backend.name} {clf.backend.version}",
         "conversion_seconds": seconds,
         "accuracy": m["accuracy"],
+        "correct": verdict.correct,
+        "n": verdict.n,
+        "accuracy_ci95": list(verdict.accuracy_ci95),
+        "learning_floor": verdict.status,
         "accuracy_drop_pts": drop,
         "per_class_recall": {n: c["recall"] for n, c in m["per_class"].items()},
         "macro_f1": m["macro"]["f1"],

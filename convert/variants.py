@@ -63,7 +63,7 @@ VARIANTS: Dict[str, Variant] = {
     )
 }
 
-DEFAULT_VARIANTS: Tuple[str, ...] = ("float32", "float16", "int8")
+DEFAULT_VARIANTS: Tuple[str, ...] = ("float32", "float16", "int8", "int8-mixed")
 
 
 def get_variant(name: Union[str, Variant]) -> Variant:

@@ -18,8 +18,9 @@ import click
 from lungedge import __version__
 from lungedge.cli_util import EXIT_FAILED, EXIT_OK, handle_errors
 
-# TensorFlow's C++ start-up chatter hides the progress bars and results users need to see.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's C++ start-up chatter hides the progress bars and results users need to see
+# (train.tfimport also silences what this variable does not reach; --verbose shows it all).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # Modules that each define ``commands``: a list of click commands to add to the group.
 _COMMAND_MODULES = ("train.cli", "convert.cli", "lungedge.bench_cli", "lungedge.pipeline_cli")
@@ -27,7 +28,10 @@ _COMMAND_MODULES = ("train.cli", "convert.cli", "lungedge.bench_cli", "lungedge.
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="lungedge")
-def main() -> None:
+@click.option("--verbose", "-v", is_flag=True, help="Also show TensorFlow's own start-up and Keras output.")
+@click.option("--quiet", "-q", is_flag=True, help="Only results and errors: no progress.")
+@click.pass_context
+def main(ctx, verbose: bool, quiet: bool) -> None:
     """lungedge: lung-image classifiers from training to a cheap device.
 
     \b
@@ -38,6 +42,11 @@ def main() -> None:
       lungedge classify --model runs/xray/model_int8.tflite IMAGES...
       lungedge bench runs/xray/*.tflite --images DIR
     """
+    ctx.ensure_object(dict)
+    ctx.obj["verbosity"] = 0 if quiet else 2 if verbose else 1
+    if verbose:
+        os.environ["LUNGEDGE_VERBOSE"] = "1"
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
 
 
 def _model_options(f):

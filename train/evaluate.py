@@ -24,7 +24,7 @@ def load_run_model(model_or_run_dir: str):
     Raises:
         ModelError: no model, or a file Keras cannot load.
     """
-    from .run import import_tf
+    from .tfimport import import_tf
 
     _, keras = import_tf()
     p = Path(model_or_run_dir)
@@ -55,7 +55,7 @@ def evaluate_keras(model_or_run_dir: str, data_dir: str, limit: Optional[int] = 
         ModelError: the model cannot be loaded. ConfigError: the data folder does not fit the model.
     """
     from .pipeline import image_dataset
-    from .run import import_tf
+    from .tfimport import import_tf
 
     _, keras = import_tf()
     model, spec, model_path = load_run_model(model_or_run_dir)

@@ -1,4 +1,5 @@
-"""MobileNetV2 transfer-learning model: frozen base, small head, optional fine-tuning of the top blocks.
+"""MobileNetV2 classifier: with ImageNet weights a frozen base, a small head and optional fine-tuning
+of the top blocks; without them (``weights="none"``) the whole network trains from scratch.
 
 The model takes the float input made by ``edge_runtime.preprocess`` (no preprocessing layer
 inside) and outputs softmax probabilities over the classes (also for two classes).
@@ -24,8 +25,19 @@ class Built:
     head: Any  # feature vector -> probabilities
 
 
-def build_model(recipe: Recipe, num_classes: int, mixed_precision: bool = False) -> Built:
-    """Build the classifier for ``recipe`` with ``num_classes`` outputs, base frozen.
+#: BatchNorm momentum for a base trained from scratch. Keras's MobileNetV2 uses 0.999, whose moving
+#: statistics need thousands of steps to leave their initial values; a scratch run here takes a few
+#: hundred steps, so with 0.999 the model validates (inference mode) on statistics it never had.
+SCRATCH_BN_MOMENTUM = 0.9
+
+
+def build_model(recipe: Recipe, num_classes: int) -> Built:
+    """Build the classifier for ``recipe`` with ``num_classes`` outputs.
+
+    With pretrained weights the base is frozen and runs in inference mode (BatchNorm included,
+    also when its top blocks are fine-tuned later). From scratch (``recipe.from_scratch``) a
+    frozen random base could learn nothing, so the whole network trains, BatchNorm in training
+    mode with ``SCRATCH_BN_MOMENTUM``.
 
     Raises:
         ConfigError: the weights cannot be found (see ``train.weights``).
@@ -36,9 +48,16 @@ def build_model(recipe: Recipe, num_classes: int, mixed_precision: bool = False)
     weights = resolve_weights(recipe.weights, recipe.alpha, size)
     base = keras.applications.MobileNetV2(
         input_shape=(size, size, channels), alpha=recipe.alpha, include_top=False, weights=weights)
-    base.trainable = False
     inputs = keras.Input((size, size, channels), name="image")
-    x = base(inputs, training=False)  # BatchNorm stays in inference mode, also when fine-tuning
+    if weights is None:
+        base.trainable = True
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = SCRATCH_BN_MOMENTUM
+        x = base(inputs)
+    else:
+        base.trainable = False
+        x = base(inputs, training=False)  # BatchNorm stays in inference mode, also when fine-tuning
     feats = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     features = keras.Model(inputs, feats, name="features")
     head_layers = []
@@ -73,9 +92,13 @@ def unfreeze_top(base, blocks: int) -> int:
     return len(base.trainable_weights)
 
 
-def compile_model(model, learning_rate: float) -> None:
+def compile_model(model, learning_rate: float, schedule: str = "constant", total_steps: int = 0) -> None:
+    """Adam at ``learning_rate``; with ``schedule="cosine"`` decayed to 0 over ``total_steps``."""
     import keras
 
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+    lr = learning_rate
+    if schedule == "cosine" and total_steps > 0:
+        lr = keras.optimizers.schedules.CosineDecay(learning_rate, total_steps)
+    model.compile(optimizer=keras.optimizers.Adam(lr),
                   loss=keras.losses.SparseCategoricalCrossentropy(),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])

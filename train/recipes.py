@@ -27,6 +27,7 @@ from edge_runtime.spec import dataclass_from_dict
 
 SPLITS = ("random", "grouped")
 MONITORS = ("val_accuracy", "val_loss")
+LR_SCHEDULES = ("constant", "cosine")
 COLOR_MODES = ("rgb", "grayscale")
 
 
@@ -107,6 +108,7 @@ class Recipe:
     epochs: int = 20
     batch_size: int = 32
     learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
     head_units: int = 128
     dropout: float = 0.5
     augment: Union[bool, Augment] = False
@@ -141,6 +143,8 @@ class Recipe:
         _check_int("batch_size", self.batch_size, 1, 65536)
         _check_positive("learning_rate", self.learning_rate)
         object.__setattr__(self, "learning_rate", float(self.learning_rate))
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         _check_int("head_units", self.head_units, 0, 65536)
         if not _is_number(self.dropout) or not 0.0 <= float(self.dropout) < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
@@ -174,6 +178,11 @@ class Recipe:
             raise ConfigError(f"alpha must be one of 0.35, 0.5, 0.75, 1.0, 1.3, 1.4, got {self.alpha!r}")
         object.__setattr__(self, "alpha", float(self.alpha))
         _check_int("seed", self.seed, 0, 2**31 - 1)
+
+    @property
+    def from_scratch(self) -> bool:
+        """No pretrained weights: the whole network trains (a frozen random base learns nothing)."""
+        return self.weights in ("none", "None", "")
 
     @property
     def augmentation(self) -> Optional[Augment]:
@@ -290,6 +299,19 @@ _PAPER_CT = Recipe(
     positive_label="malignant",
 )
 
+_DEMO = Recipe(
+    name="demo",
+    description="The built-in demo with ImageNet weights: generated radiograph-like images, stratified random "
+    "70/15/15, frozen ImageNet base + GAP/Dense128/Dropout0.5 head on cached features, Adam 1e-3, up to 40 "
+    "epochs, early stopping on val loss (patience 8).",
+    split="random",
+    fractions=(0.70, 0.15, 0.15),
+    epochs=40,
+    patience=8,
+    monitor="val_loss",
+    positive_label="PNEUMONIA",
+)
+
 RECIPES: Dict[str, Recipe] = {
     r.name: r
     for r in (
@@ -323,6 +345,25 @@ RECIPES: Dict[str, Recipe] = {
             monitor="val_loss",
             fine_tune=FineTune(epochs=5, blocks=3, learning_rate=1e-5),
             target_recall=0.95,
+        ),
+        _DEMO,
+        _DEMO.replace(
+            name="demo-scratch",
+            description="The built-in demo without pretrained weights (a fresh machine offline): MobileNetV2 "
+            "alpha 0.35 at 64 px trained whole from random initialisation (BatchNorm momentum 0.9), no Dense "
+            "hidden layer, dropout 0.2, Adam 2e-3 with cosine decay, batch 32, 7 epochs, early stopping on val "
+            "loss (patience 3), best epoch restored. Chosen on generated sets other than the demo's (seeds 1-3): "
+            "from scratch, data variety decides (560 training images: 0.78 validation accuracy at 96 px; 2,800 "
+            "at 64 px: 0.97 by epoch 6), so the demo generates 2,000 images per class for it.",
+            weights="none",
+            alpha=0.35,
+            image_size=64,
+            head_units=0,
+            dropout=0.2,
+            learning_rate=2e-3,
+            lr_schedule="cosine",
+            epochs=7,
+            patience=3,
         ),
     )
 }

@@ -43,7 +43,8 @@ def _save(fig, path: Path) -> None:
     atomic_write_bytes(str(path), buf.getvalue())
 
 
-def plot_history(path: Path, rows: List[dict], title: str) -> None:
+def plot_history(path: Path, rows: List[dict], title: str, restored_epoch=None) -> None:
+    """Loss and accuracy per epoch (train and validation), with the restored epoch marked."""
     plt = _figure()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     ep = [r["epoch"] for r in rows]
@@ -55,7 +56,10 @@ def plot_history(path: Path, rows: List[dict], title: str) -> None:
             if phases[i] != phases[i - 1]:
                 ax.axvline(ep[i] - 0.5, color="grey", ls="--", lw=1)
                 ax.text(ep[i] - 0.4, ax.get_ylim()[1], " fine-tune", va="top", fontsize=8, color="grey")
+        if restored_epoch is not None:
+            ax.axvline(restored_epoch, color="tab:green", ls=":", lw=1.5, label=f"restored (epoch {restored_epoch})")
         ax.set_xlabel("epoch")
+        ax.set_ylabel("cross-entropy loss" if key == "loss" else "accuracy (fraction correct)")
         ax.set_title(key)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -108,6 +112,7 @@ def plot_roc(path: Path, y_true: np.ndarray, probs: np.ndarray, class_names: Seq
 def model_card(
     recipe, spec, counts: Dict[str, Dict[str, int]], metrics: dict, argmax_metrics: dict, val_metrics: dict,
     data_dir: str, failures: list, seconds: float, device: str, is_ct: bool, fixed_test: bool,
+    verdict=None,
 ) -> str:
     """The model card (Markdown)."""
     names = list(spec.labels)
@@ -125,7 +130,9 @@ def model_card(
         f"{spec.preprocessing.resize} resize, (pixel - {list(spec.preprocessing.mean)}) / {list(spec.preprocessing.std)} "
         "(`edge_runtime.preprocess`, the same function the device uses).",
         f"- Output classes (in order): {', '.join(names)}.",
-        f"- Training: Adam {recipe.learning_rate}, batch {recipe.batch_size}, up to {recipe.epochs} epochs with the base frozen"
+        f"- Training: Adam {recipe.learning_rate}" + (" (cosine decay)" if recipe.lr_schedule == "cosine" else "")
+        + f", batch {recipe.batch_size}, up to {recipe.epochs} epochs "
+        + ("training the whole network from random initialisation" if recipe.from_scratch else "with the base frozen")
         + (f", early stopping on {recipe.monitor} (patience {recipe.patience}, best weights restored)" if recipe.patience else "")
         + (", class weights (balanced)" if recipe.class_weights else "")
         + (", augmentation " + str(recipe.augmentation.__dict__) if recipe.augmentation else ", no augmentation")
@@ -161,6 +168,8 @@ def model_card(
                      f"{m['macro']['f1']:.4f} | {m['weighted']['f1']:.4f} | {auc:.4f} |" if auc is not None else
                      f"| {label} | {m['accuracy']:.4f} | {m['macro']['precision']:.4f} | {m['macro']['recall']:.4f} | "
                      f"{m['macro']['f1']:.4f} | {m['weighted']['f1']:.4f} | n/a |")
+    if verdict is not None:
+        lines += ["", f"Learning floor ({verdict.status}): {verdict.sentence()}."]
     paper = next((v for k, v in PAPERS.items() if recipe.name.startswith(k)), None)
     if paper:
         lines += ["", f"Published (paper recipe): {paper}. Not comparable one to one: different split, "
@@ -181,7 +190,11 @@ def model_card(
         "- Trained on one public dataset from one source; accuracy on images from other hospitals, "
         "scanners, ages or preprocessing is unknown and usually lower.",
     ]
-    if is_ct:
+    synthetic = recipe.name.startswith("demo")
+    if synthetic:
+        lines[-1] = ("- Trained and tested on procedurally generated radiograph-like images (`lungedge demo`): the "
+                     "numbers show that the pipeline works end to end, and say nothing about real radiographs.")
+    elif is_ct:
         lines.append(
             "- **Leakage caveat (CT):** IQ-OTH/NCCD holds slices of about 110 patients with no patient id in the "
             "file names, so this random split puts slices of one patient on both sides of train/test. The test "
@@ -194,7 +207,7 @@ def model_card(
             "(`--split grouped`) for a patient-disjoint estimate.")
     else:
         lines.append("- The split is patient-grouped (no patient in two splits), from the patient ids in the file names.")
-    if not is_ct:
+    if not is_ct and not synthetic:
         lines.append(
             "- Validation scores on this data are an optimistic guide: earlier measurements on the patient-disjoint "
             "official Kermany test split gave 0.75-0.90 accuracy for this kind of model (it over-calls pneumonia).")

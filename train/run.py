@@ -19,7 +19,8 @@ from typing import Optional, Union
 import numpy as np
 
 from edge_runtime.data import atomic_write_text
-from edge_runtime.errors import ConfigError, MissingDependencyError
+from edge_runtime import floor
+from edge_runtime.errors import ConfigError, ModelError
 from edge_runtime.metrics import classification_metrics, format_report
 from edge_runtime.spec import ModelSpec, Preprocessing, Threshold
 
@@ -27,19 +28,10 @@ from . import checkpoint as ck
 from .data import (Dataset, class_weights, drop_unreadable, fingerprint, kfold_assignments, load_dataset,
                    read_manifest, split_dataset, write_manifest)
 from .recipes import Recipe, get_recipe
+from .tfimport import import_tf
 from .threshold import apply_threshold, choose_operating_point, resolve_label
 
 STRATEGIES = ("default", "mirrored", "multi-worker")
-
-
-def import_tf():
-    """Import TensorFlow and Keras, or say how to install them."""
-    try:
-        import keras
-        import tensorflow as tf
-    except ImportError:
-        raise MissingDependencyError("training needs TensorFlow: pip install 'lungedge[train]'") from None
-    return tf, keras
 
 
 def preprocessing_for(recipe: Recipe) -> Preprocessing:
@@ -240,14 +232,14 @@ class _Context:
     @staticmethod
     def feature_mode(recipe: Recipe) -> bool:
         """Base frozen and no augmentation: the base's output is fixed, so compute it once."""
-        return recipe.augmentation is None
+        return recipe.augmentation is None and not recipe.from_scratch
 
     def build(self, num_classes: int):
         from .model import build_model
 
         self.keras.utils.set_random_seed(self.recipe_seed)
         with self.strategy.scope():
-            return build_model(self.recipe, num_classes, mixed_precision=self.gpu)
+            return build_model(self.recipe, num_classes)
 
 
 def _predict_features(ctx, built, paths, prep, batch_size):
@@ -298,11 +290,12 @@ def _fit_and_report(recipe: Recipe, ds: Dataset, assignment: np.ndarray, out: Pa
             decoded[s] = decode_dataset(paths[s], prep).cache()
         return decoded[s]
 
-    phases = [("head", recipe.epochs, recipe.learning_rate)]
+    phases = [("head", recipe.epochs, recipe.learning_rate, recipe.lr_schedule)]
     if recipe.fine_tune.enabled:
-        phases.append(("fine_tune", recipe.fine_tune.epochs, recipe.fine_tune.learning_rate))
+        phases.append(("fine_tune", recipe.fine_tune.epochs, recipe.fine_tune.learning_rate, "constant"))
+    steps_per_epoch = -(-len(split["train"]) // recipe.batch_size)
     offset = 0
-    for phase, epochs, lr in phases:
+    for phase, epochs, lr, schedule in phases:
         if phase in state.done:
             offset += sum(1 for r in state.history if r["phase"] == phase)
             continue
@@ -311,7 +304,7 @@ def _fit_and_report(recipe: Recipe, ds: Dataset, assignment: np.ndarray, out: Pa
         on_features = feature_mode and phase == "head"
         fit_model = built.head if on_features else built.model
         with ctx.strategy.scope():
-            compile_model(fit_model, lr)
+            compile_model(fit_model, lr, schedule, epochs * steps_per_epoch)
         if state.done:  # a later phase starts from the end of the previous one
             _load_weights(built.model, state.path(f"phase_{state.done[-1]}.weights.h5"))
         start = state.start_phase(phase)
@@ -357,7 +350,9 @@ def _fit_and_report(recipe: Recipe, ds: Dataset, assignment: np.ndarray, out: Pa
         threshold = Threshold(positive, value, recipe.target_recall, "validation")
         _log(verbose, f"threshold: {positive} when p >= {value:.4f} (validation recall >= {recipe.target_recall})")
     th_value = threshold.value if threshold else None
-    test_m = classification_metrics(y["test"], apply_threshold(p_test, pos_index, th_value), names, p_test)
+    test_pred = apply_threshold(p_test, pos_index, th_value)
+    test_m = classification_metrics(y["test"], test_pred, names, p_test)
+    verdict = floor.judge(y["test"], test_pred, names)
     argmax_m = classification_metrics(y["test"], p_test.argmax(1), names, p_test)
     val_m = classification_metrics(y["val"], apply_threshold(p_val, pos_index, th_value), names, p_val)
     seconds = time.perf_counter() - t_start  # this process only; a resumed run adds its earlier epochs below
@@ -375,7 +370,8 @@ def _fit_and_report(recipe: Recipe, ds: Dataset, assignment: np.ndarray, out: Pa
     write_history(out / "history.csv", state.history)
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
-    plot_history(plots / "training_curves.png", state.history, f"{recipe.name}: training")
+    plot_history(plots / "training_curves.png", state.history, f"{recipe.name}: training",
+                 restored_epoch=_restored_epoch(state.history, recipe))
     plot_confusion(plots / "confusion_matrix.png", test_m["confusion_matrix"], names,
                    f"{recipe.name}: test ({'threshold' if threshold else 'argmax'})")
     plot_roc(plots / "roc.png", y["test"], p_test, names, f"{recipe.name}: test ROC")
@@ -387,16 +383,30 @@ def _fit_and_report(recipe: Recipe, ds: Dataset, assignment: np.ndarray, out: Pa
         "argmax": argmax_m, "validation": val_m, "counts": counts, "failures": ds.failures,
         "epochs_run": len(state.history), "train_seconds": round(seconds, 1),
         "epoch_seconds_total": round(state.seconds, 1), "device": ctx.device,
-        "recipe": recipe.name, "data": str(ds.root),
+        "recipe": recipe.name, "data": str(ds.root), "learning_floor": verdict.to_dict(),
     })
     atomic_write_text(str(out / "metrics.json"), json.dumps(metrics, indent=2))
     is_ct = recipe.name.startswith("ct") or any(h in x.lower() for x in names for h in ("bengin", "benign", "malignant"))
     card = model_card(recipe, spec, counts, test_m, argmax_m, val_m, str(ds.root), ds.failures, seconds, ctx.device,
-                      is_ct=is_ct, fixed_test=ds.fixed_split is not None)
+                      is_ct=is_ct, fixed_test=ds.fixed_split is not None, verdict=verdict)
     atomic_write_text(str(out / "model_card.md"), card)
     _cleanup(state.folder)
     _log(verbose, f"test ({metrics['decision']}):\n{format_report(test_m)}")
+    _log(verbose, verdict.sentence())
+    if verdict.failed:
+        raise ModelError(f"{verdict.sentence()} (run folder {out} kept for diagnosis)")
     return metrics
+
+
+def _restored_epoch(history, recipe: Recipe) -> Optional[int]:
+    """The epoch whose weights early stopping restored (the best of the last phase), or None."""
+    if not recipe.patience or not history:
+        return None
+    last = [r for r in history if r.get("phase") == history[-1].get("phase") and r.get(recipe.monitor) is not None]
+    if not last:
+        return None
+    pick = min if recipe.monitor == "val_loss" else max
+    return int(pick(last, key=lambda r: r[recipe.monitor])["epoch"])
 
 
 def _soft_label(name: Optional[str], names) -> Optional[str]:

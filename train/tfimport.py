@@ -1,0 +1,74 @@
+"""Importing TensorFlow and Keras: once, quietly, or with a one-line error saying how to install them.
+
+TensorFlow prints start-up lines from C++ (oneDNN, CPU features, absl) straight to file
+descriptor 2 when it is imported; they hide the progress and results users came for. They
+reach the terminal only with ``lungedge --verbose`` (``LUNGEDGE_VERBOSE=1``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+
+from edge_runtime.errors import MissingDependencyError
+
+VERBOSE_ENV = "LUNGEDGE_VERBOSE"
+
+
+def verbose() -> bool:
+    """True when TensorFlow's own output should be shown (``lungedge --verbose``)."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def import_tf():
+    """``(tensorflow, keras)``, imported quietly unless verbose.
+
+    Raises:
+        MissingDependencyError: TensorFlow is not installed.
+    """
+    if not verbose():
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        if "tensorflow" in sys.modules or verbose():
+            import keras
+            import tensorflow as tf
+        else:
+            with quiet():
+                import keras
+                import tensorflow as tf
+    except ImportError as exc:
+        raise MissingDependencyError(f"this needs TensorFlow (pip install 'lungedge[train]'): {exc}") from None
+    if not verbose():
+        tf.get_logger().setLevel("ERROR")
+    return tf, keras
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence Python and C++ output (file descriptors 1 and 2) and warnings inside the block."""
+    import tempfile
+    import warnings
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = []
+    sink = None
+    try:
+        sink = tempfile.TemporaryFile()
+        for fd in (1, 2):
+            saved.append((fd, os.dup(fd)))
+            os.dup2(sink.fileno(), fd)
+    except (OSError, ValueError):  # no real descriptors (embedded interpreters, pytest capture): Python-level only
+        pass
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
+        if sink is not None:
+            sink.close()

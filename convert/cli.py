@@ -50,8 +50,11 @@ def convert_cmd(run_dir, variants, data_dir, calibration_count, calibration_dir,
       lungedge convert runs/xray --variants float32,float16,int8
       lungedge convert runs/ct --variants int8 --data ct_test/ --calibration 500
 
-    Exit code 1 when a variant falls more than --max-accuracy-drop points below the Keras
-    model (or its disease-class recall more than --max-recall-drop), unless --no-gate.
+    The gate (convert/gate.py, the same rule as the pipeline's): a variant fails when it did
+    not learn (accuracy not above the majority-class rate, binomial p < 0.01), falls more than
+    --max-accuracy-drop points below the Keras model, or its disease-class recall more than
+    --max-recall-drop. Exit code 1 unless every float variant and at least one integer variant
+    pass (--no-gate: report only), or when the Keras model itself did not learn.
     """
     from .run import convert_run
 
@@ -73,9 +76,12 @@ def convert_cmd(run_dir, variants, data_dir, calibration_count, calibration_dir,
                    f"{v['conversion_seconds']:>8.1f}  {v['gate']}"
                    + (f" ({'; '.join(v['gate_reasons'])})" if v["gate_reasons"] else ""))
     click.echo(f"report: {report['files']['md']}")
+    message = (report.get("verdict") or {}).get("message", "")
     if not report["passed"]:
-        click.echo("gate: FAILED" + (" (ignored: --no-gate)" if no_gate else ""), err=True)
+        click.echo("gate: FAILED" + (f": {message.removeprefix('FAILED').lstrip(': ')}" if message else "")
+                   + (" (ignored: --no-gate)" if no_gate else ""), err=True)
         sys.exit(EXIT_OK if no_gate else EXIT_FAILED)
+    click.echo(f"gate: {message}" if message else "gate: passed")
     sys.exit(EXIT_OK)
 
 

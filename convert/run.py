@@ -35,6 +35,7 @@ def convert_run(
     rethreshold: bool = False,
     seed: int = 0,
     bias_correction: bool = True,
+    learning_floor: bool = True,
 ) -> dict:
     """Convert a run's ``model.keras`` to each variant and compare them with it.
 
@@ -55,6 +56,9 @@ def convert_run(
             manifest's validation split with the quantised model's own probabilities
             (stored in that variant's metadata).
         seed: for the calibration pick.
+        learning_floor: refuse a Keras model that did not learn (``edge_runtime.floor``) and fail
+            variants that did not; False only records the verdicts (tests of the file contract
+            on tiny untrained models).
         bias_correction: correct the integer variants' biases, layer by layer, for the mean
             shift quantisation causes on the calibration images (``convert.bias_correction``).
 
@@ -92,7 +96,7 @@ def convert_run(
     keras_pred = decide(keras_probs, spec.labels, spec.threshold)
     keras_verdict = floor.judge(y_test, keras_pred, spec.labels)
     keras_m["learning_floor"] = keras_verdict.to_dict()
-    if keras_verdict.failed:
+    if keras_verdict.failed and learning_floor:
         raise ModelError(f"{keras_verdict.sentence()}: the Keras model of {run.path} is not worth converting")
 
     calibration, calib_info = None, {"count": 0, "source": "not needed", "class_counts": {}}
@@ -125,7 +129,7 @@ def convert_run(
             write_tflite(path, data)
         sizes[v.name] = len(data)
         rows.append(_judge(path, v, x_test, y_test, keras_probs, keras_pred, keras_m, spec, disease,
-                           max_accuracy_drop, max_recall_drop, seconds, progress))
+                           max_accuracy_drop, max_recall_drop, seconds, progress, learning_floor))
         if note:
             rows[-1]["threshold_note"] = note
     base = sizes.get("float32")
@@ -192,7 +196,8 @@ def _keras_row(m: dict) -> dict:
             "macro_f1": m["macro"]["f1"], "decision": m["decision"], "metrics": m}
 
 
-def _judge(path, v, x, y, keras_probs, keras_pred, keras_m, spec, disease, max_acc, max_rec, seconds, progress):
+def _judge(path, v, x, y, keras_probs, keras_pred, keras_m, spec, disease, max_acc, max_rec, seconds, progress,
+           learning_floor=True):
     """Load the written file in the runtime, run the test images, apply the gate."""
     from edge_runtime.classifier import Classifier
 
@@ -205,7 +210,7 @@ def _judge(path, v, x, y, keras_probs, keras_pred, keras_m, spec, disease, max_a
     m["learning_floor"] = verdict.to_dict()
     cmp_ = compare(keras_probs, probs, keras_pred, pred)
     drop = 100.0 * (keras_m["accuracy"] - m["accuracy"])
-    reasons = gate.variant_reasons(keras_m, m, disease, max_acc, max_rec, learned=not verdict.failed,
+    reasons = gate.variant_reasons(keras_m, m, disease, max_acc, max_rec, learned=not (verdict.failed and learning_floor),
                                    floor_sentence=verdict.sentence())
     details = clf.describe()
     return {

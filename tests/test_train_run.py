@@ -68,7 +68,7 @@ def run_dir(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "plus"
     # patience 0: keep the last weights (with early stopping, the best could be from before fine-tuning)
     recipe = tiny(patience=0, fine_tune={"epochs": 1, "blocks": 2, "learning_rate": 1e-3})
-    return train_run(recipe, str(data_dir), str(out), verbose=0)
+    return train_run(recipe, str(data_dir), str(out), verbose=0, learning_floor=False)
 
 
 def test_run_folder_has_every_contract_file(run_dir):
@@ -188,7 +188,7 @@ def test_paper_recipe_trains_the_head_on_cached_features_and_cv_table(data_dir, 
     from train.run import cv_run
 
     recipe = tiny("ct-lung-cancer", fine_tune={"epochs": 0}, epochs=3, augment=False)
-    out = cv_run(recipe, str(data_dir), str(tmp_path / "cv"), 3, verbose=0)
+    out = cv_run(recipe, str(data_dir), str(tmp_path / "cv"), 3, verbose=0, learning_floor=False)
     summary = json.loads((out / "cv_summary.json").read_text())
     accs = [json.loads((out / f"fold_{i}" / "metrics.json").read_text())["accuracy"] for i in (1, 2, 3)]
     assert [r["accuracy"] for r in summary["folds"]] == accs
@@ -206,9 +206,9 @@ def test_refuses_a_non_empty_out_and_unknown_strategy(run_dir, data_dir):
     from train.run import train_run
 
     with pytest.raises(ConfigError, match="not empty"):
-        train_run(tiny(), str(data_dir), str(run_dir), verbose=0)
+        train_run(tiny(), str(data_dir), str(run_dir), verbose=0, learning_floor=False)
     with pytest.raises(ConfigError, match="strategy"):
-        train_run(tiny(), str(data_dir), str(run_dir / "x"), strategy="tpu", verbose=0)
+        train_run(tiny(), str(data_dir), str(run_dir / "x"), strategy="tpu", verbose=0, learning_floor=False)
 
 
 def test_cli_train_help_and_unknown_recipe():
@@ -235,7 +235,7 @@ import sys, json
 from train.recipes import Recipe
 from train.run import train_run
 recipe = Recipe.from_json(open(sys.argv[1]).read())
-train_run(recipe, sys.argv[2], sys.argv[3], resume=sys.argv[4] == "1", strategy=sys.argv[5], verbose=2)
+train_run(recipe, sys.argv[2], sys.argv[3], resume=sys.argv[4] == "1", strategy=sys.argv[5], verbose=2, learning_floor=False)
 """
 
 
@@ -276,7 +276,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from train.recipes import Recipe
 from train.run import train_run
-out = train_run(Recipe.from_json(open(sys.argv[1]).read()), sys.argv[2], sys.argv[3], strategy="mirrored", verbose=0)
+out = train_run(Recipe.from_json(open(sys.argv[1]).read()), sys.argv[2], sys.argv[3], strategy="mirrored", verbose=0, learning_floor=False)
 print("DEVICE", json.load(open(out / "metrics.json"))["device"])
 """
 

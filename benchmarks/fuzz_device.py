@@ -322,17 +322,23 @@ def mutate_image(data: bytes, rng: random.Random) -> bytes:
 
 
 # ---- building the corpus -------------------------------------------------------------------
+def build_labels(path: Path) -> List[str]:
+    """ImageNet's label file with repeated names made distinct (as the runtime does)."""
+    raw = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    seen, labels = set(), []
+    for i, n in enumerate(raw):
+        labels.append(n if n not in seen else f"{n} [{i}]")
+        seen.add(n)
+    return labels
+
+
 def build_cases(work: Path, size: int, seed: int, classes: Sequence[str]) -> List[Case]:
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
     base = (CORAL / BASE_MODEL).read_bytes()
     labels_file = CORAL / "imagenet_labels.txt"
     cat = CORAL / "cat.bmp"
-    raw_labels = [ln.strip() for ln in labels_file.read_text().splitlines() if ln.strip()]
-    seen, labels = set(), []
-    for i, n in enumerate(raw_labels):
-        labels.append(n if n not in seen else f"{n} [{i}]")
-        seen.add(n)
+    labels = build_labels(labels_file)
     models = work / "models"
     images = work / "images"
     odd = work / "odd"

@@ -110,6 +110,9 @@ def _child(data, interpreter_class, threads, read_fd, write_fd) -> None:  # prag
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(write_fd, 2)  # the runtime's own last words, for the parent's message
+        import faulthandler
+
+        faulthandler.disable()  # a Python stack dump of the crash would only bury those words
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
         try:

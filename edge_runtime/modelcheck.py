@@ -29,6 +29,8 @@ import struct
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
+import numpy as np
+
 from .errors import ModelError
 
 SCHEMA_VERSION = 3
@@ -60,6 +62,9 @@ class _Bad(Exception):
     pass
 
 
+_STRUCTS = {fmt: struct.Struct(fmt) for fmt in ("<b", "<B", "<H", "<i", "<I", "<q", "<Q", "<f")}
+
+
 class _Reader:
     """Bounds-checked flatbuffer access (the ``flatbuffers`` package does not check bounds)."""
 
@@ -68,10 +73,10 @@ class _Reader:
         self.n = len(data)
 
     def get(self, fmt: str, pos: int):
-        size = struct.calcsize(fmt)
-        if pos < 0 or pos + size > self.n:
+        s = _STRUCTS[fmt]
+        if pos < 0 or pos + s.size > self.n:
             raise _Bad(f"read at offset {pos} is outside the file")
-        return struct.unpack_from(fmt, self.d, pos)[0]
+        return s.unpack_from(self.d, pos)[0]
 
     def table(self, pos: int) -> "_Table":
         return _Table(self, pos)
@@ -114,10 +119,18 @@ class _Table:
         return start, length
 
     def ints(self, slot: int, fmt: str = "<i") -> List[int]:
-        v = self.vector(slot, struct.calcsize(fmt))
+        v = self.vector(slot, _STRUCTS[fmt].size)
         if v is None or v[1] == 0:
             return []
         return list(struct.unpack_from(f"<{v[1]}{fmt[-1]}", self.r.d, v[0]))
+
+    def array(self, slot: int, dtype: str) -> "np.ndarray":
+        """A numeric vector as a (read-only) numpy array, for long per-channel vectors."""
+        dt = np.dtype(dtype)
+        v = self.vector(slot, dt.itemsize)
+        if v is None or v[1] == 0:
+            return np.zeros(0, dt)
+        return np.frombuffer(self.r.d, dt, v[1], v[0])
 
     def tables(self, slot: int) -> List["_Table"]:
         v = self.vector(slot, 4)
@@ -273,7 +286,7 @@ def _check_subgraph(r, si, g, n_opcodes, n_buffers, has_data, data_len, opcodes,
             for t in [x for x in op_in if x >= 0] + op_out:
                 if types[t] in _QUANT_RANGE and not constant[t]:
                     scales = quantised[t]
-                    if not scales or not all(s > 0 for s in scales):
+                    if not len(scales) or not (scales > 0).all():
                         raise _Bad(f"operator {oi}: quantised tensor {t} has no positive scale")
     for t in outputs:
         if not (produced[t] or constant[t] or variable[t] or t in graph_inputs):
@@ -282,20 +295,20 @@ def _check_subgraph(r, si, g, n_opcodes, n_buffers, has_data, data_len, opcodes,
 
 
 def _check_quantisation(ti: int, q: _Table, shape: List[int], ttype: int) -> List[float]:
-    scales = q.ints(2, "<f")
-    zeros = q.ints(3, "<q")
-    for v in q.ints(0, "<f") + q.ints(1, "<f") + scales:
-        if not math.isfinite(v):
+    scales = q.array(2, "<f4")
+    zeros = q.array(3, "<i8")
+    for v in (q.array(0, "<f4"), q.array(1, "<f4"), scales):
+        if len(v) and not np.isfinite(v).all():
             raise _Bad(f"tensor {ti} has a quantisation value that is not finite")
-    if any(s < 0 for s in scales):
+    if len(scales) and (scales < 0).any():
         raise _Bad(f"tensor {ti} has a negative quantisation scale")
-    if zeros and scales and len(zeros) != len(scales):
+    if len(zeros) and len(scales) and len(zeros) != len(scales):
         raise _Bad(f"tensor {ti} has {len(scales)} scales but {len(zeros)} zero points")
     if len(scales) > 1:
         dim = q.scalar(6, "<i")
         if not 0 <= dim < len(shape) or shape[dim] != len(scales):
             raise _Bad(f"tensor {ti} has {len(scales)} per-channel scales along dimension {dim} of shape {shape}")
     lo_hi = _QUANT_RANGE.get(ttype)
-    if lo_hi and zeros and len(scales) == 1 and not lo_hi[0] <= zeros[0] <= lo_hi[1]:
-        raise _Bad(f"tensor {ti} has zero point {zeros[0]} outside its type")
+    if lo_hi and len(zeros) and len(scales) == 1 and not lo_hi[0] <= int(zeros[0]) <= lo_hi[1]:
+        raise _Bad(f"tensor {ti} has zero point {int(zeros[0])} outside its type")
     return scales

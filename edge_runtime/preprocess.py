@@ -164,13 +164,13 @@ def _image_pixels(img: Image.Image, spec: Preprocessing, name: str) -> np.ndarra
     frames = getattr(img, "n_frames", 1)
     if frames > 1:
         raise ImageError(f"multi-frame image ({frames} frames, e.g. an animated GIF); give one frame: {name!r}")
-    orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
     if img.format == "JPEG":
         # DCT-domain downscale while decoding: never below the target size (x2 margin
         # for the rotation that EXIF may apply), so quality is kept and decode is cheaper.
         target = max(spec.width, spec.height)
         img.draft(img.mode if img.mode in ("L", "RGB") else None, (target, target))
-    _check_budget(img, name)
+    _check_budget(img, name)  # before getexif(), which decodes a PNG to find its EXIF chunk
+    orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
     try:
         img.load()
     except OSError as exc:

@@ -24,6 +24,9 @@ from edge_runtime.errors import ConfigError, LungedgeError, MissingDependencyErr
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def escape_text(text: str) -> str:
     """``text`` with every non-printable character (newline, ESC of ANSI sequences, other
     control and format characters, undecodable bytes of file names) written as a Python
@@ -35,6 +38,8 @@ def escape_text(text: str) -> str:
     for ch in text:
         if ch.isprintable():
             out.append(ch)
+        elif ch in _SHORT_ESCAPES:
+            out.append(_SHORT_ESCAPES[ch])
         else:
             o = ord(ch)
             out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")

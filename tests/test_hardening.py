@@ -225,12 +225,14 @@ def test_structural_check_passes_real_models(coral_dir):
 
 @pytest.mark.needs_shared
 def test_a_model_that_crashes_the_runtime_is_one_error_line(small_model, tmp_path, labels, coral_dir):
-    """A convolution without its filter (input -1) passes the static check and segfaults LiteRT."""
+    """A convolution without its filter (input -1) passes the static check; LiteRT 2.3 then reads
+    whatever memory it finds: usually a segfault (the guard's line), sometimes std::bad_alloc (the
+    normal load's line). Either way: one error naming the file, this process alive."""
     data = _mutated(small_model, lambda m, g: g.operators[16].inputs.__setitem__(1, -1))
     check_model_structure(data)
     p = tmp_path / "crash.tflite"
     p.write_bytes(data)
-    with pytest.raises(ModelError, match=r"the interpreter crashed \(SIG[A-Z]+\) .*crash\.tflite"):
+    with pytest.raises(ModelError, match=r"(the interpreter crashed \(SIG[A-Z]+\)|cannot be loaded) .*crash\.tflite"):
         Classifier(p, labels=labels)
     r = subprocess.run([sys.executable, "-m", "lungedge.cli", "classify", "--model", str(p), "--labels", labels,
                         str(coral_dir / "cat.bmp")], capture_output=True, text=True, timeout=120, cwd=ROOT)

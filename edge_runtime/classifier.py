@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +12,19 @@ import numpy as np
 from .backend import Backend, load_backend
 from .data import expand_inputs
 from .decision import apply_threshold
-from .errors import ConfigError, ImageError, LungedgeError, ModelError
-from .metadata import read_model_bytes, read_spec
+from .errors import (ConfigError, ImageError, InputError, LungedgeError, MissingDependencyError, ModelError,
+                     OutputError)
+from .files import read_regular_file
+from .guard import guard_available, trial_load
+from .metadata import read_model_bytes, read_spec, verify_integrity
+from .modelcheck import check_model_structure
 from .preprocess import ImageSource, load_pixels, normalize
 from .spec import ModelSpec, Preprocessing, Threshold
 from .timing import now
+
+
+#: Refuse a labels file larger than this (ImageNet's 1,001 labels are 22 kB).
+MAX_LABELS_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -71,10 +78,20 @@ class Classifier:
             overrides the metadata's (their count must match the model's output).
         mean, std: normalisation for a model without metadata.
         use_threshold: apply the model's decision threshold when it has one.
+        guard: build and run the model once in a child process first (``edge_runtime.guard``),
+            so that a file that crashes the runtime becomes a ModelError instead of killing
+            this process. Turn it off only for files known to load.
+
+    Loading checks, in order: a regular file within ``MAX_MODEL_BYTES``; the flatbuffer's
+    structure (``edge_runtime.modelcheck``); the integrity record when there is one
+    (``describe()["integrity"]`` says "verified" or "absent"); the metadata's types and sizes;
+    then the guarded first load.
 
     Raises:
-        ModelError: the file is missing, not TFLite, damaged, needs operators the runtime
-            lacks, or its labels do not match its output.
+        ModelError: the file is missing, not a regular file, too large, not TFLite, malformed,
+            changed since conversion, crashes or hangs the runtime, needs operators the runtime
+            lacks, or its labels do not match its output. The message names the file.
+        InputError: the labels file cannot be used.
         MissingDependencyError: no interpreter backend installed.
     """
 
@@ -88,30 +105,51 @@ class Classifier:
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
         use_threshold: bool = True,
+        guard: bool = True,
     ) -> None:
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise ConfigError(f"threads must be a positive integer, got {threads!r}")
-        self.model_path = str(model_path)
+        self.model_path = os.fsdecode(model_path) if isinstance(model_path, bytes) else str(model_path)
+        try:
+            self._load(model_path, threads, backend, labels, mean, std, use_threshold, guard)
+        except (ConfigError, MissingDependencyError, InputError):
+            raise
+        except LungedgeError as exc:
+            raise ModelError(_naming(str(exc), self.model_path)) from None
+        except MemoryError:
+            raise ModelError(f"not enough memory to load the model: {self.model_path!r}") from None
+        except Exception as exc:  # whatever a damaged file makes a runtime raise
+            raise ModelError(f"model cannot be used ({type(exc).__name__}: {_first_line(exc)}): {self.model_path!r}") from None
+
+    def _load(self, model_path, threads, backend, labels, mean, std, use_threshold, guard) -> None:
+        name = self.model_path
         data = read_model_bytes(model_path)
-        self.model_sha256 = hashlib.sha256(data).hexdigest()
+        self.structure = check_model_structure(data, name)
+        integrity = verify_integrity(data, name)
+        self.model_sha256 = integrity.file_sha256
+        self.integrity = integrity.status
         self.model_size = len(data)
+        spec = read_spec(data, name)
         self.backend: Backend = load_backend(backend)
         self.threads = threads
+        self.guarded = bool(guard) and guard_available()
+        if self.guarded:
+            trial_load(data, self.backend.interpreter_class, threads, name)
         t0 = now()
         self._interpreter = self._make_interpreter(data, threads)
         self.load_ms = (now() - t0) * 1e3
         inp = self._interpreter.get_input_details()
         out = self._interpreter.get_output_details()
         if len(inp) != 1 or len(out) != 1:
-            raise ModelError(f"expected an image classifier with 1 input and 1 output, got {len(inp)} and {len(out)}: {self.model_path!r}")
+            raise ModelError(f"expected an image classifier with 1 input and 1 output, got {len(inp)} and {len(out)}: {name!r}")
         self._in, self._out = inp[0], out[0]
         shape = tuple(int(x) for x in self._in["shape"])
         if len(shape) != 4 or shape[0] != 1 or shape[3] not in (1, 3):
-            raise ModelError(f"expected an input of shape (1, H, W, 1 or 3), got {shape}: {self.model_path!r}")
+            raise ModelError(f"expected an input of shape (1, H, W, 1 or 3), got {shape}: {name!r}")
         out_shape = tuple(int(x) for x in self._out["shape"])
         if len(out_shape) != 2 or out_shape[0] != 1 or out_shape[1] < 2:
-            raise ModelError(f"expected an output of shape (1, classes>=2), got {out_shape}: {self.model_path!r}")
-        self.spec = self._resolve_spec(read_spec(data), shape, out_shape[1], labels, mean, std)
+            raise ModelError(f"expected an output of shape (1, classes>=2), got {out_shape}: {name!r}")
+        self.spec = self._resolve_spec(spec, shape, out_shape[1], labels, mean, std)
         self.has_metadata = self._has_metadata
         self.use_threshold = use_threshold and self.spec.threshold is not None
         self._in_index, self._out_index = self._in["index"], self._out["index"]
@@ -128,7 +166,7 @@ class Classifier:
             self._interpreter.invoke()  # first inference: XNNPACK packs weights here
             self.first_invoke_ms = (now() - t0) * 1e3
         except Exception as exc:
-            raise ModelError(f"model cannot run in {self.backend.describe()}: {_first_line(exc)}") from None
+            raise ModelError(f"model cannot run in {self.backend.describe()}: {_first_line(exc)}: {name!r}") from None
 
     # ---- construction helpers -------------------------------------------------------
     def _make_interpreter(self, data: bytes, threads: Optional[int]):
@@ -196,6 +234,8 @@ class Classifier:
             "model": self.model_path,
             "sha256": self.model_sha256,
             "size_bytes": self.model_size,
+            "integrity": self.integrity,
+            "guarded_load": self.guarded,
             "backend": self.backend.name,
             "backend_version": self.backend.version,
             "threads": self.threads,
@@ -214,20 +254,26 @@ class Classifier:
 
         Raises:
             ImageError: the image cannot be read (see ``preprocess``).
+            OutputError: the model's output for it is not finite (NaN or infinity).
         """
         t0 = now()
+        source = os.fsdecode(image) if isinstance(image, (str, os.PathLike)) else ""
         pixels = load_pixels(image, self.spec.preprocessing)
-        if self._lut is not None:  # quantised input: pixel -> input value by table, same numbers
-            self._interpreter.set_tensor(self._in_index, self._lut[pixels][None, ...])
-            t1 = now()
-            probs = self._invoke()
-        else:
-            x = normalize(pixels, self.spec.preprocessing)
-            t1 = now()
-            probs = self._run(x)
+        try:
+            if self._lut is not None:  # quantised input: pixel -> input value by table, same numbers
+                self._interpreter.set_tensor(self._in_index, self._lut[pixels][None, ...])
+                t1 = now()
+                probs = self._invoke()
+            else:
+                x = normalize(pixels, self.spec.preprocessing)
+                t1 = now()
+                probs = self._run(x)
+        except (RuntimeError, ValueError) as exc:
+            raise OutputError(f"the interpreter failed on this image ({_first_line(exc)}): {source or '<image>'!r}") from None
         t2 = now()
+        if not np.all(np.isfinite(probs)):
+            raise OutputError(f"the model's output is not finite (NaN or infinity) for this image: {source or '<image>'!r}")
         idx, applied = self._decide(probs)
-        source = str(image) if isinstance(image, (str, os.PathLike)) else ""
         return Prediction(
             label=self._labels[idx],
             probabilities={name: float(p) for name, p in zip(self._labels, probs)},
@@ -264,7 +310,7 @@ class Classifier:
                 continue
             try:
                 yield self.classify(src)
-            except ImageError as exc:
+            except (ImageError, OutputError) as exc:
                 yield Failure(str(src), str(exc))
 
     # ---- private steps --------------------------------------------------------------
@@ -328,16 +374,15 @@ def _quant(details: dict):
 
 def _read_labels(labels) -> List[str]:
     if isinstance(labels, (str, os.PathLike)):
-        p = Path(labels)
-        if not p.is_file():
-            raise ConfigError(f"labels file not found: {str(p)!r}")
+        name = os.fsdecode(labels)
+        data = read_regular_file(labels, what="labels file", max_bytes=MAX_LABELS_BYTES, error=InputError)
         try:
-            names = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read labels file {str(p)!r}: {exc}") from None
+            names = [line.strip() for line in data.decode("utf-8").splitlines()]
+        except UnicodeDecodeError:
+            raise InputError(f"labels file is not UTF-8 text: {name!r}") from None
         names = [n for n in names if n]
         if not names:
-            raise ConfigError(f"labels file is empty: {str(p)!r}")
+            raise InputError(f"labels file is empty: {name!r}")
         return _disambiguate(names)
     return _disambiguate([str(x) for x in labels])
 
@@ -359,6 +404,11 @@ def _replace_labels(spec: ModelSpec, labels: List[str]) -> ModelSpec:
     if positive and positive not in labels:
         positive = None
     return spec.replace(labels=tuple(labels), threshold=threshold, positive_label=positive)
+
+
+def _naming(message: str, path: str) -> str:
+    """``message``, ending with the file it is about if it does not name it already."""
+    return message if repr(path) in message else f"{message}: {path!r}"
 
 
 def _first_line(exc: BaseException) -> str:

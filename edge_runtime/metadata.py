@@ -7,15 +7,28 @@ schema's object API shipped by ``ai_edge_litert`` and is done at conversion time
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from pathlib import Path
-from typing import Dict, Optional, Union
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple, Union
 
-from .errors import ModelError
+from .errors import ConfigError, ModelError
+from .files import read_regular_file
 from .spec import ModelSpec
 
 METADATA_NAME = "lungedge"
+#: The integrity record: a sha256 of every byte of the file except this record's own bytes.
+INTEGRITY_NAME = "lungedge.integrity"
+INTEGRITY_SCHEMA = "lungedge.integrity/1"
 _TFLITE_IDENTIFIER = b"TFL3"
+
+#: Refuse model files larger than this (MobileNetV2 1.0/224 float32 is 14 MB).
+MAX_MODEL_BYTES = 256 * 2**20
+#: Refuse a lungedge record larger than this (a real one is about 2 kB; 1,000 labels about 30 kB).
+MAX_RECORD_BYTES = 1 * 2**20
+#: Refuse a metadata table with more entries than this (converters write two or three).
+MAX_METADATA_ENTRIES = 10_000
 
 # Field slots of the TFLite schema tables we read (schema.fbs field order).
 _MODEL_BUFFERS, _MODEL_METADATA = 4, 6
@@ -26,21 +39,16 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def read_model_bytes(path: PathLike) -> bytes:
-    """Read a model file, checking that it is a TFLite flatbuffer.
+    """Read a model file, checking that it is a regular file of at most ``MAX_MODEL_BYTES``
+    holding a TFLite flatbuffer.
 
     Raises:
-        ModelError: missing, unreadable, empty or not a TFLite file.
+        ModelError: missing, a folder, a device or pipe, unreadable, empty, too large or not a
+            TFLite file; the message names the file.
     """
-    p = Path(path)
-    if not p.exists():
-        raise ModelError(f"model file not found: {str(p)!r}")
-    if p.is_dir():
-        raise ModelError(f"model path is a folder, expected a .tflite file: {str(p)!r}")
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise ModelError(f"cannot read model file {str(p)!r}: {exc.strerror or exc}") from None
-    check_tflite_bytes(data, str(p))
+    name = os.fsdecode(path) if isinstance(path, bytes) else str(path)
+    data = read_regular_file(path, what="model file", max_bytes=MAX_MODEL_BYTES, error=ModelError)
+    check_tflite_bytes(data, name)
     return data
 
 
@@ -58,33 +66,51 @@ def check_tflite_bytes(data: bytes, name: str = "<bytes>") -> None:
         raise ModelError(f"not a TFLite model (no TFL3 identifier): {name!r}{hint}; first bytes {head!r}")
 
 
-def read_metadata_entries(data: bytes) -> Dict[str, bytes]:
-    """Return every entry of the flatbuffer's metadata table as ``{name: bytes}``."""
+def metadata_spans(data: bytes, names: Optional[Sequence[str]] = None, name: str = "<bytes>") -> Dict[str, Tuple[int, int]]:
+    """Where each metadata entry's bytes are in ``data``: ``{entry name: (start, end)}``.
+
+    Nothing is copied, so a table of thousands of entries costs only their names. With
+    ``names``, only those entries are returned (the first of each name).
+
+    Raises:
+        ModelError: the table is damaged, points outside the file, or has more than
+            ``MAX_METADATA_ENTRIES`` entries.
+    """
     import flatbuffers
     from flatbuffers import number_types as N
     from flatbuffers.table import Table
 
+    wanted = set(names) if names is not None else None
     try:
         pos = flatbuffers.encode.Get(flatbuffers.packer.uoffset, data, 0)
-        model = Table(data if isinstance(data, bytearray) else bytearray(data), pos)
-        entries: Dict[str, bytes] = {}
+        model = Table(data, pos)
+        spans: Dict[str, Tuple[int, int]] = {}
         meta_vec = _vector(model, _MODEL_METADATA)
         buf_vec = _vector(model, _MODEL_BUFFERS)
         if meta_vec is None:
-            return entries
+            return spans
         start, count = meta_vec
+        if count > MAX_METADATA_ENTRIES:
+            raise ModelError(f"model metadata table has {count} entries (limit {MAX_METADATA_ENTRIES}): {name!r}")
         for i in range(count):
             meta = Table(model.Bytes, model.Indirect(start + 4 * i))
             name_off = meta.Offset(4 + 2 * _METADATA_NAME)
-            name = meta.String(name_off + meta.Pos).decode("utf-8") if name_off else ""
+            entry = meta.String(name_off + meta.Pos).decode("utf-8", "replace") if name_off else ""
+            if entry in spans or (wanted is not None and entry not in wanted):
+                continue
             buf_off = meta.Offset(4 + 2 * _METADATA_BUFFER)
             buf_index = meta.Get(N.Uint32Flags, buf_off + meta.Pos) if buf_off else 0
-            entries[name] = _buffer_bytes(model, buf_vec, buf_index, data)
-        return entries
+            spans[entry] = _buffer_span(model, buf_vec, buf_index, len(data), name)
+        return spans
     except ModelError:
         raise
     except Exception as exc:  # a damaged flatbuffer can fail in many ways
-        raise ModelError(f"model file is damaged: cannot read its metadata table ({type(exc).__name__})") from None
+        raise ModelError(f"model file is damaged: cannot read its metadata table ({type(exc).__name__}): {name!r}") from None
+
+
+def read_metadata_entries(data: bytes, names: Optional[Sequence[str]] = None, name: str = "<bytes>") -> Dict[str, bytes]:
+    """The entries of the flatbuffer's metadata table as ``{name: bytes}`` (only ``names`` if given)."""
+    return {k: bytes(data[a:b]) for k, (a, b) in metadata_spans(data, names, name).items()}
 
 
 def _vector(table, slot: int):
@@ -94,50 +120,132 @@ def _vector(table, slot: int):
     return table.Vector(off), table.VectorLen(off)
 
 
-def _buffer_bytes(model, buf_vec, index: int, data: bytes) -> bytes:
+def _buffer_span(model, buf_vec, index: int, size: int, name: str) -> Tuple[int, int]:
     from flatbuffers import number_types as N
     from flatbuffers.table import Table
 
     if buf_vec is None or index >= buf_vec[1]:
-        raise ModelError(f"model metadata points at buffer {index}, which does not exist")
+        raise ModelError(f"model metadata points at buffer {index}, which does not exist: {name!r}")
     buf = Table(model.Bytes, model.Indirect(buf_vec[0] + 4 * index))
     off = buf.Offset(4 + 2 * _BUFFER_DATA)
     if off:
         start, length = buf.Vector(off), buf.VectorLen(off)
-        return bytes(model.Bytes[start:start + length])
-    off_o, off_s = buf.Offset(4 + 2 * _BUFFER_OFFSET), buf.Offset(4 + 2 * _BUFFER_SIZE)
-    if off_o and off_s:  # large models keep buffers after the flatbuffer
-        o = buf.Get(N.Uint64Flags, off_o + buf.Pos)
-        s = buf.Get(N.Uint64Flags, off_s + buf.Pos)
-        return bytes(data[o:o + s])
-    return b""
+    else:
+        off_o, off_s = buf.Offset(4 + 2 * _BUFFER_OFFSET), buf.Offset(4 + 2 * _BUFFER_SIZE)
+        if not (off_o and off_s):
+            return (0, 0)
+        start = buf.Get(N.Uint64Flags, off_o + buf.Pos)  # large models keep buffers after the flatbuffer
+        length = buf.Get(N.Uint64Flags, off_s + buf.Pos)
+    if start < 0 or start + length > size:
+        raise ModelError(f"model metadata points outside the file: {name!r}")
+    return (start, start + length)
 
 
-def read_spec(data: bytes) -> Optional[ModelSpec]:
-    """The model's ``lungedge`` record, or None for a model without one (third-party)."""
-    raw = read_metadata_entries(data).get(METADATA_NAME)
-    if raw is None:
+def read_spec(data: bytes, name: str = "<bytes>") -> Optional[ModelSpec]:
+    """The model's ``lungedge`` record, or None for a model without one (third-party).
+
+    Only that entry is read; it is checked for size, encoding, JSON nesting and every field's
+    type and value.
+
+    Raises:
+        ModelError: the record is damaged or invalid (the message names the file).
+    """
+    spans = metadata_spans(data, (METADATA_NAME,), name)
+    if METADATA_NAME not in spans:
         return None
+    a, b = spans[METADATA_NAME]
+    if b - a > MAX_RECORD_BYTES:
+        raise ModelError(f"the model's lungedge metadata is too large ({(b - a) / 2**20:.1f} MiB, limit "
+                         f"{MAX_RECORD_BYTES / 2**20:.0f} MiB): {name!r}")
     try:
-        text = raw.decode("utf-8")
+        text = bytes(data[a:b]).decode("utf-8")
     except UnicodeDecodeError:
-        raise ModelError("the model's lungedge metadata is not UTF-8 text") from None
-    return ModelSpec.from_json(text)
+        raise ModelError(f"the model's lungedge metadata is not UTF-8 text: {name!r}") from None
+    try:
+        return ModelSpec.from_json(text)
+    except ConfigError as exc:
+        raise ModelError(f"the model's lungedge metadata is invalid ({exc}): {name!r}") from None
+    except RecursionError:
+        raise ModelError(f"the model's lungedge metadata is invalid (JSON nested too deeply): {name!r}") from None
 
 
 def read_spec_from_file(path: PathLike) -> Optional[ModelSpec]:
-    return read_spec(read_model_bytes(path))
+    return read_spec(read_model_bytes(path), str(path))
+
+
+@dataclass(frozen=True)
+class Integrity:
+    """The outcome of checking a file's integrity record.
+
+    ``status`` is ``"verified"`` (the record matches every other byte of the file) or
+    ``"absent"`` (no record: converted before records existed, or by another tool).
+    ``file_sha256`` is the sha256 of the whole file, computed in the same pass.
+    """
+
+    status: str
+    file_sha256: str
+    digest: Optional[str] = None
+
+
+def verify_integrity(data: bytes, name: str = "<bytes>") -> Integrity:
+    """Check the ``lungedge.integrity`` record of ``data``, if it has one.
+
+    One pass of sha256 over the file gives both the record's digest (every byte except the
+    record's own) and the whole file's hash.
+
+    Raises:
+        ModelError: the record is damaged, or the file does not match it (changed after
+            conversion: a damaged card, an edit); the message names the file.
+    """
+    spans = metadata_spans(data, (INTEGRITY_NAME,), name)
+    view = memoryview(data)
+    if INTEGRITY_NAME not in spans:
+        return Integrity("absent", hashlib.sha256(view).hexdigest())
+    a, b = spans[INTEGRITY_NAME]
+    record = _parse_integrity(bytes(view[a:b]), name)
+    h = hashlib.sha256(view[:a])
+    whole = h.copy()
+    whole.update(view[a:b])
+    whole.update(view[b:])
+    h.update(view[b:])
+    if h.hexdigest() != record:
+        raise ModelError(f"model file does not match its integrity record (changed or damaged since conversion): {name!r}")
+    return Integrity("verified", whole.hexdigest(), record)
+
+
+def _parse_integrity(payload: bytes, name: str) -> str:
+    try:
+        if len(payload) > 4096:
+            raise ValueError("too large")
+        rec = json.loads(payload.decode("utf-8"))
+        if not isinstance(rec, dict) or rec.get("algorithm") != "sha256" or rec.get("schema") != INTEGRITY_SCHEMA:
+            raise ValueError("unknown record")
+        digest = rec.get("digest")
+        if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError("bad digest")
+        return digest
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ModelError(f"the model's integrity record is damaged: {name!r}") from None
+
+
+def _integrity_payload(digest: str) -> bytes:
+    return json.dumps({"algorithm": "sha256", "covers": "every byte of the file except this record",
+                       "digest": digest, "schema": INTEGRITY_SCHEMA}, sort_keys=True).encode("ascii")
 
 
 def embed_spec(data: bytes, spec: ModelSpec) -> bytes:
-    """Return a copy of the TFLite model ``data`` with ``spec`` stored as its metadata.
+    """Return a copy of the TFLite model ``data`` with ``spec`` stored as its metadata, and an
+    integrity record (``lungedge.integrity``): a sha256 of every byte of the result except
+    the record itself, so weights, graph, quantisation and the spec are all covered.
 
-    An existing ``lungedge`` entry is replaced; the converter's own entries
-    (``min_runtime_version``, ``CONVERSION_METADATA``) are kept.
+    Existing ``lungedge`` and ``lungedge.integrity`` entries are replaced (their buffers are
+    emptied); the converter's own entries (``min_runtime_version``, ``CONVERSION_METADATA``)
+    are kept. Call it last: any later change to the bytes makes the file fail the check.
     """
     check_tflite_bytes(data)
     try:
         import flatbuffers
+        import numpy as np
         from ai_edge_litert import schema_py_generated as schema
     except ImportError as exc:  # pragma: no cover - depends on the install
         from .errors import MissingDependencyError
@@ -146,20 +254,42 @@ def embed_spec(data: bytes, spec: ModelSpec) -> bytes:
             f"writing model metadata needs ai-edge-litert (pip install 'lungedge[edge]'): {exc}"
         ) from None
     model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
+    ours = (METADATA_NAME, INTEGRITY_NAME)
+    old = [m for m in (model.metadata or []) if _name(m.name) in ours]
+    model.metadata = [m for m in (model.metadata or []) if _name(m.name) not in ours]
+    used = {t.buffer for g in (model.subgraphs or []) for t in (g.tensors or [])} | {m.buffer for m in model.metadata}
+    for m in old:  # the replaced records' buffers: emptied, indices kept
+        if m.buffer not in used and 0 < m.buffer < len(model.buffers):
+            model.buffers[m.buffer] = schema.BufferT()
     payload = spec.to_json().encode("utf-8")
-    model.metadata = [m for m in (model.metadata or []) if _name(m.name) != METADATA_NAME]
-    buffer = schema.BufferT()
-    buffer.data = list(payload)  # object API packs lists of ints into a uint8 vector
-    model.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name = METADATA_NAME
-    entry.buffer = len(model.buffers) - 1
-    model.metadata.append(entry)
+    placeholder = np.frombuffer(_integrity_payload("0" * 64), np.uint8).copy()
+    for entry_name, content in ((METADATA_NAME, np.frombuffer(payload, np.uint8).copy()), (INTEGRITY_NAME, placeholder)):
+        buffer = schema.BufferT()
+        buffer.data = content
+        model.buffers.append(buffer)
+        entry = schema.MetadataT()
+        entry.name = entry_name
+        entry.buffer = len(model.buffers) - 1
+        model.metadata.append(entry)
     builder = _sharing_builder(flatbuffers)(len(data) + len(payload) + 1024)
+    # written first, the record lands at the end of the file: the load-time check then
+    # hashes the file in one pass
+    builder.CreateNumpyVector(placeholder)
     builder.Finish(model.Pack(builder), file_identifier=_TFLITE_IDENTIFIER)
-    out = bytes(builder.Output())
+    out = bytearray(builder.Output())
+    a, b = metadata_spans(out, (INTEGRITY_NAME,))[INTEGRITY_NAME]
+    view = memoryview(out)
+    h = hashlib.sha256(view[:a])
+    h.update(view[b:])
+    record = _integrity_payload(h.hexdigest())
+    if len(record) != b - a:  # pragma: no cover - the payload has a fixed length
+        raise ModelError("integrity record changed length")
+    del view
+    out[a:b] = record
+    out = bytes(out)
     if read_spec(out) != spec:  # never write a file whose record cannot be read back
         raise ModelError("metadata did not survive the round trip through the flatbuffer")
+    verify_integrity(out)
     return out
 
 

@@ -9,20 +9,44 @@ used in training too, so that the device sees exactly what the model was trained
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
-from pathlib import Path
 from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+from .files import open_regular_file
 from .spec import Preprocessing
 
-#: Refuse images above this many pixels (a 2268x1959 X-ray is 4.4 MP; 100 MP is generous).
+#: Image formats that are decoded, recognised from the file's content (never its name). Every
+#: other format Pillow knows is refused before its decoder runs: PostScript/EPS would start
+#: Ghostscript, and rarely used decoders are where fuzzed files find bugs. GIF, TIFF and WebP
+#: are read when they hold one frame; animations and multi-page files are refused.
+ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
+
+#: Refuse images above this many pixels, as declared in the header (a 2268x1959 X-ray is 4.4 MP).
 MAX_PIXELS = 100_000_000
+
+#: Refuse images whose decoded size, width x height x bytes per pixel (after JPEG draft
+#: scaling), exceeds this, before decoding. The steps after decoding hold at most about three
+#: such copies (an RGBA image composited on black), so peak memory stays below ~0.5 GB.
+MAX_DECODED_BYTES = 128 * 2**20
+
+#: Refuse image files larger than this before reading them.
+MAX_FILE_BYTES = 256 * 2**20
+
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "I;16": 2, "I;16L": 2, "I;16B": 2,
+                    "I;16N": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4,
+                    "CMYK": 4, "I": 4, "F": 4}
+
+# First bytes of formats users meet that are not read here, to say what a refused file is.
+_KNOWN_OTHER = ((b"%!PS", "PostScript"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF"),
+                (b"\x00\x00\x00\x0cjP", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"),
+                (b"\x00\x00\x01\x00", "ICO"), (b"8BPS", "Photoshop"))
 
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -56,14 +80,52 @@ def preprocess(source: ImageSource, spec: Preprocessing) -> np.ndarray:
 
 
 def load_pixels(source: ImageSource, spec: Preprocessing) -> np.ndarray:
-    """Decode and resize to a uint8 array (height, width, channels); no normalisation."""
+    """Decode and resize to a uint8 array (height, width, channels); no normalisation.
+
+    Raises:
+        ImageError: any problem with this one image (every exception of the decoders included),
+            as one line naming it.
+    """
     if isinstance(source, np.ndarray):
         return _array_pixels(source, spec)
     if isinstance(source, Image.Image):
-        return _image_pixels(source, spec, name="<image>")
-    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
-    with _open(source, name) as img:
+        return _guarded(lambda: _image_pixels(source, spec, "<image>"), "<image>")
+    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else os.fsdecode(source)
+    return _guarded(lambda: _decode(source, spec, name), name)
+
+
+def _decode(source, spec: Preprocessing, name: str) -> np.ndarray:
+    with contextlib.ExitStack() as stack:
+        if isinstance(source, (bytes, bytearray)):
+            if not source:
+                raise ImageError("empty image data")
+            if len(source) > MAX_FILE_BYTES:
+                raise ImageError(f"image data too large ({len(source) / 2**20:.0f} MiB, limit "
+                                 f"{MAX_FILE_BYTES / 2**20:.0f} MiB): {name!r}")
+            fp = io.BytesIO(source)
+        else:
+            fp = stack.enter_context(open_regular_file(source, what="image", max_bytes=MAX_FILE_BYTES, error=ImageError))
+        img = stack.enter_context(_open(fp, name))
         return _image_pixels(img, spec, name)
+
+
+def _guarded(fn, name: str) -> np.ndarray:
+    """Run one image's decoding; whatever a decoder raises becomes that image's ImageError."""
+    try:
+        return fn()
+    except ImageError:
+        raise
+    except MemoryError:
+        raise ImageError(f"not enough memory to decode the image: {name!r}") from None
+    except RecursionError:
+        raise ImageError(f"cannot decode image (nesting too deep): {name!r}") from None
+    except Exception as exc:  # Pillow's decoders raise OSError, ValueError, SyntaxError, TypeError, IndexError...
+        raise ImageError(f"cannot decode image ({type(exc).__name__}: {_first_line(exc)}): {name!r}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return text[:120] or "no details"
 
 
 def normalize(pixels: np.ndarray, spec: Preprocessing) -> np.ndarray:
@@ -76,33 +138,20 @@ def normalize(pixels: np.ndarray, spec: Preprocessing) -> np.ndarray:
     return out
 
 
-def _open(source, name: str) -> Image.Image:
-    if isinstance(source, (bytes, bytearray)):
-        if not source:
-            raise ImageError("empty image data")
-        fp = io.BytesIO(source)
-    else:
-        p = Path(source)
-        if not p.exists():
-            raise ImageError(f"file not found: {name!r}")
-        if p.is_dir():
-            raise ImageError(f"is a folder, not an image: {name!r}")
-        try:
-            if p.stat().st_size == 0:
-                raise ImageError(f"empty file: {name!r}")
-        except OSError as exc:
-            raise ImageError(f"cannot read {name!r}: {exc.strerror or exc}") from None
-        fp = p
+def _open(fp, name: str) -> Image.Image:
+    head = fp.read(16)
+    fp.seek(0)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp)
+            # the pixel limit is ours (MAX_PIXELS, checked below), not Pillow's 89.5 MP warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(fp, formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
-        raise ImageError(f"not an image (unrecognised format): {name!r}") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"image too large (decompression bomb guard): {name!r}") from None
-    except OSError as exc:
-        raise ImageError(f"cannot read {name!r}: {exc.strerror or exc}") from None
+        kind = next((label for magic, label in _KNOWN_OTHER if head.startswith(magic)), None)
+        what = f"a {kind} file, " if kind else ""
+        raise ImageError(f"not an image ({what}not one of the formats read: {', '.join(ALLOWED_FORMATS)}): {name!r}") from None
+    except Image.DecompressionBombError:
+        raise ImageError(f"image too large (over twice Pillow's pixel limit, our limit is {MAX_PIXELS / 1e6:.0f} MP): {name!r}") from None
     return img
 
 
@@ -115,19 +164,18 @@ def _image_pixels(img: Image.Image, spec: Preprocessing, name: str) -> np.ndarra
     frames = getattr(img, "n_frames", 1)
     if frames > 1:
         raise ImageError(f"multi-frame image ({frames} frames, e.g. an animated GIF); give one frame: {name!r}")
+    if img.format == "JPEG":
+        # DCT-domain downscale while decoding: never below the target size (x2 margin
+        # for the rotation that EXIF may apply), so quality is kept and decode is cheaper.
+        target = max(spec.width, spec.height)
+        img.draft(img.mode if img.mode in ("L", "RGB") else None, (target, target))
+    _check_budget(img, name)  # before getexif(), which decodes a PNG to find its EXIF chunk
+    orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
     try:
-        orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
-        if img.format == "JPEG":
-            # DCT-domain downscale while decoding: never below the target size (x2 margin
-            # for the rotation that EXIF may apply), so quality is kept and decode is cheaper.
-            target = max(spec.width, spec.height)
-            img.draft(img.mode if img.mode in ("L", "RGB") else None, (target, target))
         img.load()
     except OSError as exc:
         msg = str(exc) or type(exc).__name__
-        raise ImageError(f"corrupt or truncated image ({msg}): {name!r}") from None
-    except (ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"cannot decode image ({exc}): {name!r}") from None
+        raise ImageError(f"corrupt or truncated image ({msg[:120]}): {name!r}") from None
     if orientation != 1:
         img = ImageOps.exif_transpose(img)
     img = _to_mode(img, spec.color_mode, name)
@@ -137,6 +185,16 @@ def _image_pixels(img: Image.Image, spec: Preprocessing, name: str) -> np.ndarra
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return arr
+
+
+def _check_budget(img: Image.Image, name: str) -> None:
+    """Refuse before decoding when width x height x bytes per pixel exceeds MAX_DECODED_BYTES."""
+    w, h = img.size
+    bpp = _BYTES_PER_PIXEL.get(img.mode, 8)
+    need = w * h * bpp
+    if need > MAX_DECODED_BYTES:
+        raise ImageError(f"image too large to decode ({w}x{h} {img.mode}, {need / 2**20:.0f} MiB decoded, limit "
+                         f"{MAX_DECODED_BYTES / 2**20:.0f} MiB): {name!r}")
 
 
 def _to_mode(img: Image.Image, color_mode: str, name: str) -> Image.Image:
@@ -160,14 +218,30 @@ def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
 
     Medical 16-bit images often use only 10-12 bits; a fixed full-range scale would make them
     nearly black, so the image's own min..max is used, which is what viewers show by default.
+    Computed in blocks of rows, so memory stays near the image's own size.
     """
-    arr = np.asarray(img, dtype=np.float64)
-    lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-    if not np.isfinite(lo) or not np.isfinite(hi):
-        arr = np.nan_to_num(arr)
+    arr = np.asarray(img)
+    finite = True
+    if arr.dtype.kind == "f":
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        finite = np.isfinite(lo) and np.isfinite(hi)
+        if not finite:
+            lo = min(float(np.nan_to_num(arr[i:i + _ROWS].astype(np.float64)).min()) for i in range(0, arr.shape[0], _ROWS))
+            hi = max(float(np.nan_to_num(arr[i:i + _ROWS].astype(np.float64)).max()) for i in range(0, arr.shape[0], _ROWS))
+    else:
         lo, hi = float(arr.min()), float(arr.max())
-    scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) * (255.0 / (hi - lo))
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+    out = np.zeros(arr.shape, np.uint8)
+    if hi > lo:
+        scale = 255.0 / (hi - lo)
+        for i in range(0, arr.shape[0], _ROWS):
+            block = arr[i:i + _ROWS].astype(np.float64)
+            if not finite:
+                block = np.nan_to_num(block)
+            out[i:i + _ROWS] = np.clip(np.rint((block - lo) * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(out)
+
+
+_ROWS = 256  # rows per block in _high_bit_depth_to_l
 
 
 def _array_pixels(arr: np.ndarray, spec: Preprocessing) -> np.ndarray:

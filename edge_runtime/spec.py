@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Tuple
 
@@ -42,10 +43,10 @@ class Preprocessing:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 8 <= value <= 4096:
                 raise ConfigError(f"preprocessing {name} must be an integer from 8 to 4096, got {value!r}")
-        if self.color_mode not in COLOR_MODES:
-            raise ConfigError(f"color_mode must be one of {', '.join(COLOR_MODES)}, got {self.color_mode!r}")
-        if self.resize not in RESIZE_METHODS:
-            raise ConfigError(f"resize must be one of {', '.join(RESIZE_METHODS)}, got {self.resize!r}")
+        if not isinstance(self.color_mode, str) or self.color_mode not in COLOR_MODES:
+            raise ConfigError(f"color_mode must be one of {', '.join(COLOR_MODES)}, got {_short(self.color_mode)}")
+        if not isinstance(self.resize, str) or self.resize not in RESIZE_METHODS:
+            raise ConfigError(f"resize must be one of {', '.join(RESIZE_METHODS)}, got {_short(self.resize)}")
         object.__setattr__(self, "mean", _floats("mean", self.mean, self.channels))
         object.__setattr__(self, "std", _floats("std", self.std, self.channels))
         if any(s <= 0 for s in self.std):
@@ -81,9 +82,15 @@ class Threshold:
     chosen_on: str = "validation"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.value, (int, float)) or not 0.0 <= float(self.value) <= 1.0:
-            raise ConfigError(f"threshold value must be in [0, 1], got {self.value!r}")
+        if not isinstance(self.label, str) or not self.label:
+            raise ConfigError(f"threshold label must be a class name, got {_short(self.label)}")
+        if not _is_number(self.value) or not 0.0 <= float(self.value) <= 1.0:
+            raise ConfigError(f"threshold value must be in [0, 1], got {_short(self.value)}")
         object.__setattr__(self, "value", float(self.value))
+        if self.target_recall is not None and (not _is_number(self.target_recall) or not 0.0 <= float(self.target_recall) <= 1.0):
+            raise ConfigError(f"threshold target_recall must be in [0, 1] or null, got {_short(self.target_recall)}")
+        if not isinstance(self.chosen_on, str):
+            raise ConfigError(f"threshold chosen_on must be text, got {_short(self.chosen_on)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,24 +118,35 @@ class ModelSpec:
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:
-        labels = tuple(self.labels) if not isinstance(self.labels, str) else None
+        labels = tuple(self.labels) if isinstance(self.labels, (list, tuple)) else None
         if not labels or not all(isinstance(x, str) and x for x in labels):
-            raise ConfigError(f"labels must be a non-empty list of names, got {str(self.labels)[:200]}")
+            raise ConfigError(f"labels must be a non-empty list of names, got {_short(self.labels)}")
         if len(set(labels)) != len(labels):
             dupes = sorted({x for x in labels if labels.count(x) > 1})
             raise ConfigError(f"labels must be unique; repeated: {dupes[:5]}")
         object.__setattr__(self, "labels", labels)
         if isinstance(self.preprocessing, dict):
             object.__setattr__(self, "preprocessing", Preprocessing.from_dict(self.preprocessing))
+        if not isinstance(self.preprocessing, Preprocessing):
+            raise ConfigError(f"preprocessing must be an object, got {_short(self.preprocessing)}")
         if isinstance(self.threshold, dict):
             object.__setattr__(self, "threshold", Threshold.from_dict(self.threshold))
-        if self.output not in OUTPUT_KINDS:
+        if self.threshold is not None and not isinstance(self.threshold, Threshold):
+            raise ConfigError(f"threshold must be an object or null, got {_short(self.threshold)}")
+        for name in ("positive_label", "recipe", "variant", "training_fingerprint", "source_model_sha256"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name} must be text or null, got {_short(value)}")
+        for name in ("versions", "extra"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"{name} must be an object, got {_short(getattr(self, name))}")
+        if not isinstance(self.output, str) or self.output not in OUTPUT_KINDS:
             raise ConfigError(f"output must be one of {', '.join(OUTPUT_KINDS)}, got {self.output!r}")
         for name, value in (("positive_label", self.positive_label),
                             ("threshold label", self.threshold.label if self.threshold else None)):
             if value is not None and value not in labels:
                 raise ConfigError(f"{name} {value!r} is not one of the labels {list(labels)[:20]!r}")
-        if not str(self.schema).startswith("lungedge.model/"):
+        if not isinstance(self.schema, str) or not self.schema.startswith("lungedge.model/"):
             raise ConfigError(f"unknown metadata schema {self.schema!r}")
 
     @property
@@ -162,15 +180,27 @@ class ModelSpec:
 
 
 def _floats(name: str, values: Sequence[float], channels: int) -> Tuple[float, ...]:
-    if isinstance(values, (int, float)):
+    if _is_number(values):
         values = (values,)
-    try:
-        out = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number or a list of numbers, got {values!r}") from None
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+        raise ConfigError(f"{name} must be a number or a list of numbers, got {_short(values)}")
+    values = list(values)
+    if not all(_is_number(v) for v in values):
+        raise ConfigError(f"{name} must be a number or a list of numbers, got {_short(values)}")
+    out = tuple(float(v) for v in values)
     if len(out) not in (1, channels) or not all(math.isfinite(v) for v in out):
-        raise ConfigError(f"{name} must have 1 or {channels} finite values, got {values!r}")
+        raise ConfigError(f"{name} must have 1 or {channels} finite values, got {_short(values)}")
     return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    """A value quoted for a one-line message: its repr, cut to 80 characters."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def dataclass_from_dict(cls, d: Any, what: str):

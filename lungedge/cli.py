@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from lungedge import __version__
-from lungedge.cli_util import EXIT_FAILED, EXIT_OK, handle_errors
+from lungedge.cli_util import EXIT_FAILED, EXIT_OK, ResultSink, dumps_strict, escape_text, handle_errors
 
 # TensorFlow's C++ start-up chatter hides the progress bars and results users need to see
 # (train.tfimport also silences what this variable does not reach; --verbose shows it all).
@@ -63,14 +63,18 @@ def _model_options(f):
                      help="Normalisation std for models without metadata (default 127.5).")(f)
     f = click.option("--no-threshold", is_flag=True,
                      help="Ignore the model's decision threshold; take the most probable class.")(f)
+    f = click.option("--no-guard", is_flag=True,
+                     help="Skip the isolated first load (a child process that turns a runtime crash on a "
+                          "damaged model into an error line); only for files known to load.")(f)
     return f
 
 
-def _build_classifier(model, threads, backend, labels, mean, std, no_threshold):
+def _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard=False):
     from edge_runtime.classifier import Classifier
 
     return Classifier(model, threads=threads, backend=backend, labels=labels,
-                      mean=list(mean) or None, std=list(std) or None, use_threshold=not no_threshold)
+                      mean=list(mean) or None, std=list(std) or None, use_threshold=not no_threshold,
+                      guard=not no_guard)
 
 
 @main.command()
@@ -79,35 +83,39 @@ def _build_classifier(model, threads, backend, labels, mean, std, no_threshold):
 @_model_options
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Classes to show per image.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one per image (errors too).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the results to this file instead of stdout (all or nothing: a failed write leaves no file).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on for >20 images on a terminal).")
 @handle_errors
-def classify(paths, model, threads, backend, labels, mean, std, no_threshold, top_k, as_json, progress):
+def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no_guard, top_k, as_json, out, progress):
     """Classify image files or folders (folders are searched recursively).
 
     \b
     Example:
       lungedge classify --model model_int8.tflite xrays/ patient7.jpeg
-      lungedge classify -m model.tflite --json --top-k 2 scan.png
+      lungedge classify -m model.tflite --json --top-k 2 scan.png > results.jsonl
 
-    Exit code 0 if every image was classified, 1 if any failed (each is reported).
+    Exit code 0 if every image was classified, 1 if the model or any image could not be used
+    (each is reported on its own line), 2 if the command line is wrong.
     """
     from edge_runtime.classifier import Failure
     from edge_runtime.data import expand_inputs
 
-    clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold)
+    clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard)
     items = expand_inputs(paths)
     info = clf.describe()
+    sink = ResultSink(out)
     if progress is None:
         progress = len(items) > 20 and sys.stderr.isatty()
     if not as_json:
         th = clf.spec.threshold if clf.use_threshold else None
-        click.echo(f"model {Path(model).name} ({info['variant'] or 'unknown variant'}, input {info['input_dtype']}"
-                   f" {clf.spec.preprocessing.height}x{clf.spec.preprocessing.width}) on {clf.backend.describe()},"
-                   f" threads {threads or 'default'}"
-                   + (f"; decision: {th.label} if p >= {th.value:.3f}" if th else "; decision: most probable class"))
+        sink.line(escape_text(
+            f"model {Path(model).name} ({info['variant'] or 'unknown variant'}, input {info['input_dtype']}"
+            f" {clf.spec.preprocessing.height}x{clf.spec.preprocessing.width}) on {clf.backend.describe()},"
+            f" threads {threads or 'default'}"
+            + (f"; decision: {th.label} if p >= {th.value:.3f}" if th else "; decision: most probable class")))
     failed = 0
-    width = max([len(p) for p, _ in items] + [4])
-    width = min(width, 60)
+    width = min(max([len(escape_text(p)) for p, _ in items] + [4]), 60)
     sources = [p for p, problem in items]
     problems = {p: problem for p, problem in items if problem}
     results = clf.classify_many([p for p in sources if p not in problems], progress=progress)
@@ -117,21 +125,28 @@ def classify(paths, model, threads, backend, labels, mean, std, no_threshold, to
         if isinstance(res, Failure):
             failed += 1
             if as_json:
-                click.echo(json.dumps({**res.to_dict(), "backend": info["backend"]}))
+                sink.line(dumps_strict({**res.to_dict(), "backend": info["backend"]}))
             else:
-                click.echo(f"error: {res.error}", err=True)
+                click.echo(f"error: {escape_text(res.error)}", err=True)
             continue
         if as_json:
             d = res.to_dict()
             d["top_k"] = [[k, v] for k, v in res.top_k(top_k)]
             d["backend"], d["backend_version"], d["model"] = info["backend"], info["backend_version"], info["model"]
-            click.echo(json.dumps(d))
+            sink.line(dumps_strict(d))
         else:
-            shown = "  ".join(f"{k} {v:.3f}" for k, v in res.top_k(top_k))
-            name = src if len(src) <= width else "..." + src[-(width - 3):]
-            click.echo(f"{name:<{width}}  {res.label:<12}  [{shown}]  {res.total_ms:.1f} ms")
+            shown = "  ".join(f"{escape_text(k)} {v:.3f}" for k, v in res.top_k(top_k))
+            name = escape_text(src)
+            name = name if len(name) <= width else "..." + name[-(width - 3):]
+            sink.line(f"{name:<{width}}  {escape_text(res.label):<12}  [{shown}]  {res.total_ms:.1f} ms")
+    sink.close()
     if not as_json:
-        click.echo(f"{len(sources) - failed} classified, {failed} failed", err=failed > 0)
+        summary = f"{len(sources) - failed} classified, {failed} failed"
+        if failed or out:
+            click.echo(summary, err=True)
+        else:
+            sink.line(summary)
+            sink.close()
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
 
 
@@ -145,7 +160,7 @@ def classify(paths, model, threads, backend, labels, mean, std, no_threshold, to
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the metrics JSON here.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images (quick checks).")
 @handle_errors
-def evaluate(model, data, threads, backend, labels, mean, std, no_threshold, as_json, out, limit):
+def evaluate(model, data, threads, backend, labels, mean, std, no_threshold, no_guard, as_json, out, limit):
     """Accuracy, per-class precision/recall/F1/specificity and the confusion matrix.
 
     \b
@@ -154,32 +169,50 @@ def evaluate(model, data, threads, backend, labels, mean, std, no_threshold, as_
       lungedge evaluate --model runs/xray --data chest_xray/test   # Keras model of a run
 
     Works on the device with numpy only for .tflite models; a run folder or .keras file
-    is evaluated with TensorFlow. Exit code 1 if any image could not be read.
+    is evaluated with TensorFlow. Exit code 1 if the model, the data folder or any image
+    could not be used, 2 if the command line is wrong.
     """
-    from edge_runtime.data import atomic_write_text
+    from edge_runtime.errors import ConfigError, InputError, ModelError
     from edge_runtime.metrics import format_report
 
     p = Path(model)
-    if p.is_dir() or p.suffix in (".keras", ".h5"):
+    keras_model = p.suffix in (".keras", ".h5")
+    if p.is_dir():
+        if not (p / "model.keras").is_file():
+            raise ModelError(f"not a .tflite file or a training run folder (no model.keras in it): {model!r}")
+        keras_model = True
+    elif keras_model and not p.is_file():
+        raise ModelError(f"model file not found: {model!r}")
+    if not Path(data).is_dir():
+        raise InputError(f"data folder not found: {data!r}")
+    if keras_model:
         from train.evaluate import evaluate_keras
 
         metrics = evaluate_keras(str(p), data, limit=limit, use_threshold=not no_threshold)
     else:
         from edge_runtime.evaluate import evaluate_classifier
 
-        clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold)
-        metrics = evaluate_classifier(clf, data, progress=sys.stderr.isatty(), limit=limit)
+        clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard)
+        try:
+            metrics = evaluate_classifier(clf, data, progress=sys.stderr.isatty(), limit=limit)
+        except ConfigError as exc:  # the data folder does not fit the model: an input, not the command line
+            raise InputError(str(exc)) from None
     if out:
-        atomic_write_text(out, json.dumps(metrics, indent=2))
+        sink = ResultSink(out)
+        sink.line(dumps_strict(metrics, indent=2))
+        sink.close()
+    sink = ResultSink()
     if as_json:
-        click.echo(json.dumps(metrics, indent=2))
+        sink.line(dumps_strict(metrics, indent=2))
     else:
         m = metrics.get("model", {})
-        click.echo(f"model {model} on {m.get('backend', 'keras')} {m.get('backend_version', '')}; "
-                   f"decision: {metrics.get('decision', 'argmax')}; data {data}")
-        click.echo(format_report(metrics))
+        sink.line(escape_text(f"model {model} on {m.get('backend', 'keras')} {m.get('backend_version', '')}; "
+                              f"decision: {metrics.get('decision', 'argmax')}; data {data}"))
+        for ln in format_report(metrics).splitlines():
+            sink.line(escape_text(ln))
+    sink.close()
     for f in metrics.get("failures", []):
-        click.echo(f"error: {f['error']}", err=True)
+        click.echo(f"error: {escape_text(f['error'])}", err=True)
     sys.exit(EXIT_FAILED if metrics.get("failures") else EXIT_OK)
 
 
@@ -187,20 +220,28 @@ def evaluate(model, data, threads, backend, labels, mean, std, no_threshold, as_
 @click.argument("model")
 @_model_options
 @handle_errors
-def inspect(model, threads, backend, labels, mean, std, no_threshold):
-    """Show what a .tflite file carries: labels, preprocessing, threshold, variant, I/O types.
+def inspect(model, threads, backend, labels, mean, std, no_threshold, no_guard):
+    """Show what a .tflite file carries: labels, preprocessing, threshold, variant, I/O types,
+    and whether its integrity record was verified.
 
     \b
     Example:
       lungedge inspect model_int8.tflite
     """
-    clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold)
+    clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard)
     info = clf.describe()
+    if info["integrity"] == "absent":
+        info["integrity_note"] = ("no integrity record: the file was converted before records existed or by "
+                                  "another tool, so changes to it cannot be detected")
     info["metadata"] = clf.spec.to_dict() if clf.has_metadata else None
     info["input_quantization"] = list(clf.input_details.get("quantization", ()))
     info["output_quantization"] = list(clf.output_details.get("quantization", ()))
     info["delegate_nodes"] = clf.delegate_nodes()
-    click.echo(json.dumps(info, indent=2, default=str))
+    info["structure"] = {"subgraphs": clf.structure.subgraphs, "operators": clf.structure.operators,
+                         "tensors": clf.structure.tensors, "buffers": clf.structure.buffers}
+    sink = ResultSink()
+    sink.line(dumps_strict(info, indent=2, default=str))
+    sink.close()
 
 
 def _register() -> None:

@@ -9,16 +9,16 @@ from __future__ import annotations
 import hashlib
 
 import os
-from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 
-from edge_runtime.errors import ConfigError, ModelError
+from edge_runtime.errors import ConfigError, ModelError, first_line
 from edge_runtime.metadata import embed_spec
 from edge_runtime.spec import ModelSpec
 
 from train.tfimport import import_tf
+from train.tfimport import load_keras_model as _load_file
 from train.tfimport import quiet as _quiet
 
 from .variants import Variant, get_variant
@@ -34,15 +34,7 @@ def load_keras_model(model_or_path: ModelLike):
     """
     if not isinstance(model_or_path, (str, os.PathLike)):
         return model_or_path
-    _, keras = import_tf()
-    p = Path(model_or_path)
-    if not p.is_file():
-        raise ModelError(f"Keras model not found: {str(p)!r}")
-    try:
-        return keras.models.load_model(str(p), compile=False)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ModelError(f"cannot load Keras model {str(p)!r}: {first}") from None
+    return _load_file(model_or_path)
 
 
 def model_sha256(model_or_path: ModelLike) -> str:
@@ -144,8 +136,7 @@ def tflite_bytes(model, variant: Variant, calibration: Optional[np.ndarray] = No
                 return _selective(tf, conv, model, variant, calibration)
             return bytes(conv.convert())
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise ModelError(f"TFLite conversion to {variant.name} failed: {first}") from None
+        raise ModelError(f"TFLite conversion to {variant.name} failed: {first_line(exc, 300)}") from None
 
 
 def _selective(tf, conv, model, variant: Variant, calibration: np.ndarray) -> bytes:

@@ -6,7 +6,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .errors import MissingDependencyError, ConfigError
+from .errors import ConfigError, MissingDependencyError, first_line
 
 BACKENDS = ("litert", "tflite-runtime")
 _MODULES = {
@@ -66,7 +66,7 @@ def load_backend(name: Optional[str] = "auto") -> Backend:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or numpy ABI errors raised as other types
         raise MissingDependencyError(
-            f"backend {name} is not usable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"backend {name} is not usable ({type(exc).__name__}: {first_line(exc)}); "
             f"pip install '{extra}'"
         ) from None
     return Backend(name=name, version=_version(module_name, dist), interpreter_class=module.Interpreter, module=module)

@@ -2,7 +2,7 @@
 
 Everything is measured through the runtime's own code (``Classifier`` and
 ``edge_runtime.timing.time_calls``), so a benchmark and a deployed classifier time the same
-thing. Each model runs in a fresh Python process (``python -m edge_runtime.bench``), so its
+thing. Each model runs in a fresh Python process (``python -m edge_runtime.bench_isolate``), so its
 peak RSS is its own and a model that crashes the interpreter cannot take the run down.
 
 Measured per model and thread count:
@@ -18,7 +18,8 @@ Measured per model and thread count:
 
 each as raw timings with mean/std/p50/p90/p99, plus throughput, peak RSS, model size and
 SHA-256, backend and version, delegate (XNNPACK) node count and, with ``data_dir``, accuracy.
-No TensorFlow; matplotlib only for the optional PNG chart.
+No TensorFlow. The roles are split: this module measures, ``edge_runtime.bench_isolate`` runs a
+model in its own process, and the reports (Markdown, PNG, comparisons) are ``lungedge.bench_report``.
 """
 
 from __future__ import annotations
@@ -26,13 +27,9 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import io
-import json
 import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -41,8 +38,6 @@ from .metadata import read_model_bytes
 from .timing import machine_info, now, peak_rss_mb, time_calls
 
 SCHEMA = "lungedge.bench/1"
-REPORT_NAME = "bench_report"
-COMPARE_NAME = "compare_report"
 #: Seconds one model's worker process may take before it is reported as hung.
 DEFAULT_TIMEOUT_S = 900
 
@@ -149,7 +144,7 @@ def _bench_threads(path, sources, threads, runs, warmup, backend, labels, mean, 
 
 def _accuracy(path, data_dir, threads, backend, labels, mean, std) -> dict:
     from .classifier import Classifier
-    from .evaluate import evaluate_classifier
+    from .folder_eval import evaluate_classifier
 
     clf = Classifier(path, threads=threads, backend=backend, labels=_labels_for(path, backend, labels),
                      mean=mean, std=std)
@@ -261,7 +256,7 @@ def run_bench(
 
     Args:
         models: ``.tflite`` paths.
-        isolate: run each model in a fresh ``python -m edge_runtime.bench`` process (own
+        isolate: run each model in a fresh ``python -m edge_runtime.bench_isolate`` process (own
             peak RSS; a crash becomes an error row). False runs them in this process.
         timeout_s: per-model limit of an isolated run.
         progress: a tqdm bar over the models on stderr.
@@ -283,6 +278,8 @@ def run_bench(
     from .backend import load_backend
 
     load_backend(backend)  # a missing backend is a usage error, not N failed models
+    from .bench_isolate import bench_isolated
+
     kwargs = dict(images=[str(x) for x in images] if images is not None else None, threads=threads, runs=runs,
                   warmup=warmup, backend=backend, data_dir=str(data_dir) if data_dir else None,
                   labels=labels if labels is None or isinstance(labels, str) else list(labels),
@@ -295,7 +292,7 @@ def run_bench(
 
         it = tqdm(models, desc="bench", unit="model")
     for m in it:
-        results.append(_bench_isolated(m, kwargs, timeout_s) if isolate else bench_model(m, **kwargs))
+        results.append(bench_isolated(m, kwargs, timeout_s) if isolate else bench_model(m, **kwargs))
     return {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -305,29 +302,6 @@ def run_bench(
         "settings": {k: v for k, v in kwargs.items() if k not in ("labels", "mean", "std")},
         "models": results,
     }
-
-
-def _bench_isolated(model: str, kwargs: dict, timeout_s: float) -> dict:
-    with tempfile.TemporaryDirectory(prefix="lungedge-bench-") as tmp:
-        req, out = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        req.write_text(json.dumps({"model": model, "kwargs": kwargs, "out": str(out)}))
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        try:
-            proc = subprocess.run([sys.executable, "-m", "edge_runtime.bench", str(req)], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            return _error_result(model, f"timed out after {timeout_s:.0f} s")
-        if out.is_file():
-            return json.loads(out.read_text())
-        tail = [ln for ln in proc.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
-        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-        return _error_result(model, f"benchmark process crashed ({how})" + (f": {tail[-1][:200]}" if tail else ""))
-
-
-def _error_result(model: str, error: str) -> dict:
-    return {"model": model, "name": Path(model).name, "status": "error", "error": error, "runs": []}
 
 
 def _package_version() -> str:
@@ -344,187 +318,3 @@ def _load_avg():
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:  # pragma: no cover
         return None
-
-
-def _worker(request_path: str) -> int:
-    """Entry point of an isolated run: read the request, write the result JSON."""
-    req = json.loads(Path(request_path).read_text())
-    res = bench_model(req["model"], **req["kwargs"])
-    Path(req["out"]).write_text(json.dumps(res))
-    return 0
-
-
-# ---- reports ------------------------------------------------------------------------------------
-def write_report(report: dict, out_dir: str, name: str = REPORT_NAME) -> dict:
-    """Write ``NAME.json``, ``NAME.md`` and (if matplotlib is installed) ``NAME.png``.
-
-    Returns:
-        ``{"json": path, "md": path, "png": path or None, "png_skipped": reason or None}``.
-    """
-    from .data import atomic_write_text
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": str(out / f"{name}.json"), "md": str(out / f"{name}.md"), "png": None, "png_skipped": None}
-    atomic_write_text(paths["json"], json.dumps(report, indent=1))
-    atomic_write_text(paths["md"], format_markdown(report))
-    rows = report_rows(report)
-    try:
-        from .report_plot import plot_rows
-
-        plot_rows(rows, str(out / f"{name}.png"), title=_title(report))
-        paths["png"] = str(out / f"{name}.png")
-    except ImportError as exc:
-        paths["png_skipped"] = f"matplotlib not installed ({exc.name or exc}); PNG chart skipped"
-    return paths
-
-
-def load_report(path: str) -> dict:
-    """Read a bench report JSON, checking its schema.
-
-    Raises:
-        ConfigError: missing, not JSON, or not a ``lungedge.bench/1`` report.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"report not found: {str(p)!r}")
-    try:
-        report = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"not a JSON report: {str(p)!r} ({exc})") from None
-    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
-        got = report.get("schema") if isinstance(report, dict) else type(report).__name__
-        raise ConfigError(f"not a {SCHEMA} report (schema {got!r}): {str(p)!r}")
-    return report
-
-
-def compare_reports(paths: Sequence[str], out_dir: str) -> dict:
-    """Merge reports from several machines (or backends) into one table and chart.
-
-    Writes ``compare_report.{json,md,png}`` in ``out_dir``; the JSON keeps every input
-    report whole under ``reports``. Returns the paths, as ``write_report``.
-
-    Raises:
-        ConfigError: fewer than one report, or a file that is not a bench report.
-    """
-    if not paths:
-        raise ConfigError("no reports given to compare")
-    reports = [load_report(p) for p in paths]
-    for p, r in zip(paths, reports):  # bench_report.json files from several machines differ by folder
-        r["_label"] = _machine_label(r, f"{Path(p).parent.name}/{Path(p).stem}")
-    merged = {"schema": SCHEMA, "kind": "comparison",
-              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "sources": [str(p) for p in paths], "reports": reports}
-    return write_report(merged, out_dir, name=COMPARE_NAME)
-
-
-def _machine_label(report: dict, stem: str) -> str:
-    m = report.get("machine", {})
-    return f"{m.get('hostname', '?')}/{m.get('arch', '?')} ({stem})"
-
-
-def report_rows(report: dict) -> List[dict]:
-    """One flat row per model x threads (errors included), for tables and charts."""
-    if report.get("kind") == "comparison":
-        rows = []
-        for r in report["reports"]:
-            for row in report_rows(r):
-                rows.append({**row, "machine": r.get("_label") or _machine_label(r, "?")})
-        return rows
-    machine = report.get("machine", {})
-    rows = []
-    for m in report.get("models", []):
-        base = {"machine": f"{machine.get('hostname', '?')}/{machine.get('arch', '?')}", "model": m.get("name"),
-                "variant": m.get("variant"), "backend": m.get("backend"), "backend_version": m.get("backend_version"),
-                "size_mb": (m["size_bytes"] / 1e6) if m.get("size_bytes") else None,
-                "sha256": (m.get("sha256") or "")[:12], "peak_rss_mb": m.get("peak_rss_mb"),
-                "accuracy": (m.get("accuracy") or {}).get("accuracy"),
-                "image_failures": len((m.get("images") or {}).get("failures", [])),
-                "error": m.get("error")}
-        if not m.get("runs"):
-            rows.append({**base, "threads": None})
-        for r in m.get("runs", []):
-            rows.append({**base, "threads": r["threads"], "delegate_nodes": r.get("delegate_nodes"),
-                         "startup_ms": r.get("startup_ms"), "first_invoke_ms": r.get("first_invoke_ms"),
-                         "first_classify_ms": r.get("first_classify_ms"),
-                         "invoke": r.get("invoke"), "end_to_end": r.get("end_to_end"),
-                         "classify_decoded": r.get("classify_decoded"), "preprocess": r.get("preprocess"),
-                         "throughput_ips": r.get("throughput_ips")})
-    return rows
-
-
-def _f(x, fmt="{:.2f}") -> str:
-    return "" if x is None else fmt.format(x)
-
-
-def format_markdown(report: dict) -> str:
-    """The report as a Markdown table (one row per model x threads) with its context."""
-    rows = report_rows(report)
-    comparison = report.get("kind") == "comparison"
-    lines = [f"# {_title(report)}", ""]
-    sources = report["reports"] if comparison else [report]
-    for r in sources:
-        m, s = r.get("machine", {}), r.get("settings", {})
-        label = f"**{r.get('_label')}**: " if comparison else ""
-        lines.append(f"- {label}{m.get('cpu')}, {m.get('cores')} cores, {m.get('arch')}, {m.get('os')}, "
-                     f"Python {m.get('python')}, numpy {m.get('numpy')}; load average before/after "
-                     f"{(r.get('load_avg') or {}).get('before')} / {(r.get('load_avg') or {}).get('after')}; "
-                     f"{s.get('runs')} runs after {s.get('warmup')} warm-up; images: {_images_text(s)}; "
-                     f"created {r.get('created')}")
-    lines += ["", "Times in ms (p50 / p90 / p99 of raw timings). invoke = `interpreter.invoke()` alone; "
-              "e2e = `Classifier.classify(path)`: decode + preprocess + invoke + postprocess. "
-              "Delegate nodes: graph nodes taken by XNNPACK (0 = none: every op on the reference kernels).", ""]
-    head = (["machine"] if comparison else []) + [
-        "model", "variant", "backend", "threads", "delegate nodes", "invoke p50 / p90 / p99", "e2e p50 / p90 / p99",
-        "img/s (e2e)", "start-up", "1st invoke", "1st image", "peak RSS MB", "size MB", "sha256", "accuracy", "status"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
-    for r in rows:
-        inv, e2e = r.get("invoke") or {}, r.get("end_to_end") or {}
-        status = "ok" if not r.get("error") else "FAILED: " + r["error"].replace("|", "\\|")
-        if not r.get("error") and r.get("image_failures"):
-            status = f"ok ({r['image_failures']} bad images skipped)"
-        cells = ([r["machine"]] if comparison else []) + [
-            str(r.get("model")), str(r.get("variant") or ""),
-            f"{r.get('backend') or ''} {r.get('backend_version') or ''}".strip(), _f(r.get("threads"), "{}"),
-            _f(r.get("delegate_nodes"), "{}"), _triple(inv), _triple(e2e), _f(r.get("throughput_ips"), "{:.1f}"),
-            _f(r.get("startup_ms"), "{:.1f}"), _f(r.get("first_invoke_ms"), "{:.1f}"),
-            _f(r.get("first_classify_ms"), "{:.1f}"), _f(r.get("peak_rss_mb"), "{:.0f}"), _f(r.get("size_mb")),
-            r.get("sha256") or "", _f(r.get("accuracy"), "{:.3f}"), status]
-        lines.append("| " + " | ".join(cells) + " |")
-    acc_errors = [(m.get("name"), m["accuracy"]["error"]) for r in sources for m in r.get("models", [])
-                  if (m.get("accuracy") or {}).get("error")]
-    if acc_errors:
-        lines += ["", "Accuracy not measured:", ""] + [f"- {name}: {err}" for name, err in acc_errors]
-    bad = [(m.get("name"), f) for r in sources for m in r.get("models", [])
-           for f in (m.get("images") or {}).get("failures", [])]
-    if bad:
-        lines += ["", "Images that could not be read (left out of the timings):", ""]
-        seen = set()
-        for _, f in bad:
-            if f["source"] not in seen:
-                seen.add(f["source"])
-                lines.append(f"- `{f['source']}`: {f['error']}")
-    return "\n".join(lines) + "\n"
-
-
-def _triple(s: dict) -> str:
-    if not s:
-        return ""
-    return f"{s['p50_ms']:.2f} / {s['p90_ms']:.2f} / {s['p99_ms']:.2f}"
-
-
-def _images_text(settings: dict) -> str:
-    imgs = settings.get("images")
-    return "synthetic JPEG" if imgs is None else ", ".join(str(x) for x in imgs)
-
-
-def _title(report: dict) -> str:
-    if report.get("kind") == "comparison":
-        return f"lungedge bench comparison ({len(report['reports'])} reports)"
-    m = report.get("machine", {})
-    return f"lungedge bench on {m.get('hostname')} ({m.get('cpu')}, {m.get('cores')} cores)"
-
-
-if __name__ == "__main__":  # isolated worker: python -m edge_runtime.bench REQUEST.json
-    sys.exit(_worker(sys.argv[1]))

@@ -149,8 +149,8 @@ class Classifier:
         out_shape = tuple(int(x) for x in self._out["shape"])
         if len(out_shape) != 2 or out_shape[0] != 1 or out_shape[1] < 2:
             raise ModelError(f"expected an output of shape (1, classes>=2), got {out_shape}: {name!r}")
+        self.has_metadata = spec is not None  # a lungedge record inside the file
         self.spec = self._resolve_spec(spec, shape, out_shape[1], labels, mean, std)
-        self.has_metadata = self._has_metadata
         self.use_threshold = use_threshold and self.spec.threshold is not None
         self._in_index, self._out_index = self._in["index"], self._out["index"]
         self._in_dtype = np.dtype(self._in["dtype"])
@@ -180,7 +180,6 @@ class Classifier:
         return it
 
     def _resolve_spec(self, spec, in_shape, n_out, labels, mean, std) -> ModelSpec:
-        self._has_metadata = spec is not None
         h, w, c = in_shape[1], in_shape[2], in_shape[3]
         if labels is not None:
             labels = _read_labels(labels)

@@ -77,12 +77,12 @@ def list_labelled_folder(root: str, class_names: Optional[Sequence[str]] = None)
         index = {d.name: i for i, d in enumerate(folders)}
     else:
         names = tuple(class_names)
-        wanted = {_key(n): i for i, n in enumerate(names)}
+        wanted = {label_key(n): i for i, n in enumerate(names)}
         index = {}
         for d in folders:
-            if _key(d.name) not in wanted:
+            if label_key(d.name) not in wanted:
                 raise ConfigError(f"folder {d.name!r} in {str(r)!r} is not one of the model's classes {list(names)!r}")
-            index[d.name] = wanted[_key(d.name)]
+            index[d.name] = wanted[label_key(d.name)]
     paths, labels = [], []
     for d in folders:
         for f in sorted(d.rglob("*")):
@@ -94,7 +94,9 @@ def list_labelled_folder(root: str, class_names: Optional[Sequence[str]] = None)
     return LabelledFiles(tuple(paths), tuple(labels), names)
 
 
-def _key(name: str) -> str:
+def label_key(name: str) -> str:
+    """How class names are matched (folder names, recipes, labels files): lower case, letters and
+    digits only ("Malignant cases" -> "malignantcases")."""
     return "".join(ch for ch in name.lower() if ch.isalnum())
 
 

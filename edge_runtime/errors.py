@@ -36,3 +36,11 @@ class ConfigError(LungedgeError):
 
 class MissingDependencyError(LungedgeError):
     """An optional dependency (TensorFlow, LiteRT, matplotlib...) is not installed."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none), cut to
+    ``limit`` characters: what a one-line error quotes of a library's exception."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+

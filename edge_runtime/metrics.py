@@ -6,13 +6,15 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .errors import ConfigError
+
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
     """Counts ``cm[true, predicted]``."""
     t = np.asarray(y_true, dtype=np.int64)
     p = np.asarray(y_pred, dtype=np.int64)
     if t.shape != p.shape:
-        raise ValueError(f"y_true and y_pred differ in length: {t.shape} vs {p.shape}")
+        raise ConfigError(f"y_true and y_pred differ in length: {t.shape} vs {p.shape}")
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(cm, (t, p), 1)
     return cm

@@ -18,7 +18,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, first_line
 from .files import open_regular_file
 from .spec import Preprocessing
 
@@ -120,12 +120,7 @@ def _guarded(fn, name: str) -> np.ndarray:
     except RecursionError:
         raise ImageError(f"cannot decode image (nesting too deep): {name!r}") from None
     except Exception as exc:  # Pillow's decoders raise OSError, ValueError, SyntaxError, TypeError, IndexError...
-        raise ImageError(f"cannot decode image ({type(exc).__name__}: {_first_line(exc)}): {name!r}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = (str(exc).strip().splitlines() or [""])[0]
-    return text[:120] or "no details"
+        raise ImageError(f"cannot decode image ({type(exc).__name__}: {first_line(exc, 120)}): {name!r}") from None
 
 
 def normalize(pixels: np.ndarray, spec: Preprocessing) -> np.ndarray:

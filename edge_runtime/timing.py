@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, List, Sequence
 
+from .errors import ConfigError
+
 import numpy as np
 
 now = time.perf_counter
@@ -44,7 +46,7 @@ class Summary:
 def time_calls(fn: Callable[[], object], runs: int, warmup: int = 0) -> Summary:
     """Call ``fn`` ``warmup`` times untimed, then ``runs`` times, timing each call alone."""
     if runs < 1:
-        raise ValueError(f"runs must be >= 1, got {runs}")
+        raise ConfigError(f"runs must be >= 1, got {runs}")
     for _ in range(max(0, warmup)):
         fn()
     raw: List[float] = []

@@ -59,17 +59,18 @@ def bench_cmd(models, images, threads, runs, warmup, backend, data, labels, out,
     Exit code 0 if every model ran, 1 if any failed, 2 for a usage error.
     """
     from edge_runtime import bench
+    from lungedge import bench_report
 
     if compare:
-        paths = bench.compare_reports(list(models), out or "bench-compare")
+        paths = bench_report.compare_reports(list(models), out or "bench-compare")
         _echo_paths(paths)
         sys.exit(EXIT_OK)
     thread_list = parse_int_list(threads, "--threads")
     report = bench.run_bench(list(models), images=list(images) or None, threads=thread_list, runs=runs, warmup=warmup,
                              backend=backend, data_dir=data, labels=labels, isolate=not no_isolate,
                              progress=sys.stderr.isatty())
-    paths = bench.write_report(report, out or _default_out(models))
-    click.echo(bench.format_markdown(report))
+    paths = bench_report.write_report(report, out or _default_out(models))
+    click.echo(bench_report.format_markdown(report))
     _echo_paths(paths)
     failed = [m for m in report["models"] if m["status"] != "ok"]
     for m in failed:
@@ -82,5 +83,3 @@ def _echo_paths(paths: dict) -> None:
     if paths.get("png_skipped"):
         click.echo(paths["png_skipped"], err=True)
 
-
-commands = [bench_cmd]

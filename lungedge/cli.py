@@ -7,8 +7,6 @@ that has only the ``edge`` extra.
 
 from __future__ import annotations
 
-import importlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -16,17 +14,25 @@ from pathlib import Path
 import click
 
 from lungedge import __version__
-from lungedge.cli_util import EXIT_FAILED, EXIT_OK, ResultSink, dumps_strict, escape_text, handle_errors
+from lungedge.cli_util import LazyGroup, EXIT_FAILED, EXIT_OK, ResultSink, dumps_strict, escape_text, handle_errors
 
 # TensorFlow's C++ start-up chatter hides the progress bars and results users need to see
 # (train.tfimport also silences what this variable does not reach; --verbose shows it all).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-# Modules that each define ``commands``: a list of click commands to add to the group.
-_COMMAND_MODULES = ("train.cli", "convert.cli", "lungedge.bench_cli", "lungedge.pipeline_cli")
+# Commands defined in other modules, imported only when that command runs (or --help lists them):
+# name -> "module:attribute". Their modules import TensorFlow only inside the command.
+_LAZY_COMMANDS = {
+    "train": "lungedge.train_cli:train_cmd",
+    "convert": "lungedge.convert_cli:convert_cmd",
+    "bench": "lungedge.bench_cli:bench_cmd",
+    "pipeline": "lungedge.pipeline_cli:pipeline_cmd",
+    "demo": "lungedge.pipeline_cli:demo_cmd",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=LazyGroup, lazy_commands=_LAZY_COMMANDS,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="lungedge")
 @click.option("--verbose", "-v", is_flag=True, help="Also show TensorFlow's own start-up and Keras output.")
 @click.option("--quiet", "-q", is_flag=True, help="Only results and errors: no progress.")
@@ -186,11 +192,11 @@ def evaluate(model, data, threads, backend, labels, mean, std, no_threshold, no_
     if not Path(data).is_dir():
         raise InputError(f"data folder not found: {data!r}")
     if keras_model:
-        from train.evaluate import evaluate_keras
+        from train.keras_eval import evaluate_keras
 
         metrics = evaluate_keras(str(p), data, limit=limit, use_threshold=not no_threshold)
     else:
-        from edge_runtime.evaluate import evaluate_classifier
+        from edge_runtime.folder_eval import evaluate_classifier
 
         clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard)
         try:
@@ -243,20 +249,6 @@ def inspect(model, threads, backend, labels, mean, std, no_threshold, no_guard):
     sink.line(dumps_strict(info, indent=2, default=str))
     sink.close()
 
-
-def _register() -> None:
-    for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if not (exc.name and name.startswith(exc.name)):  # a real missing dependency inside it
-                raise
-            continue
-        for cmd in getattr(module, "commands", []):
-            main.add_command(cmd)
-
-
-_register()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

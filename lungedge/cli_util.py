@@ -158,3 +158,24 @@ def parse_int_list(value: str, name: str) -> list:
     if not out or any(x < 1 for x in out):
         raise ConfigError(f"{name} must be positive integers, got {value!r}")
     return out
+
+
+class LazyGroup(click.Group):
+    """A click group whose commands live in other modules, imported when used (click's documented
+    lazy-loading pattern): ``lungedge classify`` on a device never imports the training commands."""
+
+    def __init__(self, *args, lazy_commands: dict = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = dict(lazy_commands or {})
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy_commands))
+
+    def get_command(self, ctx, name):
+        if name in self.lazy_commands and name not in self.commands:
+            import importlib
+
+            module, attr = self.lazy_commands[name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
+

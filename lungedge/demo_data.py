@@ -9,7 +9,6 @@ the same files. This is for the demo and tests only; it says nothing about real 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -82,6 +81,3 @@ def make_demo_dataset(out_dir: str, per_class: int = 150, size: int = 224, seed:
         Image.fromarray(arr).save(d / f"demo_{i:04d}.png", optimize=False)
     return root
 
-
-def count_images(root: Path) -> Optional[int]:
-    return sum(1 for _ in Path(root).rglob("*.png")) if Path(root).is_dir() else None

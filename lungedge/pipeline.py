@@ -140,7 +140,7 @@ def _run_stage(stage: Stage, fn: Callable, job: _Job, log: Callable[[str], None]
 
 
 def _train(stage: Stage, job: _Job) -> None:
-    from train.run import train_run
+    from train.training import train_run
 
     try:
         # train_run: 0 silent, 1 Keras progress bars (a terminal), 2 one line per epoch (a log file)
@@ -153,7 +153,7 @@ def _train(stage: Stage, job: _Job) -> None:
 
 
 def _convert(stage: Stage, job: _Job) -> None:
-    from convert.run import convert_run
+    from convert.conversion import convert_run
 
     report = convert_run(job.run_dir, variants=job.variants, data_dir=job.test_data,
                          calibration_count=job.calibration_count, progress=job.verbose > 0)
@@ -171,7 +171,8 @@ def _convert(stage: Stage, job: _Job) -> None:
 
 
 def _bench(stage: Stage, job: _Job) -> None:
-    from edge_runtime.bench import run_bench, write_report
+    from edge_runtime.bench import run_bench
+    from lungedge.bench_report import write_report
 
     models = [str(job.run_dir / f"model_{v}.tflite") for v in job.variants
               if (job.run_dir / f"model_{v}.tflite").is_file()]
@@ -194,7 +195,7 @@ def _evaluate(stage: Stage, job: _Job) -> None:
     ship = job.summary.get("ship")
     if not ship:
         raise LungedgeError("no variant passed the gate: nothing to ship")
-    from convert.runfolder import load_run
+    from train.runfolder import load_run
 
     run = load_run(job.run_dir)
     test = run.split("test")
@@ -250,7 +251,7 @@ def _pngs(run_dir: Path) -> Dict[str, str]:
 
 def _test_images(run_dir: Path, limit: int) -> List[str]:
     """A few test-split images, classes alternating, in a fixed order (from the run's manifest)."""
-    from convert.runfolder import load_run
+    from train.runfolder import load_run
 
     run = load_run(run_dir)
     test = run.split("test")

@@ -129,5 +129,3 @@ def _verbosity(ctx) -> int:
     obj = (ctx.find_root().obj or {}) if ctx else {}
     return int(obj.get("verbosity", 1))
 
-
-commands = [pipeline_cmd, demo_cmd]

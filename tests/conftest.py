@@ -53,11 +53,6 @@ def xray_dir(shared_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ct_dir(shared_dir) -> Path:
-    return _require(shared_dir / "data/iq_othnccd/The IQ-OTHNCCD lung cancer dataset", "IQ-OTH/NCCD data")
-
-
-@pytest.fixture(scope="session")
 def fullres_dir(shared_dir) -> Path:
     return _require(shared_dir / "data/chest_xray_fullres", "full-resolution X-rays")
 

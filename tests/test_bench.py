@@ -16,7 +16,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from edge_runtime import bench
+from edge_runtime import bench, bench_isolate
+from lungedge import bench_report
 from edge_runtime.errors import ConfigError
 from edge_runtime.metadata import embed_spec
 from edge_runtime.spec import ModelSpec, Preprocessing
@@ -81,7 +82,7 @@ def test_report_has_every_measurement_and_survives_bad_models_and_images(coral_d
     assert bad["status"] == "error" and "fake-op-double" in bad["error"]
     assert gone["status"] == "error" and "not found" in gone["error"] and str(missing) in gone["error"]
 
-    paths = bench.write_report(report, tmp_path / "out")
+    paths = bench_report.write_report(report, tmp_path / "out")
     assert json.loads(Path(paths["json"]).read_text())["models"][0]["runs"][0]["invoke"]["raw_ms"]
     md = Path(paths["md"]).read_text()
     assert md.count("| mobilenet_v1_0.25_128_quant.tflite |") == 2
@@ -111,10 +112,10 @@ def test_load_report_refuses_other_files(tmp_path):
     p = tmp_path / "r.json"
     p.write_text(json.dumps({"schema": "something/2"}))
     with pytest.raises(ConfigError, match="something/2"):
-        bench.load_report(p)
+        bench_report.load_report(p)
     p.write_text("not json")
     with pytest.raises(ConfigError, match="not a JSON report"):
-        bench.load_report(p)
+        bench_report.load_report(p)
 
 
 # ---- the CLI ----------------------------------------------------------------------------------
@@ -221,15 +222,15 @@ def test_own_models_with_accuracy(tiny_mobilenet, tmp_path):
         acc = m["accuracy"]
         assert acc["n"] == 6 and acc["failures"] == 0 and 0.0 <= acc["accuracy"] <= 1.0
         assert m["runs"][0]["first_label"] in ("NORMAL", "PNEUMONIA")
-    md = bench.format_markdown(report)
+    md = bench_report.format_markdown(report)
     assert "| model_int8.tflite | int8 |" in md
 
 
 def test_png_is_skipped_with_a_reason_without_matplotlib(tmp_path, monkeypatch):
     report = {"schema": bench.SCHEMA, "machine": {"hostname": "h", "arch": "x"}, "settings": {},
-              "models": [bench._error_result("m.tflite", "model file not found: 'm.tflite'")]}
+              "models": [bench_isolate._error_result("m.tflite", "model file not found: 'm.tflite'")]}
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib -> ImportError
-    paths = bench.write_report(report, tmp_path)
+    paths = bench_report.write_report(report, tmp_path)
     assert paths["png"] is None and "PNG chart skipped" in paths["png_skipped"]
     assert "FAILED: model file not found" in Path(paths["md"]).read_text()
     assert not list(tmp_path.glob("*.png"))

@@ -20,7 +20,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from convert.calibration import calibration_from_folder, stratified_pick
-from convert.evaluate import choose_threshold, decide
+from convert.judge import decide
+from convert.judge import rechoose_threshold as choose_threshold
 from convert.gate import variant_reasons as gate_reasons
 from convert.variants import VARIANTS, get_variant, parse_variants
 from edge_runtime.errors import ConfigError, ModelError
@@ -181,7 +182,7 @@ def tiny_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def converted(tiny_run, tmp_path_factory):
-    from convert.run import convert_run
+    from convert.conversion import convert_run
 
     out = tmp_path_factory.mktemp("converted")
     # the tiny model is at chance (2 epochs on 16 noise-like images): this fixture checks the file
@@ -277,7 +278,7 @@ def test_failed_conversion_leaves_no_file(tiny_run, tmp_path, monkeypatch):
         raise ModelError("TFLite conversion to float32 failed: simulated")
 
     monkeypatch.setattr(kc, "tflite_bytes", broken)
-    from convert.run import convert_run
+    from convert.conversion import convert_run
 
     with pytest.raises(ModelError, match="simulated"):
         convert_run(tiny_run, variants="float32", out_dir=str(tmp_path), progress=False, learning_floor=False)
@@ -346,7 +347,7 @@ def test_cli_gate_exit_codes(tiny_run, tmp_path):
     assert res.exit_code == 1, res.output
     assert "error: the model did not learn: test accuracy 0.5000 (8/16" in res.output
     assert not list(tmp_path.glob("*.tflite"))
-    from convert.run import convert_run
+    from convert.conversion import convert_run
 
     report = convert_run(tiny_run, variants="dynamic", out_dir=str(tmp_path), progress=False, learning_floor=False,
                          bias_correction=False)
@@ -354,19 +355,19 @@ def test_cli_gate_exit_codes(tiny_run, tmp_path):
     assert report["bias_correction"] is False and "bias correction off" in (tmp_path / "quantization_report.md").read_text()
 
     # the same report marked failed: exit 1, or 0 with --no-gate
-    import convert.run
+    import convert.conversion
 
     failed = dict(report, passed=False)
     failed["variants"] = [dict(report["variants"][0], gate="failed", gate_reasons=["accuracy 3.00 points below Keras"])]
-    original = convert.run.convert_run
+    original = convert.conversion.convert_run
     try:
-        convert.run.convert_run = lambda *a, **k: failed
+        convert.conversion.convert_run = lambda *a, **k: failed
         res = runner.invoke(main, args)
         assert res.exit_code == 1 and "gate: FAILED" in res.output
         res = runner.invoke(main, args + ["--no-gate"])
         assert res.exit_code == 0 and "ignored" in res.output
     finally:
-        convert.run.convert_run = original
+        convert.conversion.convert_run = original
 
 
 def _tiny_bn_model(seed: int = 0):

@@ -77,7 +77,7 @@ def _real_run(root: Path, xray_dir: Path, weights: Path) -> Path:
 @pytest.mark.needs_shared
 @pytest.mark.slow
 def test_int8_agrees_with_keras_on_real_xrays(xray_dir, imagenet_weights, tmp_path):
-    from convert.run import convert_run
+    from convert.conversion import convert_run
     from edge_runtime.metadata import read_spec_from_file
 
     run = _real_run(tmp_path, xray_dir, imagenet_weights)

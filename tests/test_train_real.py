@@ -36,7 +36,7 @@ def test_short_xray_training_beats_chance_and_majority(xray_dir, imagenet_weight
     kind of model at 0.95 or more, so the bar leaves room for the small training set.
     """
     from train.recipes import get_recipe
-    from train.run import train_run
+    from train.training import train_run
 
     monkeypatch.setenv("LUNGEDGE_IMAGENET_WEIGHTS", str(imagenet_weights))
     data = _subset(xray_dir, tmp_path / "data", PER_CLASS)

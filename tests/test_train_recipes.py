@@ -16,7 +16,10 @@ from train import weights as weights_mod
 from train.data import (Dataset, drop_unreadable, kfold_assignments, load_dataset, patient_id, read_manifest,
                         split_dataset, write_manifest)
 from train.recipes import RECIPES, Augment, FineTune, Recipe, apply_overrides, get_recipe
-from train.threshold import apply_threshold, choose_operating_point, choose_threshold, resolve_label
+from edge_runtime.decision import apply_threshold
+from edge_runtime.operating_point import operating_point as choose_operating_point
+from edge_runtime.operating_point import recall_threshold as choose_threshold
+from train.labels import resolve_label
 
 
 # ---------------------------------------------------------------- recipes

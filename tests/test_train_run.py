@@ -44,12 +44,32 @@ def make_images(root: Path, per_class: int = 24, size: int = 64, seed: int = 0, 
     return root
 
 
+_WEIGHTS = {}
+
+
+def stand_in_weights() -> str:
+    """A "pretrained" no-top MobileNetV2 0.35/96 weights file (a fixed random initialisation saved
+    once): the transfer-learning path (frozen base, head, fine-tuning) without the ImageNet file.
+    With ``weights="none"`` the whole network trains from scratch instead."""
+    if "path" not in _WEIGHTS:
+        import tempfile
+
+        import keras
+
+        keras.utils.set_random_seed(0)
+        base = keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=0.35, include_top=False, weights=None)
+        path = Path(tempfile.mkdtemp(prefix="lungedge-test-weights-")) / "base.weights.h5"
+        base.save_weights(str(path))
+        _WEIGHTS["path"] = str(path)
+    return _WEIGHTS["path"]
+
+
 def tiny(name="xray-pneumonia-plus", **kw):
     from train.recipes import get_recipe
 
     # augmentation on: the full input pipeline every epoch (the plus recipe itself now trains its
     # head on cached features, whose epochs are too quick to interrupt or to exercise tf.data)
-    base = dict(alpha=0.35, image_size=96, weights="none", batch_size=8, epochs=2, patience=2,
+    base = dict(alpha=0.35, image_size=96, weights=stand_in_weights(), batch_size=8, epochs=2, patience=2,
                 fractions=(0.6, 0.2, 0.2), fine_tune={"epochs": 1, "blocks": 2}, augment=True)
     base.update(kw)
     return get_recipe(name, **base)
@@ -63,7 +83,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(data_dir, tmp_path_factory):
     """One complete tiny run: grouped split, augmentation, class weights, fine-tuning, threshold."""
-    from train.run import train_run
+    from train.training import train_run
 
     out = tmp_path_factory.mktemp("runs") / "plus"
     # patience 0: keep the last weights (with early stopping, the best could be from before fine-tuning)
@@ -154,7 +174,7 @@ def test_threshold_gives_the_target_recall_on_validation(run_dir, data_dir):
 
 
 def test_evaluate_keras_on_a_run_folder(run_dir, data_dir):
-    from train.evaluate import evaluate_keras
+    from train.keras_eval import evaluate_keras
 
     m = evaluate_keras(str(run_dir), str(data_dir))
     assert m["n"] == 48 and len(m["failures"]) == 1 and m["decision"] == "threshold"
@@ -173,7 +193,7 @@ def test_evaluate_keras_on_a_run_folder(run_dir, data_dir):
 def test_pipeline_matches_the_shared_preprocessing(data_dir):
     from edge_runtime.preprocess import load_pixels, preprocess
     from edge_runtime.spec import Preprocessing
-    from train.pipeline import image_dataset
+    from train.input_data import image_dataset
 
     prep = Preprocessing(height=40, width=40)
     paths = sorted(str(p) for p in (data_dir / "PNEUMONIA").glob("*.jpeg"))[:5]
@@ -185,7 +205,7 @@ def test_pipeline_matches_the_shared_preprocessing(data_dir):
 
 def test_paper_recipe_trains_the_head_on_cached_features_and_cv_table(data_dir, tmp_path):
     """ct-lung-cancer (frozen base, no augmentation): features once, then k-fold with mean ± population std."""
-    from train.run import cv_run
+    from train.training import cv_run
 
     recipe = tiny("ct-lung-cancer", fine_tune={"epochs": 0}, epochs=3, augment=False)
     out = cv_run(recipe, str(data_dir), str(tmp_path / "cv"), 3, verbose=0, learning_floor=False)
@@ -203,7 +223,7 @@ def test_paper_recipe_trains_the_head_on_cached_features_and_cv_table(data_dir, 
 
 
 def test_refuses_a_non_empty_out_and_unknown_strategy(run_dir, data_dir):
-    from train.run import train_run
+    from train.training import train_run
 
     with pytest.raises(ConfigError, match="not empty"):
         train_run(tiny(), str(data_dir), str(run_dir), verbose=0, learning_floor=False)
@@ -233,7 +253,7 @@ def _run_py(code: str, *args, env=None, **kw):
 _TRAIN = """
 import sys, json
 from train.recipes import Recipe
-from train.run import train_run
+from train.training import train_run
 recipe = Recipe.from_json(open(sys.argv[1]).read())
 train_run(recipe, sys.argv[2], sys.argv[3], resume=sys.argv[4] == "1", strategy=sys.argv[5], verbose=2, learning_floor=False)
 """
@@ -275,7 +295,7 @@ import sys, json, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from train.recipes import Recipe
-from train.run import train_run
+from train.training import train_run
 out = train_run(Recipe.from_json(open(sys.argv[1]).read()), sys.argv[2], sys.argv[3], strategy="mirrored", verbose=0, learning_floor=False)
 print("DEVICE", json.load(open(out / "metrics.json"))["device"])
 """

@@ -6,16 +6,17 @@ Public surface::
     run_dir = train_run(get_recipe("ct-lung-cancer"), data_dir, "runs/ct")
 
 Modules: ``recipes`` (named, frozen recipes), ``data`` (layouts, patient ids, splits, manifest),
-``pipeline`` (tf.data), ``model`` (MobileNetV2 + head, fine-tuning), ``checkpoint`` (resumable
-training), ``threshold`` (operating point), ``run`` (one run / k-fold), ``report`` (plots, model
-card), ``evaluate`` (Keras model on a labelled folder), ``weights`` (offline ImageNet weights),
-``throughput`` (input pipeline measurement), ``cli`` (``lungedge train``).
+``input_data`` (tf.data), ``model`` (MobileNetV2 + head, fine-tuning), ``checkpoint`` (resumable
+training), ``threshold`` (matching the disease class), ``training`` (one run / k-fold),
+``runfolder`` (the run-folder contract), ``report`` (plots, model card), ``keras_eval`` (Keras
+model on a labelled folder), ``weights`` (ImageNet weights), ``tfimport`` (quiet TensorFlow
+import), ``throughput`` (input pipeline measurement). The command is ``lungedge/train_cli.py``.
 """
 
 import importlib
 
 # Imported on first use (PEP 562), so that `lungedge classify` does not pay for them.
-_LAZY = {'evaluate_keras': 'evaluate', 'RECIPES': 'recipes', 'Recipe': 'recipes', 'get_recipe': 'recipes', 'cv_run': 'run', 'train_run': 'run'}
+_LAZY = {'evaluate_keras': 'keras_eval', 'RECIPES': 'recipes', 'Recipe': 'recipes', 'get_recipe': 'recipes', 'cv_run': 'training', 'train_run': 'training'}
 
 __all__ = ["Recipe", "RECIPES", "get_recipe", "train_run", "cv_run", "evaluate_keras"]
 

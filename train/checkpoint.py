@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -16,6 +17,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from edge_runtime.data import atomic_write_text
+from edge_runtime.errors import ConfigError, first_line
 
 STATE = "state.json"
 LAST_WEIGHTS = "last.weights.h5"
@@ -42,14 +44,16 @@ class TrainState:
         s = cls(folder)
         p = Path(folder) / STATE
         if p.is_file():
-            d = json.loads(p.read_text())
+            try:
+                d = json.loads(p.read_text())
+                if not isinstance(d, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"damaged checkpoint state {str(p)!r} ({first_line(exc)}); delete the "
+                                  f"{str(folder)!r} folder to restart the run, or train into a new folder") from None
             for k in ("phase", "epoch", "done", "history", "best", "wait", "stopped", "seconds"):
                 setattr(s, k, d.get(k, getattr(s, k)))
         return s
-
-    @property
-    def exists(self) -> bool:
-        return (self.folder / STATE).is_file()
 
     def save(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -133,7 +137,8 @@ def make_callback(state: TrainState, full_model, monitor: str, patience: int, ph
                         self.model.stop_training = True
                         state.stopped = True
                         if verbose:
-                            print(f"early stopping: {monitor} has not improved for {patience} epochs (best {state.best:.4f})", flush=True)
+                            print(f"early stopping: {monitor} has not improved for {patience} epochs "
+                                  f"(best {state.best:.4f})", file=sys.stderr, flush=True)
             save_weights_atomic(self.model, state.path(LAST_WEIGHTS))
             save_optimizer(self.model.optimizer, state.path(LAST_OPTIMIZER))
             state.history.append(row)

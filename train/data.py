@@ -1,14 +1,12 @@
 """Datasets for training: folder layouts, patient ids, splits, the split manifest, unreadable files.
 
-No TensorFlow here (see ``train.pipeline`` for tf.data); scikit-learn is imported inside the
+No TensorFlow here (see ``train.input_data`` for tf.data); scikit-learn is imported inside the
 split functions.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -18,12 +16,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from edge_runtime.data import atomic_write_text, list_labelled_folder
+from edge_runtime.data import list_labelled_folder
 from edge_runtime.errors import ConfigError, ImageError
 from edge_runtime.preprocess import load_pixels
 from edge_runtime.spec import Preprocessing
 
-SPLIT_NAMES = ("train", "val", "test")
 
 # Kermany chest X-ray: personNNN_bacteria_MMM / personNNN_virus_MMM (pneumonia),
 # IM-PPPP-SSSS and NORMAL2-IM-PPPP-SSSS (normal). IM-PPPP and NORMAL2-IM-PPPP share one
@@ -242,23 +239,22 @@ def kfold_assignments(ds: Dataset, k: int, val_fraction: float, kind: str = "ran
 
 
 def write_manifest(path: Path, ds: Dataset, assignment: np.ndarray) -> None:
-    """``split_manifest.csv``: path,label,split,group for every file (paths relative to the data root)."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "label", "split", "group"])
-    for p, y, s, g in zip(ds.paths, ds.labels, assignment, ds.groups()):
-        w.writerow([_rel(p, ds.root), ds.class_names[int(y)], s, g or ""])
-    atomic_write_text(str(path), buf.getvalue())
+    """The run folder's split manifest (``train.runfolder.MANIFEST``) for ``ds`` split by ``assignment``."""
+    from .runfolder import write_manifest as write_rows
+
+    write_rows(path, [(_rel(p, ds.root), ds.class_names[int(y)], s, g or "")
+                      for p, y, s, g in zip(ds.paths, ds.labels, assignment, ds.groups())])
 
 
 def read_manifest(path: Path, ds: Dataset) -> np.ndarray:
     """The split of each file of ``ds`` from a saved manifest (for --resume).
 
     Raises:
-        ConfigError: the manifest does not list the same files as the data folder.
+        ConfigError: the manifest is damaged or does not list the same files as the data folder.
     """
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = {r["path"]: r["split"] for r in csv.DictReader(fh)}
+    from .runfolder import read_manifest as read_rows
+
+    rows = {r["path"]: r["split"] for r in read_rows(path)}
     keys = [_rel(p, ds.root) for p in ds.paths]
     missing = [k for k in keys if k not in rows]
     if missing or len(rows) != len(keys):

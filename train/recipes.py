@@ -23,12 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple, Union
 
 from edge_runtime.errors import ConfigError
-from edge_runtime.spec import dataclass_from_dict
+from edge_runtime.spec import COLOR_MODES, dataclass_from_dict
 
 SPLITS = ("random", "grouped")
 MONITORS = ("val_accuracy", "val_loss")
 LR_SCHEDULES = ("constant", "cosine")
-COLOR_MODES = ("rgb", "grayscale")
 
 
 _build = dataclass_from_dict
@@ -255,6 +254,31 @@ def apply_overrides(recipe: Recipe, pairs) -> Recipe:
     if isinstance(changes.get("augment"), dict) and recipe.augmentation is None:
         changes["augment"] = {**dataclasses.asdict(Augment()), **changes["augment"]}
     return recipe.replace(**changes)
+
+
+def customize(recipe: Recipe, fields: Optional[Dict[str, Any]] = None, augment: Optional[bool] = None,
+              class_weights: Optional[bool] = None, fine_tune: Optional[Dict[str, Any]] = None,
+              sets=()) -> Recipe:
+    """``recipe`` with the changes a command line asks for, in this order:
+
+    ``fields`` (plain fields; None values are ignored), ``augment`` (True keeps the recipe's own
+    augmentation parameters when it has some; False turns augmentation off), ``class_weights``,
+    ``fine_tune`` sub-fields (merged into the recipe's), then ``sets``, ``field=value`` strings
+    (``apply_overrides``).
+
+    Raises:
+        ConfigError: an unknown field or an invalid value.
+    """
+    changes = {k: v for k, v in (fields or {}).items() if v is not None}
+    if augment is not None and not (augment and recipe.augmentation is not None):
+        changes["augment"] = bool(augment)
+    if class_weights is not None:
+        changes["class_weights"] = class_weights
+    ft = {k: v for k, v in (fine_tune or {}).items() if v is not None}
+    if ft:
+        changes["fine_tune"] = ft
+    recipe = recipe.replace(**changes) if changes else recipe
+    return apply_overrides(recipe, sets)
 
 
 def _parse_value(raw: str) -> Any:

@@ -12,7 +12,7 @@ import io
 import os
 import sys
 
-from edge_runtime.errors import MissingDependencyError
+from edge_runtime.errors import MissingDependencyError, ModelError, first_line
 
 VERBOSE_ENV = "LUNGEDGE_VERBOSE"
 
@@ -72,3 +72,22 @@ def quiet():
             os.close(copy)
         if sink is not None:
             sink.close()
+
+
+def load_keras_model(path):
+    """A Keras model from a ``.keras`` / ``.h5`` file, uncompiled.
+
+    Raises:
+        ModelError: no such file, or a file Keras cannot load (Keras raises many types).
+    """
+    from pathlib import Path
+
+    _, keras = import_tf()
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"Keras model not found: {str(p)!r}")
+    try:
+        return keras.models.load_model(str(p), compile=False)
+    except Exception as exc:
+        raise ModelError(f"cannot load Keras model {str(p)!r}: {first_line(exc)}") from None
+

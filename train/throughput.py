@@ -34,9 +34,9 @@ def measure(data_dir: str, images: int = 512, epochs: int = 3, recipe_name: str 
 
     from .data import drop_unreadable, load_dataset
     from .model import build_model, compile_model
-    from .pipeline import image_dataset
+    from .input_data import image_dataset
     from .recipes import get_recipe
-    from .run import preprocessing_for
+    from .training import preprocessing_for
 
     recipe = get_recipe(recipe_name, image_size=image_size, alpha=alpha, weights=weights, batch_size=batch_size,
                         augment=augment, seed=seed)

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import List, Optional
 
-from edge_runtime.errors import ConfigError
+from edge_runtime.errors import ConfigError, first_line
 
 ENV_VAR = "LUNGEDGE_IMAGENET_WEIGHTS"
 #: Where Keras downloads its MobileNetV2 weights from (keras.src.applications.mobilenet_v2).
@@ -99,7 +99,7 @@ def download_imagenet_weights(alpha: float = 1.0, image_size: int = 224, progres
     try:
         path = keras.utils.get_file(name, KERAS_WEIGHTS_URL + name, cache_subdir="models")
     except Exception as exc:  # urllib, socket, OS errors: all mean "not available now"
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0].split(" -- ")[-1]
+        reason = first_line(exc).split(" -- ")[-1]
         raise WeightsUnavailable(
             f"MobileNetV2 ImageNet weights not found locally and the download failed ({reason}); "
             + how_to_provide(name)) from None

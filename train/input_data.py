@@ -9,7 +9,6 @@ model, not the input, is the bottleneck.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -115,6 +114,3 @@ def image_dataset(
         ds = ds.map(lambda x, y: (_prepare(x), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
-
-def steps(n: int, batch_size: int) -> int:
-    return max(1, math.ceil(n / batch_size))

@@ -14,11 +14,11 @@ from edge_runtime.errors import ConfigError, ModelError
 
 from . import gate
 from .calibration import DEFAULT_COUNT, calibration_from_files, calibration_from_folder, load_images
-from .evaluate import choose_threshold, compare, decide, keras_probabilities, summarize, tflite_probabilities
+from .judge import compare, decide, keras_probabilities, rechoose_threshold, summarize, tflite_probabilities
 from .keras_convert import (check_classifier, convert_keras_model, converter_versions, load_keras_model,
                             model_sha256, tflite_bytes, write_tflite)
 from .report import report_paths, write_report
-from .runfolder import calibration_split, class_counts, eval_split, load_run
+from train.runfolder import calibration_split, class_counts, eval_split, load_run, tflite_name
 from .variants import DEFAULT_VARIANTS, get_variant, parse_variants
 
 
@@ -121,7 +121,7 @@ def convert_run(
                                    extra={"calibration": calib_info} if v.calibrated else None,
                                    bias_correction=bias_correction, progress=progress, reference=reference)
         seconds = time.perf_counter() - t0
-        path = out / f"model_{v.name}.tflite"
+        path = out / tflite_name(v.name)
         write_tflite(path, data)
         note = None
         if val is not None and v.calibrated:
@@ -185,7 +185,7 @@ def _rethreshold(path, data, val, spec, progress):
     clf = Classifier(path, use_threshold=False)
     probs = tflite_probabilities(clf, xv, progress, desc=f"val {path.name}")
     old = spec.threshold
-    new = choose_threshold(probs, yv, spec.labels, old, "validation (re-chosen for this quantised model)")
+    new = rechoose_threshold(probs, yv, spec.labels, old, "validation (re-chosen for this quantised model)")
     file_spec = read_spec(data)
     note = f"threshold re-chosen on {len(yv)} validation images: {old.value:.4f} -> {new.value:.4f}"
     return embed_spec(data, file_spec.replace(threshold=new)), note

@@ -1,7 +1,7 @@
-"""Operating point: a decision threshold on the disease class chosen on validation data.
+"""The operating-point rule, in one place: how a decision threshold on the disease class is chosen.
 
-The rule is the runtime's (``edge_runtime.spec.Threshold``): predict the positive class when
-its probability is >= the threshold, otherwise the most probable of the other classes.
+Used by training (on the validation split), by conversion (re-chosen for a quantised file) and
+on the device (site recalibration). The decision rule itself is ``edge_runtime.decision``.
 """
 
 from __future__ import annotations
@@ -11,35 +11,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from edge_runtime.decision import apply_threshold  # noqa: F401 (the one decision rule, re-exported)
-from edge_runtime.errors import ConfigError
+from .decision import apply_threshold
+from .errors import ConfigError
 
 
-def resolve_label(name: Optional[str], labels: Sequence[str]) -> Optional[str]:
-    """Match a recipe's class name to the dataset's folder names: exact, then case-insensitive,
-    then by prefix ignoring spaces and punctuation ("malignant" -> "Malignant cases").
-
-    Raises:
-        ConfigError: no or several matches.
-    """
-    if name is None:
-        return None
-    if name in labels:
-        return name
-
-    def key(s: str) -> str:
-        return "".join(ch for ch in s.lower() if ch.isalnum())
-
-    exact = [x for x in labels if key(x) == key(name)]
-    if len(exact) == 1:
-        return exact[0]
-    prefix = [x for x in labels if key(x).startswith(key(name))]
-    if len(prefix) == 1:
-        return prefix[0]
-    raise ConfigError(f"positive_label {name!r} matches {'none' if not prefix else 'several'} of the classes {list(labels)!r}")
-
-
-def choose_operating_point(probs: np.ndarray, y_true: Sequence[int], positive_index: int,
+def operating_point(probs: np.ndarray, y_true: Sequence[int], positive_index: int,
                            target_recall: Optional[float]) -> float:
     """The threshold, among those whose recall of the positive class on these data is >= ``target_recall``,
     with the best balanced accuracy (mean per-class recall); ties go to the lower threshold.
@@ -56,7 +32,7 @@ def choose_operating_point(probs: np.ndarray, y_true: Sequence[int], positive_in
     y = np.asarray(y_true)
     is_pos = y == positive_index
     # without a recall target every threshold is allowed: best balanced accuracy overall
-    t_max = 1.0 if target_recall is None else choose_threshold(probs[:, positive_index], is_pos, target_recall)
+    t_max = 1.0 if target_recall is None else recall_threshold(probs[:, positive_index], is_pos, target_recall)
     candidates = np.unique(np.concatenate([probs[:, positive_index], [t_max]]))
     candidates = candidates[candidates <= t_max]
     present = [c for c in range(probs.shape[1]) if (y == c).any()]
@@ -69,7 +45,7 @@ def choose_operating_point(probs: np.ndarray, y_true: Sequence[int], positive_in
     return float(np.clip(best_t, 0.0, 1.0))
 
 
-def choose_threshold(positive_probs: Sequence[float], is_positive: Sequence[bool], target_recall: float) -> float:
+def recall_threshold(positive_probs: Sequence[float], is_positive: Sequence[bool], target_recall: float) -> float:
     """The highest threshold whose recall of the positive class is >= ``target_recall``.
 
     The highest such threshold gives the fewest false positives for that recall. With k the

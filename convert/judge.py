@@ -12,6 +12,7 @@ import numpy as np
 
 from edge_runtime.decision import decide
 from edge_runtime.metrics import classification_metrics
+from edge_runtime.operating_point import operating_point
 from edge_runtime.spec import ModelSpec, Threshold
 
 
@@ -54,14 +55,12 @@ def compare(keras_probs: np.ndarray, probs: np.ndarray, keras_pred: np.ndarray, 
     }
 
 
-def choose_threshold(probs: np.ndarray, y_true: Sequence[int], labels: Sequence[str],
-                     old: Threshold, chosen_on: str) -> Threshold:
+def rechoose_threshold(probs: np.ndarray, y_true: Sequence[int], labels: Sequence[str],
+                       old: Threshold, chosen_on: str) -> Threshold:
     """Re-choose a threshold for a quantised model by the training rule
-    (``train.threshold.choose_operating_point``): under the recall target (if any), the best
+    (``edge_runtime.operating_point``): under the recall target (if any), the best
     balanced accuracy, ties to the lower value. Used on the validation split only.
     """
-    from train.threshold import choose_operating_point
-
-    value = choose_operating_point(np.asarray(probs, np.float64), y_true, list(labels).index(old.label),
+    value = operating_point(np.asarray(probs, np.float64), y_true, list(labels).index(old.label),
                                    old.target_recall)
     return Threshold(old.label, value, old.target_recall, chosen_on)

@@ -1,5 +1,11 @@
-"""Reading a training run folder (the contract in the project notes): model.keras, spec.json,
-split_manifest.csv. No TensorFlow.
+"""The run-folder contract, in one place: its file names, the split manifest (written and read,
+validated on read), and reading a finished run (``load_run``). No TensorFlow.
+
+A training run folder holds ``MODEL`` (the Keras model), ``SPEC`` (labels, preprocessing,
+threshold), ``RECIPE`` (the resolved recipe), ``MANIFEST`` (which file went to which split),
+``HISTORY`` (per epoch), ``METRICS`` (test metrics and the learning-floor verdict), ``CARD``
+(the model card) and ``PLOTS``/; ``CHECKPOINTS``/ exists only while a run is unfinished.
+Conversion adds ``model_<variant>.tflite`` and ``quantization_report.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -9,9 +15,64 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from edge_runtime.data import list_labelled_folder
+from edge_runtime.data import atomic_write_text, list_labelled_folder
 from edge_runtime.errors import ConfigError, ModelError
 from edge_runtime.spec import ModelSpec
+
+
+MODEL = "model.keras"
+SPEC = "spec.json"
+RECIPE = "recipe.json"
+MANIFEST = "split_manifest.csv"
+HISTORY = "history.csv"
+METRICS = "metrics.json"
+CARD = "model_card.md"
+PLOTS = "plots"
+CHECKPOINTS = "checkpoints"
+#: Every file a finished run has.
+CONTRACT = (MODEL, SPEC, RECIPE, MANIFEST, HISTORY, METRICS, CARD)
+SPLITS = ("train", "val", "test")
+MANIFEST_COLUMNS = ("path", "label", "split", "group")
+
+
+def tflite_name(variant: str) -> str:
+    """The file name of a converted variant inside the run folder."""
+    return f"model_{variant}.tflite"
+
+
+def write_manifest(path: Path, rows: Sequence[Tuple[str, str, str, str]]) -> None:
+    """Write ``MANIFEST`` rows ``(path, label, split, group)``; paths relative to the data root."""
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(MANIFEST_COLUMNS)
+    w.writerows(rows)
+    atomic_write_text(str(path), buf.getvalue())
+
+
+def read_manifest(path: Path) -> List[dict]:
+    """The rows of a ``MANIFEST``, validated: the columns are there, every split is one of ``SPLITS``
+    and every path and label is non-empty.
+
+    Raises:
+        ConfigError: unreadable or damaged, naming the file and the line.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"path", "label", "split"} - set(reader.fieldnames or [])
+            if missing:
+                raise ConfigError(f"{path} lacks column(s) {sorted(missing)}; has {reader.fieldnames}")
+            rows = []
+            for line, row in enumerate(reader, start=2):
+                if row.get("split") not in SPLITS or not row.get("path") or not row.get("label"):
+                    raise ConfigError(f"{path} line {line} is damaged: {dict(row)!r} (expected a path, a label and "
+                                      f"a split of {', '.join(SPLITS)})")
+                rows.append(dict(row))
+            return rows
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"cannot read the split manifest {str(path)!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -42,11 +103,11 @@ class RunFolder:
             if row["split"] != name:
                 continue
             if row["label"] not in index:
-                raise ConfigError(f"split_manifest.csv has label {row['label']!r}, not one of the model's "
+                raise ConfigError(f"the split manifest has label {row['label']!r}, not one of the model's "
                                   f"labels {list(self.spec.labels)}")
             paths.append(self._resolve(row["path"]))
             labels.append(index[row["label"]])
-        return Split(tuple(paths), tuple(labels), f"{name} split of {self.path / 'split_manifest.csv'}")
+        return Split(tuple(paths), tuple(labels), f"{name} split of {self.path / MANIFEST}")
 
     def _resolve(self, p: str) -> str:
         path = Path(p)
@@ -71,17 +132,19 @@ def load_run(run_dir) -> RunFolder:
         raise ConfigError(f"run folder not found: {str(root)!r}")
     if not root.is_dir():
         raise ConfigError(f"expected a training run folder, got a file: {str(root)!r}")
-    model_path = root / "model.keras"
+    model_path = root / MODEL
     if not model_path.is_file():
-        raise ModelError(f"no model.keras in run folder {str(root)!r} (is it a training run?)")
-    spec_path = root / "spec.json"
+        raise ModelError(f"no {MODEL} in run folder {str(root)!r} (is it a training run?)")
+    spec_path = root / SPEC
     if not spec_path.is_file():
-        raise ConfigError(f"no spec.json in run folder {str(root)!r}")
+        raise ConfigError(f"no {SPEC} in run folder {str(root)!r}")
     try:
         spec = ModelSpec.from_json(spec_path.read_text(encoding="utf-8"))
     except ConfigError as exc:
         raise ConfigError(f"{spec_path}: {exc}") from None
-    return RunFolder(root, model_path, spec, tuple(_read_manifest(root / "split_manifest.csv")), _data_root(root))
+    manifest = root / MANIFEST
+    return RunFolder(root, model_path, spec, tuple(read_manifest(manifest) if manifest.is_file() else ()),
+                     _data_root(root))
 
 
 def _data_root(root: Path) -> Optional[Path]:
@@ -89,21 +152,10 @@ def _data_root(root: Path) -> Optional[Path]:
     import json
 
     try:
-        data = json.loads((root / "metrics.json").read_text(encoding="utf-8")).get("data")
+        data = json.loads((root / METRICS).read_text(encoding="utf-8")).get("data")
     except (OSError, ValueError, AttributeError):
         return None
     return Path(data) if isinstance(data, str) and data else None
-
-
-def _read_manifest(path: Path) -> List[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"path", "label", "split"} - set(reader.fieldnames or [])
-        if missing:
-            raise ConfigError(f"{path} lacks column(s) {sorted(missing)}; has {reader.fieldnames}")
-        return [dict(row) for row in reader]
 
 
 def eval_split(run: RunFolder, data_dir: Optional[str] = None) -> Tuple[Split, str]:
@@ -124,7 +176,7 @@ def eval_split(run: RunFolder, data_dir: Optional[str] = None) -> Tuple[Split, s
     val = run.split("val")
     if len(val):
         return val, "NO test split in the run's manifest: validation split used instead (optimistic)"
-    raise ConfigError(f"no test or val rows in {run.path / 'split_manifest.csv'}; pass --data DIR")
+    raise ConfigError(f"no test or val rows in {run.path / MANIFEST}; pass --data DIR")
 
 
 def calibration_split(run: RunFolder) -> Split:
@@ -135,7 +187,7 @@ def calibration_split(run: RunFolder) -> Split:
     """
     train = run.split("train")
     if not len(train):
-        raise ConfigError(f"no train rows in {run.path / 'split_manifest.csv'} to calibrate the integer "
+        raise ConfigError(f"no train rows in {run.path / MANIFEST} to calibrate the integer "
                           "variants from; pass a calibration folder")
     return train
 

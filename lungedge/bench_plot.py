@@ -1,6 +1,6 @@
 """The PNG chart of a bench report (matplotlib, Agg backend). Imported only when a chart is drawn.
 
-Raises ImportError when matplotlib is not installed; ``bench.write_report`` then skips the PNG.
+Raises ImportError when matplotlib is not installed; ``lungedge.bench_report.write_report`` then skips the PNG.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def plot_rows(rows: List[dict], path: str, title: str = "") -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .data import atomic_write_bytes
+    from edge_runtime.data import atomic_write_bytes
 
     machines = {r.get("machine") for r in rows}
     labels, inv, inv90, e2e, e2e90 = [], [], [], [], []

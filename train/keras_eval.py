@@ -13,7 +13,7 @@ from edge_runtime.metrics import classification_metrics
 from edge_runtime.spec import ModelSpec, Preprocessing
 
 from .data import find_unreadable
-from .threshold import apply_threshold
+from edge_runtime.decision import apply_threshold
 
 
 def load_run_model(model_or_run_dir: str):
@@ -24,20 +24,15 @@ def load_run_model(model_or_run_dir: str):
     Raises:
         ModelError: no model, or a file Keras cannot load.
     """
-    from .tfimport import import_tf
+    from .tfimport import load_keras_model
 
-    _, keras = import_tf()
     p = Path(model_or_run_dir)
     model_path = p / "model.keras" if p.is_dir() else p
     if not model_path.is_file():
         raise ModelError(f"no Keras model at {str(model_path)!r} (expected a run folder with model.keras, or a .keras file)")
     spec_path = model_path.parent / "spec.json"
     spec = ModelSpec.from_json(spec_path.read_text()) if spec_path.is_file() else None
-    try:
-        model = keras.models.load_model(str(model_path), compile=False)
-    except Exception as exc:  # Keras raises many types for a bad file
-        raise ModelError(f"cannot load Keras model {str(model_path)!r}: {str(exc).splitlines()[0][:200]}") from None
-    return model, spec, model_path
+    return load_keras_model(model_path), spec, model_path
 
 
 def evaluate_keras(model_or_run_dir: str, data_dir: str, limit: Optional[int] = None, use_threshold: bool = True,
@@ -54,7 +49,7 @@ def evaluate_keras(model_or_run_dir: str, data_dir: str, limit: Optional[int] = 
     Raises:
         ModelError: the model cannot be loaded. ConfigError: the data folder does not fit the model.
     """
-    from .pipeline import image_dataset
+    from .input_data import image_dataset
     from .tfimport import import_tf
 
     _, keras = import_tf()

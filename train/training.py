@@ -29,7 +29,10 @@ from .data import (Dataset, class_weights, drop_unreadable, fingerprint, kfold_a
                    read_manifest, split_dataset, write_manifest)
 from .recipes import Recipe, get_recipe
 from .tfimport import import_tf
-from .threshold import apply_threshold, choose_operating_point, resolve_label
+from edge_runtime.decision import apply_threshold
+from edge_runtime.operating_point import operating_point
+
+from .labels import resolve_label
 
 STRATEGIES = ("default", "mirrored", "multi-worker")
 
@@ -226,7 +229,6 @@ class _Context:
         self.gpu = bool(tf.config.list_physical_devices("GPU"))
         if self.gpu:
             keras.mixed_precision.set_global_policy("mixed_float16")
-        self.strategy_name = strategy
         self.strategy = make_strategy(strategy)
         self.device = describe_device() + (f", strategy {strategy} ({self.strategy.num_replicas_in_sync} replicas)"
                                            if strategy != "default" else "")
@@ -245,7 +247,7 @@ class _Context:
 
 
 def _predict_features(ctx, built, paths, prep, batch_size):
-    from .pipeline import image_dataset
+    from .input_data import image_dataset
 
     ds = image_dataset(paths, None, prep, batch_size, cache=None)
     return np.asarray(built.features.predict(ds, verbose=1 if ctx.verbose == 1 else 0), dtype=np.float32)
@@ -255,7 +257,7 @@ def _fit_and_report(recipe: Recipe, ds: Dataset, assignment: np.ndarray, out: Pa
                     features: Optional[np.ndarray] = None, learning_floor: bool = True) -> dict:
     """Train on ``assignment``'s train split, choose the threshold on val, evaluate on test, write everything."""
     from .model import compile_model, unfreeze_top
-    from .pipeline import decode_dataset, image_dataset
+    from .input_data import decode_dataset, image_dataset
 
     t_start = time.perf_counter()
     tf, keras, verbose = ctx.tf, ctx.keras, ctx.verbose
@@ -348,7 +350,7 @@ def _fit_and_report(recipe: Recipe, ds: Dataset, assignment: np.ndarray, out: Pa
     threshold = None
     pos_index = names.index(positive) if positive else None
     if recipe.target_recall and positive:
-        value = choose_operating_point(p_val, y["val"], pos_index, recipe.target_recall)
+        value = operating_point(p_val, y["val"], pos_index, recipe.target_recall)
         threshold = Threshold(positive, value, recipe.target_recall, "validation")
         _log(verbose, f"threshold: {positive} when p >= {value:.4f} (validation recall >= {recipe.target_recall})")
     th_value = threshold.value if threshold else None

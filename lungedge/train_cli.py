@@ -1,4 +1,4 @@
-"""``lungedge train``: the click command over ``train.run`` (TensorFlow imported only when it runs)."""
+"""``lungedge train``: the click command over ``train.training`` (TensorFlow imported only when it runs)."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def train_cmd(recipe_name, data_dir, out_dir, augment, class_weights, fine_tune_
 
     from edge_runtime.errors import ConfigError
 
-    from .recipes import RECIPES, apply_overrides, get_recipe
+    from train.recipes import RECIPES, customize, get_recipe
 
     if list_recipes:
         click.echo(json.dumps({k: r.to_dict() for k, r in RECIPES.items()}, indent=2))
@@ -83,32 +83,21 @@ def train_cmd(recipe_name, data_dir, out_dir, augment, class_weights, fine_tune_
     elif not resume:
         raise ConfigError("--recipe is required (valid: " + ", ".join(sorted(RECIPES)) + ")")
     if recipe is not None:
-        changes = {field: overrides[opt.lstrip("-").replace("-", "_")] for opt, field, _, _ in _OVERRIDES
-                   if overrides.get(opt.lstrip("-").replace("-", "_")) is not None}
-        if augment is not None:
-            changes["augment"] = True if augment else False
-            if augment and recipe.augmentation is not None:
-                changes.pop("augment")
-        if class_weights is not None:
-            changes["class_weights"] = class_weights
-        ft = {k: v for k, v in (("epochs", fine_tune_epochs), ("blocks", fine_tune_blocks), ("learning_rate", fine_tune_lr)) if v is not None}
-        if ft:
-            changes["fine_tune"] = ft
-        recipe = recipe.replace(**changes) if changes else recipe
-        recipe = apply_overrides(recipe, sets)
+        fields = {field: overrides.get(opt.lstrip("-").replace("-", "_")) for opt, field, _, _ in _OVERRIDES}
+        recipe = customize(recipe, fields, augment=augment, class_weights=class_weights,
+                           fine_tune={"epochs": fine_tune_epochs, "blocks": fine_tune_blocks,
+                                      "learning_rate": fine_tune_lr}, sets=sets)
     verbose = 0 if quiet else 1
     if cv:
         if resume:
             raise ConfigError("--resume is not supported with --cv; rerun the cross-validation into a new folder")
-        from .run import cv_run
+        from train.training import cv_run
 
         out = cv_run(recipe, data_dir, out_dir, cv, strategy=strategy, verbose=verbose)
         click.echo(f"cross-validation written to {out}")
     else:
-        from .run import train_run
+        from train.training import train_run
 
         out = train_run(recipe, data_dir, out_dir, resume=resume, strategy=strategy, verbose=verbose)
         click.echo(f"run folder: {out}")
 
-
-commands = [train_cmd]

@@ -30,6 +30,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from edge_runtime.errors import ModelError
+from edge_runtime.quant import quantize
 
 #: images the correction runs on (taken from the calibration images).
 DEFAULT_IMAGES = 64
@@ -98,9 +99,7 @@ def evenly_spaced(n: int, k: int) -> np.ndarray:
 def _feed(it, x: np.ndarray) -> None:
     inp = it.get_input_details()[0]
     if np.dtype(inp["dtype"]) != np.float32:
-        scale, zero = inp["quantization"]
-        info = np.iinfo(inp["dtype"])
-        x = np.clip(np.rint(x / scale + zero), info.min, info.max).astype(inp["dtype"])
+        x = quantize(x, *inp["quantization"], inp["dtype"])
     it.set_tensor(inp["index"], x)
     it.invoke()
 

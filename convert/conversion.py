@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -79,45 +80,21 @@ def convert_run(
     run = load_run(run_dir)
     spec = run.spec
     out = Path(out_dir) if out_dir else run.path
-    test, test_note = eval_split(run, data_dir)
-    needs_calibration = any(v.calibrated for v in chosen)
-
     model = load_keras_model(run.model_path)
     check_classifier(model, spec)
     sha = model_sha256(run.model_path)
-    versions = converter_versions()
-
-    x_test, kept, failures = load_images(test.paths, spec.preprocessing, progress, desc="test images")
-    if len(x_test) == 0:
-        raise ConfigError(f"none of the {len(test)} test images ({test.source}) could be read")
-    y_test = np.asarray([test.labels[i] for i in kept])
-    keras_probs = keras_probabilities(model, x_test)
-    keras_m = summarize(y_test, keras_probs, spec, spec.threshold)
-    keras_pred = decide(keras_probs, spec.labels, spec.threshold)
-    keras_verdict = floor.judge(y_test, keras_pred, spec.labels)
-    keras_m["learning_floor"] = keras_verdict.to_dict()
-    if keras_verdict.failed and learning_floor:
-        raise ModelError(f"{keras_verdict.sentence()}: the Keras model of {run.path} is not worth converting")
-
+    ref = _reference(run, model, data_dir, progress, learning_floor)
     calibration, calib_info = None, {"count": 0, "source": "not needed", "class_counts": {}}
-    if needs_calibration:
+    if any(v.calibrated for v in chosen):
         calibration, calib_info = _calibration(run, spec, calibration_dir, calibration_count, seed, progress)
-
-    val = None
-    if rethreshold and spec.threshold is not None:
-        val_split = run.split("val")
-        if len(val_split):
-            xv, kv, _ = load_images(val_split.paths, spec.preprocessing, progress, desc="val images")
-            val = (xv, np.asarray([val_split.labels[i] for i in kv]))
-
-    disease = spec.positive_label or (spec.threshold.label if spec.threshold else None)
+    val = _validation(run, progress) if rethreshold and spec.threshold is not None else None
+    limits = (max_accuracy_drop, max_recall_drop)
     # the bias correction's float32 reference: converted once for all integer variants
-    reference = tflite_bytes(model, get_variant("float32")) if needs_calibration and bias_correction else None
-    rows, sizes = [], {}
+    reference = tflite_bytes(model, get_variant("float32")) if calibration is not None and bias_correction else None
+    rows = []
     for v in chosen:
         t0 = time.perf_counter()
-        data = convert_keras_model(model, spec, v, calibration=calibration,
-                                   source_sha256=sha,
+        data = convert_keras_model(model, spec, v, calibration=calibration, source_sha256=sha,
                                    extra={"calibration": calib_info} if v.calibrated else None,
                                    bias_correction=bias_correction, progress=progress, reference=reference)
         seconds = time.perf_counter() - t0
@@ -127,39 +104,84 @@ def convert_run(
         if val is not None and v.calibrated:
             data, note = _rethreshold(path, data, val, spec, progress)
             write_tflite(path, data)
-        sizes[v.name] = len(data)
-        rows.append(_judge(path, v, x_test, y_test, keras_probs, keras_pred, keras_m, spec, disease,
-                           max_accuracy_drop, max_recall_drop, seconds, progress, learning_floor))
+        rows.append(_judge(path, v, ref, spec, limits, seconds, progress, learning_floor))
         if note:
             rows[-1]["threshold_note"] = note
-    base = sizes.get("float32")
+    base = next((r["size_bytes"] for r in rows if r["variant"] == "float32"), None)
     for r in rows:
         r["size_ratio"] = (r["size_bytes"] / base) if base else None
-
-    verdict = gate.overall(rows)
-    report = {
-        "source": str(run.path),
-        "created_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "labels": list(spec.labels),
-        "recipe": spec.recipe,
-        "source_model_sha256": sha,
-        "versions": versions,
-        "test": {"n": int(len(y_test)), "note": test_note, "source": test.source,
-                 "class_counts": class_counts(y_test.tolist(), spec.labels),
-                 "failures": [{"path": p, "error": e} for p, e in failures]},
-        "calibration": calib_info,
-        "bias_correction": bias_correction,
-        "gate": {"max_accuracy_drop": max_accuracy_drop, "max_recall_drop": max_recall_drop,
-                 "disease_class": disease or "every class", "learning_floor": floor.ALPHA},
-        "keras": _keras_row(keras_m),
-        "variants": rows,
-        "passed": verdict.passed,
-        "verdict": verdict.to_dict(),
-        "size_ratio_note": None if base else "float32 not converted: no size ratios",
-    }
+    report = _report(run, ref, rows, sha, calib_info, bias_correction, limits, base)
     report["files"] = report_paths(out)
     write_report(report, out)
     return report
+
+
+@dataclass
+class _Reference:
+    """The images every variant is judged on, and what the Keras model made of them."""
+
+    x: np.ndarray
+    y: np.ndarray
+    note: str
+    source: str
+    failures: list
+    probs: np.ndarray
+    pred: np.ndarray
+    metrics: dict
+    disease: Optional[str]
+
+
+def _reference(run, model, data_dir, progress: bool, learning_floor: bool) -> _Reference:
+    """Read the test images, run the Keras model on them, and refuse a model that did not learn."""
+    spec = run.spec
+    test, note = eval_split(run, data_dir)
+    x, kept, failures = load_images(test.paths, spec.preprocessing, progress, desc="test images")
+    if len(x) == 0:
+        raise ConfigError(f"none of the {len(test)} test images ({test.source}) could be read")
+    y = np.asarray([test.labels[i] for i in kept])
+    probs = keras_probabilities(model, x)
+    metrics = summarize(y, probs, spec, spec.threshold)
+    pred = decide(probs, spec.labels, spec.threshold)
+    verdict = floor.judge(y, pred, spec.labels)
+    metrics["learning_floor"] = verdict.to_dict()
+    if verdict.failed and learning_floor:
+        raise ModelError(f"{verdict.sentence()}: the Keras model of {run.path} is not worth converting")
+    disease = spec.positive_label or (spec.threshold.label if spec.threshold else None)
+    return _Reference(x, y, note, test.source, failures, probs, pred, metrics, disease)
+
+
+def _validation(run, progress: bool):
+    """The validation split's images and labels (to re-choose thresholds), or None when there is none."""
+    val_split = run.split("val")
+    if not len(val_split):
+        return None
+    xv, kv, _ = load_images(val_split.paths, run.spec.preprocessing, progress, desc="val images")
+    return xv, np.asarray([val_split.labels[i] for i in kv])
+
+
+def _report(run, ref: _Reference, rows: list, sha: str, calib_info: dict, bias_correction: bool, limits,
+            base_size) -> dict:
+    verdict = gate.overall(rows)
+    return {
+        "source": str(run.path),
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "labels": list(run.spec.labels),
+        "recipe": run.spec.recipe,
+        "source_model_sha256": sha,
+        "versions": converter_versions(),
+        "test": {"n": int(len(ref.y)), "note": ref.note, "source": ref.source,
+                 "class_counts": class_counts(ref.y.tolist(), run.spec.labels),
+                 "failures": [{"path": p, "error": e} for p, e in ref.failures]},
+        "calibration": calib_info,
+        "bias_correction": bias_correction,
+        "gate": {"max_accuracy_drop": limits[0], "max_recall_drop": limits[1],
+                 "disease_class": ref.disease or "every class", "learning_floor": floor.ALPHA},
+        "keras": _keras_row(ref.metrics),
+        "variants": rows,
+        "passed": verdict.passed,
+        "verdict": verdict.to_dict(),
+        "size_ratio_note": None if base_size else "float32 not converted: no size ratios",
+    }
 
 
 def _calibration(run, spec, calibration_dir, count, seed, progress):
@@ -196,22 +218,21 @@ def _keras_row(m: dict) -> dict:
             "macro_f1": m["macro"]["f1"], "decision": m["decision"], "metrics": m}
 
 
-def _judge(path, v, x, y, keras_probs, keras_pred, keras_m, spec, disease, max_acc, max_rec, seconds, progress,
-           learning_floor=True):
+def _judge(path, v, ref: _Reference, spec, limits, seconds, progress, learning_floor=True):
     """Load the written file in the runtime, run the test images, apply the gate."""
     from edge_runtime.classifier import Classifier
 
     clf = Classifier(path)
-    probs = tflite_probabilities(clf, x, progress, desc=f"test {v.name}")
+    probs = tflite_probabilities(clf, ref.x, progress, desc=f"test {v.name}")
     threshold = clf.spec.threshold if clf.use_threshold else None
-    m = summarize(y, probs, spec, threshold)
+    m = summarize(ref.y, probs, spec, threshold)
     pred = decide(probs, spec.labels, threshold)
-    verdict = floor.judge(y, pred, spec.labels)
+    verdict = floor.judge(ref.y, pred, spec.labels)
     m["learning_floor"] = verdict.to_dict()
-    cmp_ = compare(keras_probs, probs, keras_pred, pred)
-    drop = 100.0 * (keras_m["accuracy"] - m["accuracy"])
-    reasons = gate.variant_reasons(keras_m, m, disease, max_acc, max_rec, learned=not (verdict.failed and learning_floor),
-                                   floor_sentence=verdict.sentence())
+    cmp_ = compare(ref.probs, probs, ref.pred, pred)
+    drop = 100.0 * (ref.metrics["accuracy"] - m["accuracy"])
+    reasons = gate.variant_reasons(ref.metrics, m, ref.disease, *limits,
+                                   learned=not (verdict.failed and learning_floor), floor_sentence=verdict.sentence())
     details = clf.describe()
     return {
         "variant": v.name,

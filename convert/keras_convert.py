@@ -16,6 +16,7 @@ import numpy as np
 from edge_runtime.errors import ConfigError, ModelError, first_line
 from edge_runtime.metadata import embed_spec
 from edge_runtime.spec import ModelSpec
+from edge_runtime.version import package_version
 
 from train.tfimport import import_tf
 from train.tfimport import load_keras_model as _load_file
@@ -85,9 +86,7 @@ def check_classifier(model, spec: ModelSpec) -> None:
 def converter_versions() -> dict:
     """Versions recorded in every converted file."""
     tf, keras = import_tf()
-    from lungedge import __version__
-
-    out = {"tensorflow": tf.__version__, "keras": keras.__version__, "lungedge": __version__,
+    out = {"tensorflow": tf.__version__, "keras": keras.__version__, "lungedge": package_version(),
            "converter": f"tf.lite.TFLiteConverter.from_keras_model (tensorflow {tf.__version__})"}
     try:
         from importlib.metadata import version

@@ -36,6 +36,7 @@ import numpy as np
 from .errors import ConfigError, ImageError, LungedgeError
 from .metadata import read_model_bytes
 from .timing import machine_info, now, peak_rss_mb, time_calls
+from .version import package_version
 
 SCHEMA = "lungedge.bench/1"
 #: Seconds one model's worker process may take before it is reported as hung.
@@ -89,7 +90,9 @@ def bench_model(
         result.update(sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
         del data
         for n in threads:
-            result["runs"].append(_bench_threads(path, sources, n, runs, warmup, backend, labels, mean, std, result))
+            info, rec = _bench_threads(path, sources, n, runs, warmup, backend, labels, mean, std)
+            result.update(info)
+            result["runs"].append(rec)
         if data_dir:
             result["accuracy"] = _accuracy(path, data_dir, threads[0], backend, labels, mean, std)
     except LungedgeError as exc:
@@ -100,7 +103,8 @@ def bench_model(
     return result
 
 
-def _bench_threads(path, sources, threads, runs, warmup, backend, labels, mean, std, result) -> dict:
+def _bench_threads(path, sources, threads, runs, warmup, backend, labels, mean, std) -> tuple:
+    """One model at one thread count: ``(model facts, timings)``."""
     from .classifier import Classifier
     from .preprocess import load_pixels, normalize
 
@@ -109,8 +113,8 @@ def _bench_threads(path, sources, threads, runs, warmup, backend, labels, mean, 
                      mean=mean, std=std, use_threshold=False)
     construct_ms = (now() - t0) * 1e3
     info = clf.describe()
-    result.update({k: info[k] for k in ("sha256", "size_bytes", "backend", "backend_version", "input_dtype",
-                                        "output_dtype", "input_shape", "variant", "has_metadata")})
+    facts = {k: info[k] for k in ("sha256", "size_bytes", "backend", "backend_version", "input_dtype",
+                                  "output_dtype", "input_shape", "variant", "has_metadata")}
     pre = clf.spec.preprocessing
     if not sources:
         raise ImageError("no readable images to time the end-to-end path (see images.failures)")
@@ -139,7 +143,7 @@ def _bench_threads(path, sources, threads, runs, warmup, backend, labels, mean, 
     rec["throughput_ips"] = 1e3 / rec["end_to_end"]["mean_ms"]
     rec["invoke_throughput_ips"] = 1e3 / rec["invoke"]["mean_ms"]
     del clf, interpreter
-    return rec
+    return facts, rec
 
 
 def _accuracy(path, data_dir, threads, backend, labels, mean, std) -> dict:
@@ -296,21 +300,12 @@ def run_bench(
     return {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "lungedge_version": _package_version(),
+        "lungedge_version": package_version(),
         "machine": machine_info(),
         "load_avg": {"before": load_before, "after": _load_avg()},
         "settings": {k: v for k, v in kwargs.items() if k not in ("labels", "mean", "std")},
         "models": results,
     }
-
-
-def _package_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("lungedge")
-    except Exception:
-        return "unknown"
 
 
 def _load_avg():

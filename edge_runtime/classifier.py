@@ -19,6 +19,7 @@ from .guard import guard_available, trial_load
 from .metadata import read_model_bytes, read_spec, verify_integrity
 from .modelcheck import check_model_structure
 from .preprocess import ImageSource, load_pixels, normalize
+from .quant import dequantize, quantize
 from .spec import ModelSpec, Preprocessing, Threshold
 from .timing import now
 
@@ -333,16 +334,12 @@ class Classifier:
     def _quantize_input(self, x: np.ndarray) -> np.ndarray:
         if self._in_q is None:
             return x if x.dtype == self._in_dtype else x.astype(self._in_dtype)
-        scale, zero = self._in_q
-        info = np.iinfo(self._in_dtype)
-        q = np.rint(x / scale + zero)
-        return np.clip(q, info.min, info.max).astype(self._in_dtype)
+        return quantize(x, *self._in_q, self._in_dtype)
 
     def _read_output(self) -> np.ndarray:
         y = self._interpreter.get_tensor(self._out_index)[0]
         if self._out_q is not None:
-            scale, zero = self._out_q
-            y = (y.astype(np.float32) - zero) * scale
+            y = dequantize(y, *self._out_q)
         else:
             y = y.astype(np.float32)
         if self.spec.output == "logits":

@@ -114,35 +114,47 @@ def model_card(
     data_dir: str, failures: list, seconds: float, device: str, is_ct: bool, fixed_test: bool,
     verdict=None,
 ) -> str:
-    """The model card (Markdown)."""
-    names = list(spec.labels)
-    th = spec.threshold
-    lines = [
-        f"# Model card: {recipe.name}",
-        "",
-        f"{recipe.description}",
-        "",
+    """The model card (Markdown): model, data and split, test metrics, intended use, limitations."""
+    lines = [f"# Model card: {recipe.name}", "", f"{recipe.description}", ""]
+    lines += _card_model(recipe, spec, seconds, device)
+    lines += _card_data(recipe, spec, counts, data_dir, failures, fixed_test)
+    lines += _card_metrics(recipe, spec, metrics, argmax_metrics, val_metrics, verdict)
+    lines += _card_limitations(recipe, spec, is_ct)
+    return "\n".join(lines) + "\n"
+
+
+def _card_model(recipe, spec, seconds: float, device: str) -> List[str]:
+    names, th, pre = list(spec.labels), spec.threshold, spec.preprocessing
+    training = (f"- Training: Adam {recipe.learning_rate}" + (" (cosine decay)" if recipe.lr_schedule == "cosine" else "")
+                + f", batch {recipe.batch_size}, up to {recipe.epochs} epochs "
+                + ("training the whole network from random initialisation" if recipe.from_scratch
+                   else "with the base frozen")
+                + (f", early stopping on {recipe.monitor} (patience {recipe.patience}, best weights restored)"
+                   if recipe.patience else "")
+                + (", class weights (balanced)" if recipe.class_weights else "")
+                + (", augmentation " + str(recipe.augmentation.__dict__) if recipe.augmentation else ", no augmentation")
+                + (f"; then {recipe.fine_tune.epochs} epochs fine-tuning the top {recipe.fine_tune.blocks} blocks at "
+                   f"{recipe.fine_tune.learning_rate}" if recipe.fine_tune.enabled else "")
+                + f". Took {seconds / 60:.1f} min on {device}.")
+    return [
         "## Model",
         f"- MobileNetV2 (alpha {recipe.alpha}, weights `{recipe.weights}`) base, head: GlobalAveragePooling2D"
         f"{f', Dense({recipe.head_units}, relu)' if recipe.head_units else ''}"
         f"{f', Dropout({recipe.dropout})' if recipe.dropout else ''}, Dense({len(names)}, softmax).",
-        f"- Input {spec.preprocessing.height}x{spec.preprocessing.width} {spec.preprocessing.color_mode}, "
-        f"{spec.preprocessing.resize} resize, (pixel - {list(spec.preprocessing.mean)}) / {list(spec.preprocessing.std)} "
-        "(`edge_runtime.preprocess`, the same function the device uses).",
+        f"- Input {pre.height}x{pre.width} {pre.color_mode}, {pre.resize} resize, (pixel - {list(pre.mean)}) / "
+        f"{list(pre.std)} (`edge_runtime.preprocess`, the same function the device uses).",
         f"- Output classes (in order): {', '.join(names)}.",
-        f"- Training: Adam {recipe.learning_rate}" + (" (cosine decay)" if recipe.lr_schedule == "cosine" else "")
-        + f", batch {recipe.batch_size}, up to {recipe.epochs} epochs "
-        + ("training the whole network from random initialisation" if recipe.from_scratch else "with the base frozen")
-        + (f", early stopping on {recipe.monitor} (patience {recipe.patience}, best weights restored)" if recipe.patience else "")
-        + (", class weights (balanced)" if recipe.class_weights else "")
-        + (", augmentation " + str(recipe.augmentation.__dict__) if recipe.augmentation else ", no augmentation")
-        + (f"; then {recipe.fine_tune.epochs} epochs fine-tuning the top {recipe.fine_tune.blocks} blocks at "
-           f"{recipe.fine_tune.learning_rate}" if recipe.fine_tune.enabled else "")
-        + f". Took {seconds / 60:.1f} min on {device}.",
+        training,
         "- Decision: " + (f"`{th.label}` when its probability >= {th.value:.4f} (chosen on the validation split for "
                           f"recall >= {th.target_recall}), otherwise the most probable other class."
                           if th else "the most probable class (argmax)."),
         "",
+    ]
+
+
+def _card_data(recipe, spec, counts, data_dir: str, failures: list, fixed_test: bool) -> List[str]:
+    names = list(spec.labels)
+    lines = [
         "## Data and split",
         f"- Data: `{data_dir}`; {sum(sum(c.values()) for c in counts.values())} readable images"
         + (f", {len(failures)} unreadable left out (listed in metrics.json)" if failures else ", none unreadable") + ".",
@@ -156,18 +168,24 @@ def model_card(
     for s in ("train", "val", "test"):
         c = counts.get(s, {})
         lines.append(f"| {s} | " + " | ".join(str(c.get(n, 0)) for n in names) + f" | {sum(c.values())} |")
-    lines += ["", "## Test metrics", ""]
-    lines.append("| decision | accuracy | macro precision | macro recall | macro F1 | weighted F1 | AUC (macro) |")
-    lines.append("|---|---|---|---|---|---|---|")
+    return lines
+
+
+def _card_metrics(recipe, spec, metrics, argmax_metrics, val_metrics, verdict) -> List[str]:
+    th = spec.threshold
+    lines = ["", "## Test metrics", "",
+             "Measured on this run's own test split: images from the same folder as the training images "
+             "(in-folder), not from another hospital or time.", "",
+             "| decision | accuracy | macro precision | macro recall | macro F1 | weighted F1 | AUC (macro) |",
+             "|---|---|---|---|---|---|---|"]
     for label, m in (("threshold" if th else "argmax", metrics), ("argmax", argmax_metrics if th else None),
                      ("validation (" + ("threshold" if th else "argmax") + ")", val_metrics)):
         if m is None:
             continue
         auc = (m.get("auc") or {}).get("macro")
         lines.append(f"| {label} | {m['accuracy']:.4f} | {m['macro']['precision']:.4f} | {m['macro']['recall']:.4f} | "
-                     f"{m['macro']['f1']:.4f} | {m['weighted']['f1']:.4f} | {auc:.4f} |" if auc is not None else
-                     f"| {label} | {m['accuracy']:.4f} | {m['macro']['precision']:.4f} | {m['macro']['recall']:.4f} | "
-                     f"{m['macro']['f1']:.4f} | {m['weighted']['f1']:.4f} | n/a |")
+                     f"{m['macro']['f1']:.4f} | {m['weighted']['f1']:.4f} | "
+                     + (f"{auc:.4f} |" if auc is not None else "n/a |"))
     if verdict is not None:
         lines += ["", f"Learning floor ({verdict.status}): {verdict.sentence()}."]
     paper = next((v for k, v in PAPERS.items() if recipe.name.startswith(k)), None)
@@ -175,43 +193,43 @@ def model_card(
         lines += ["", f"Published (paper recipe): {paper}. Not comparable one to one: different split, "
                   "and the published data set is larger than the part in this project's data."]
     lines += ["", "| class | precision | recall | F1 | specificity | support |", "|---|---|---|---|---|---|"]
-    for n in names:
+    for n in spec.labels:
         c = metrics["per_class"][n]
-        lines.append(f"| {n} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['specificity']:.4f} | {c['support']} |")
-    lines += [
-        "",
-        "Plots: `plots/training_curves.png`, `plots/confusion_matrix.png`, `plots/roc.png`.",
-        "",
-        "## Intended use",
-        "- Research and engineering of on-device lung-image classification (conversion to TFLite, "
-        "benchmarks). Not a medical device; not for diagnosis or triage of real patients.",
-        "",
-        "## Limitations",
-        "- Trained on one public dataset from one source; accuracy on images from other hospitals, "
-        "scanners, ages or preprocessing is unknown and usually lower.",
-    ]
+        lines.append(f"| {n} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['specificity']:.4f} "
+                     f"| {c['support']} |")
+    return lines + ["", "Plots: `plots/training_curves.png`, `plots/confusion_matrix.png`, `plots/roc.png`.", ""]
+
+
+def _card_limitations(recipe, spec, is_ct: bool) -> List[str]:
+    lines = ["## Intended use",
+             "- Research and engineering of on-device lung-image classification (conversion to TFLite, "
+             "benchmarks). Not a medical device; not for diagnosis or triage of real patients.",
+             "", "## Limitations"]
     synthetic = recipe.name.startswith("demo")
     if synthetic:
-        lines[-1] = ("- Trained and tested on procedurally generated radiograph-like images (`lungedge demo`): the "
+        lines.append("- Trained and tested on procedurally generated radiograph-like images (`lungedge demo`): the "
                      "numbers show that the pipeline works end to end, and say nothing about real radiographs.")
-    elif is_ct:
+    else:
+        lines.append("- Trained on one public dataset from one source; accuracy on images from other hospitals, "
+                     "scanners, ages or preprocessing is unknown and usually lower.")
+    if is_ct and not synthetic:
         lines.append(
             "- **Leakage caveat (CT):** IQ-OTH/NCCD holds slices of about 110 patients with no patient id in the "
             "file names, so this random split puts slices of one patient on both sides of train/test. The test "
             "accuracy above (and the published 97-99 % figures, which share the flaw) overstates accuracy on "
             "new patients.")
-    elif recipe.split == "random":
+    elif recipe.split == "random" and not synthetic:
         lines.append(
             "- **Leakage caveat:** the split is random per image, and Kermany file names show several images per "
             "patient, so one patient can be in train and test; this inflates test accuracy. Use the grouped split "
             "(`--split grouped`) for a patient-disjoint estimate.")
-    else:
+    elif not synthetic:
         lines.append("- The split is patient-grouped (no patient in two splits), from the patient ids in the file names.")
     if not is_ct and not synthetic:
         lines.append(
             "- Validation scores on this data are an optimistic guide: earlier measurements on the patient-disjoint "
             "official Kermany test split gave 0.75-0.90 accuracy for this kind of model (it over-calls pneumonia).")
-    if th:
+    if spec.threshold:
         lines.append("- The threshold trades specificity for recall of the disease class; it was chosen on the "
                      "validation split, whose distribution may differ from deployment data.")
-    return "\n".join(lines) + "\n"
+    return lines

@@ -14,25 +14,27 @@ import os
 import sys
 import time
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import numpy as np
 
-from edge_runtime.data import atomic_write_text
 from edge_runtime import floor
+from edge_runtime.data import atomic_write_text
+from edge_runtime.decision import apply_threshold
 from edge_runtime.errors import ConfigError, ModelError
 from edge_runtime.metrics import classification_metrics, format_report
+from edge_runtime.operating_point import operating_point
 from edge_runtime.spec import ModelSpec, Preprocessing, Threshold
+from edge_runtime.version import package_version
 
 from . import checkpoint as ck
 from .data import (Dataset, class_weights, drop_unreadable, fingerprint, kfold_assignments, load_dataset,
                    read_manifest, split_dataset, write_manifest)
 from .recipes import Recipe, get_recipe
-from .tfimport import import_tf
-from edge_runtime.decision import apply_threshold
-from edge_runtime.operating_point import operating_point
-
 from .labels import resolve_label
+from .runfolder import CARD, CHECKPOINTS, HISTORY, MANIFEST, METRICS, MODEL, PLOTS, RECIPE, SPEC
+from .tfimport import import_tf
 
 STRATEGIES = ("default", "mirrored", "multi-worker")
 
@@ -72,7 +74,7 @@ def _log(verbose: int, msg: str) -> None:
 
 
 def _prepare_out(out: Path, recipe: Optional[Recipe], resume: bool) -> Recipe:
-    saved = out / "recipe.json"
+    saved = out / RECIPE
     if resume:
         if not saved.is_file():
             if recipe is None:
@@ -119,18 +121,21 @@ def train_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, *, 
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     recipe = _prepare_out(out, recipe, resume)
-    if resume and (out / "model.keras").is_file() and (out / "metrics.json").is_file() and not (out / "checkpoints").exists():
+    if resume and (out / MODEL).is_file() and (out / METRICS).is_file() and not (out / CHECKPOINTS).exists():
         _log(verbose, f"run in {out} is already complete")
         return out
     ds = _checked_dataset(recipe, data_dir, verbose)
-    manifest = out / "split_manifest.csv"
+    manifest = out / MANIFEST
     if resume and manifest.is_file():
         assignment = read_manifest(manifest, ds)
     else:
         assignment = split_dataset(ds, recipe.fractions, recipe.split, recipe.seed)
         write_manifest(manifest, ds, assignment)
-    ctx = _Context(recipe, strategy, verbose)
-    _fit_and_report(recipe, ds, assignment, out, ctx, learning_floor=learning_floor)
+    ctx = _Context(strategy, verbose)
+    try:
+        _fit_and_report(recipe, ds, assignment, out, ctx, learning_floor=learning_floor)
+    finally:
+        ctx.close()
     return out
 
 
@@ -152,28 +157,15 @@ def cv_run(recipe: Union[Recipe, str], data_dir: str, out_dir: str, k: int, *, s
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"output folder {str(out)!r} is not empty; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(str(out / "recipe.json"), recipe.to_json())
+    atomic_write_text(str(out / RECIPE), recipe.to_json())
     ds = _checked_dataset(recipe, data_dir, verbose)
     train_f, val_f, _ = recipe.fractions
     folds = kfold_assignments(ds, k, val_f / (train_f + val_f), recipe.split, recipe.seed)
-    ctx = _Context(recipe, strategy, verbose)
-    features = None
-    if ctx.feature_mode(recipe):
-        _log(verbose, f"computing base features once for all {len(ds)} images")
-        built = ctx.build(len(ds.class_names))
-        features = _predict_features(ctx, built, ds.paths, preprocessing_for(recipe), recipe.batch_size)
-    rows = []
-    for i, assignment in enumerate(folds, start=1):
-        _log(verbose, f"--- fold {i}/{k} ---")
-        fold_dir = out / f"fold_{i}"
-        fold_dir.mkdir()
-        atomic_write_text(str(fold_dir / "recipe.json"), recipe.to_json())
-        write_manifest(fold_dir / "split_manifest.csv", ds, assignment)
-        m = _fit_and_report(recipe, ds, assignment, fold_dir, ctx, features=features, learning_floor=learning_floor)
-        rows.append({"fold": i, "n_test": m["n"], "accuracy": m["accuracy"], "argmax_accuracy": m["argmax"]["accuracy"],
-                     "macro_precision": m["macro"]["precision"], "macro_recall": m["macro"]["recall"],
-                     "macro_f1": m["macro"]["f1"], "weighted_f1": m["weighted"]["f1"],
-                     **{f"recall_{n}": m["per_class"][n]["recall"] for n in ds.class_names}})
+    ctx = _Context(strategy, verbose)
+    try:
+        rows = _cv_folds(recipe, ds, folds, out, ctx, learning_floor)
+    finally:
+        ctx.close()
     summary = _cv_summary(rows)
     summary.update({"k": k, "recipe": recipe.name, "data": str(data_dir), "split": recipe.split,
                     "std_kind": "population (ddof=0)", "failures": ds.failures})
@@ -182,6 +174,28 @@ def cv_run(recipe: Union[Recipe, str], data_dir: str, out_dir: str, k: int, *, s
     atomic_write_text(str(out / "cv_table.md"), table)
     _log(verbose, table)
     return out
+
+
+def _cv_folds(recipe: Recipe, ds: Dataset, folds, out: Path, ctx: _Context, learning_floor: bool) -> list:
+    """Train and judge every fold (one feature pass for all when the base is frozen); one row each."""
+    features = None
+    if ctx.feature_mode(recipe):
+        _log(ctx.verbose, f"computing base features once for all {len(ds)} images")
+        built = ctx.build(recipe, len(ds.class_names))
+        features = _predict_features(ctx, built, ds.paths, preprocessing_for(recipe), recipe.batch_size)
+    rows = []
+    for i, assignment in enumerate(folds, start=1):
+        _log(ctx.verbose, f"--- fold {i}/{len(folds)} ---")
+        fold_dir = out / f"fold_{i}"
+        fold_dir.mkdir()
+        atomic_write_text(str(fold_dir / RECIPE), recipe.to_json())
+        write_manifest(fold_dir / MANIFEST, ds, assignment)
+        m = _fit_and_report(recipe, ds, assignment, fold_dir, ctx, features=features, learning_floor=learning_floor)
+        rows.append({"fold": i, "n_test": m["n"], "accuracy": m["accuracy"], "argmax_accuracy": m["argmax"]["accuracy"],
+                     "macro_precision": m["macro"]["precision"], "macro_recall": m["macro"]["recall"],
+                     "macro_f1": m["macro"]["f1"], "weighted_f1": m["weighted"]["f1"],
+                     **{f"recall_{n}": m["per_class"][n]["recall"] for n in ds.class_names}})
+    return rows
 
 
 def _cv_summary(rows):
@@ -220,30 +234,36 @@ def _checked_dataset(recipe: Recipe, data_dir: str, verbose: int) -> Dataset:
 
 
 class _Context:
-    """TensorFlow set-up shared by the runs of one process: devices, precision, strategy."""
+    """TensorFlow set-up shared by the runs of one process: devices, precision, strategy.
 
-    def __init__(self, recipe: Recipe, strategy: str, verbose: int):
+    On a GPU the global Keras policy becomes mixed_float16 for training; ``close()`` puts it back
+    (the pipeline converts in the same process, and conversion must see float32)."""
+
+    def __init__(self, strategy: str, verbose: int):
         tf, keras = import_tf()
         self.tf, self.keras, self.verbose = tf, keras, verbose
-        self.recipe, self.recipe_seed = recipe, recipe.seed
         self.gpu = bool(tf.config.list_physical_devices("GPU"))
+        self._previous_policy = keras.mixed_precision.global_policy().name
         if self.gpu:
             keras.mixed_precision.set_global_policy("mixed_float16")
         self.strategy = make_strategy(strategy)
         self.device = describe_device() + (f", strategy {strategy} ({self.strategy.num_replicas_in_sync} replicas)"
                                            if strategy != "default" else "")
 
+    def close(self) -> None:
+        self.keras.mixed_precision.set_global_policy(self._previous_policy)
+
     @staticmethod
     def feature_mode(recipe: Recipe) -> bool:
         """Base frozen and no augmentation: the base's output is fixed, so compute it once."""
         return recipe.augmentation is None and not recipe.from_scratch
 
-    def build(self, num_classes: int):
+    def build(self, recipe: Recipe, num_classes: int):
         from .model import build_model
 
-        self.keras.utils.set_random_seed(self.recipe_seed)
+        self.keras.utils.set_random_seed(recipe.seed)
         with self.strategy.scope():
-            return build_model(self.recipe, num_classes)
+            return build_model(recipe, num_classes)
 
 
 def _predict_features(ctx, built, paths, prep, batch_size):
@@ -253,152 +273,212 @@ def _predict_features(ctx, built, paths, prep, batch_size):
     return np.asarray(built.features.predict(ds, verbose=1 if ctx.verbose == 1 else 0), dtype=np.float32)
 
 
+@dataclass
+class _Splits:
+    """One assignment of the data set: indices, labels and paths per split, and the decoded-image cache."""
+
+    names: list
+    prep: Preprocessing
+    index: dict
+    y: dict
+    paths: dict
+    decoded: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, ds: Dataset, assignment: np.ndarray, recipe: Recipe) -> "_Splits":
+        index = {s: np.flatnonzero(assignment == s) for s in ("train", "val", "test")}
+        for s, idx in index.items():
+            if len(idx) == 0:
+                raise ConfigError(f"the {s} split is empty ({len(ds)} images); use more data or other fractions")
+        return cls(list(ds.class_names), preprocessing_for(recipe), index,
+                   {s: ds.labels[idx] for s, idx in index.items()},
+                   {s: [ds.paths[i] for i in idx] for s, idx in index.items()})
+
+    def images(self, s: str):
+        """Decoded uint8 images of split ``s``, cached in memory, shared by all phases."""
+        from .input_data import decode_dataset
+
+        if s not in self.decoded:
+            self.decoded[s] = decode_dataset(self.paths[s], self.prep).cache()
+        return self.decoded[s]
+
+    def counts(self) -> dict:
+        return {s: {n: int((self.y[s] == c).sum()) for c, n in enumerate(self.names)} for s in self.index}
+
+
 def _fit_and_report(recipe: Recipe, ds: Dataset, assignment: np.ndarray, out: Path, ctx: _Context,
                     features: Optional[np.ndarray] = None, learning_floor: bool = True) -> dict:
     """Train on ``assignment``'s train split, choose the threshold on val, evaluate on test, write everything."""
-    from .model import compile_model, unfreeze_top
-    from .input_data import decode_dataset, image_dataset
-
     t_start = time.perf_counter()
-    tf, keras, verbose = ctx.tf, ctx.keras, ctx.verbose
-    ctx.recipe, ctx.recipe_seed = recipe, recipe.seed
-    names = list(ds.class_names)
-    n = len(names)
-    prep = preprocessing_for(recipe)
-    split = {s: np.flatnonzero(assignment == s) for s in ("train", "val", "test")}
-    for s, idx in split.items():
-        if len(idx) == 0:
-            raise ConfigError(f"the {s} split is empty ({len(ds)} images); use more data or other fractions")
-    y = {s: ds.labels[idx] for s, idx in split.items()}
-    paths = {s: [ds.paths[i] for i in idx] for s, idx in split.items()}
-    positive = resolve_label(recipe.positive_label, names) if recipe.target_recall else _soft_label(recipe.positive_label, names)
-    built = ctx.build(n)
-    state = ck.TrainState.load(out / "checkpoints")
-    cw = class_weights(y["train"], n) if recipe.class_weights else None
-    if cw:
-        _log(verbose, "class weights: " + ", ".join(f"{names[i]} {w:.3f}" for i, w in cw.items()))
-    feature_mode = ctx.feature_mode(recipe)
-    if feature_mode and features is None:
-        cache = state.path("features.npy")
-        if cache.is_file():
-            features = np.load(cache)
-        else:
-            _log(verbose, f"base frozen, no augmentation: computing base features once for {len(ds)} images")
-            features = _predict_features(ctx, built, ds.paths, prep, recipe.batch_size)
-            state.folder.mkdir(parents=True, exist_ok=True)
-            np.save(cache, features)
-    decoded = {}
+    sp = _Splits.of(ds, assignment, recipe)
+    positive = (resolve_label(recipe.positive_label, sp.names) if recipe.target_recall
+                else _soft_label(recipe.positive_label, sp.names))
+    built = ctx.build(recipe, len(sp.names))
+    state = ck.TrainState.load(out / CHECKPOINTS)
+    if ctx.feature_mode(recipe) and features is None:
+        features = _cached_features(ctx, built, ds, sp.prep, recipe.batch_size, state)
+    _train_phases(recipe, built, sp, state, ctx, features)
+    probs = {s: _predict(recipe, built, sp, s, features, ctx) for s in ("val", "test")}
+    threshold = _choose_threshold(recipe, positive, sp, probs["val"], ctx.verbose)
+    evaluation = _evaluate(sp, probs, positive, threshold)
+    seconds = time.perf_counter() - t_start  # this process only; a resumed run adds its earlier epochs below
+    spec = ModelSpec(
+        labels=tuple(sp.names), preprocessing=sp.prep, output="probabilities", positive_label=positive,
+        threshold=threshold, recipe=recipe.name, variant=None, training_fingerprint=fingerprint(ds, assignment),
+        versions={"tensorflow": ctx.tf.__version__, "keras": ctx.keras.__version__, "lungedge": package_version()},
+        extra={"alpha": recipe.alpha, "split": recipe.split, "weights": recipe.weights})
+    metrics = _write_run(out, recipe, built, spec, sp, probs, evaluation, state, ds, ctx, seconds)
+    verdict = evaluation["verdict"]
+    _cleanup(state.folder)
+    _log(ctx.verbose, f"test ({metrics['decision']}):\n{format_report(evaluation['test'])}")
+    _log(ctx.verbose, verdict.sentence())
+    if verdict.failed and learning_floor:
+        raise ModelError(f"{verdict.sentence()} (run folder {out} kept for diagnosis)")
+    return metrics
 
-    def images(s):  # decoded uint8 images of a split, cached in memory, shared by all phases
-        if s not in decoded:
-            decoded[s] = decode_dataset(paths[s], prep).cache()
-        return decoded[s]
 
+def _cached_features(ctx, built, ds: Dataset, prep, batch_size: int, state) -> np.ndarray:
+    """The frozen base's features of every image, computed once and kept for --resume."""
+    cache = state.path("features.npy")
+    if cache.is_file():
+        return np.load(cache)
+    _log(ctx.verbose, f"base frozen, no augmentation: computing base features once for {len(ds)} images")
+    features = _predict_features(ctx, built, ds.paths, prep, batch_size)
+    state.folder.mkdir(parents=True, exist_ok=True)
+    np.save(cache, features)
+    return features
+
+
+def _phases(recipe: Recipe) -> list:
+    """(name, epochs, learning rate, schedule) of each training phase."""
     phases = [("head", recipe.epochs, recipe.learning_rate, recipe.lr_schedule)]
     if recipe.fine_tune.enabled:
         phases.append(("fine_tune", recipe.fine_tune.epochs, recipe.fine_tune.learning_rate, "constant"))
-    steps_per_epoch = -(-len(split["train"]) // recipe.batch_size)
+    return phases
+
+
+def _train_phases(recipe: Recipe, built, sp: _Splits, state, ctx: _Context, features) -> None:
+    """Every phase in order, resumable: skip finished phases, continue an interrupted one."""
+    from .model import unfreeze_top
+
+    cw = class_weights(sp.y["train"], len(sp.names)) if recipe.class_weights else None
+    if cw:
+        _log(ctx.verbose, "class weights: " + ", ".join(f"{sp.names[i]} {w:.3f}" for i, w in cw.items()))
     offset = 0
-    for phase, epochs, lr, schedule in phases:
-        if phase in state.done:
-            offset += sum(1 for r in state.history if r["phase"] == phase)
-            continue
-        if phase == "fine_tune":
-            unfreeze_top(built.base, recipe.fine_tune.blocks)
-        on_features = feature_mode and phase == "head"
-        fit_model = built.head if on_features else built.model
-        with ctx.strategy.scope():
-            compile_model(fit_model, lr, schedule, epochs * steps_per_epoch)
-        if state.done:  # a later phase starts from the end of the previous one
-            _load_weights(built.model, state.path(f"phase_{state.done[-1]}.weights.h5"))
-        start = state.start_phase(phase)
-        if start > 0:
-            _load_weights(fit_model, state.path(ck.LAST_WEIGHTS))
-            ok = ck.load_optimizer(fit_model.optimizer, fit_model.trainable_variables, state.path(ck.LAST_OPTIMIZER))
-            _log(verbose, f"resuming phase {phase} after epoch {start}" + ("" if ok else " (optimizer state not restored)"))
-        if not state.stopped and start < epochs:
-            callback = ck.make_callback(state, built.model, recipe.monitor, recipe.patience, offset, verbose)
-            n_trainable = sum(int(np.prod(v.shape)) for v in fit_model.trainable_variables)
-            _log(verbose, f"phase {phase}: up to {epochs} epochs at lr {lr}, {n_trainable:,} trainable parameters"
-                          + (" (head on cached base features)" if on_features else ""))
-            if on_features:
-                fit_model.fit(features[split["train"]], y["train"], batch_size=recipe.batch_size, epochs=epochs,
-                              initial_epoch=start, validation_data=(features[split["val"]], y["val"]), shuffle=True,
-                              class_weight=cw, callbacks=[callback], verbose=verbose)
-            else:
-                train_ds = image_dataset(paths["train"], y["train"], prep, recipe.batch_size, training=True,
-                                         augment=recipe.augmentation, seed=recipe.seed + len(state.history),
-                                         decoded=images("train"))
-                val_ds = image_dataset(paths["val"], y["val"], prep, recipe.batch_size, decoded=images("val"))
-                fit_model.fit(train_ds, epochs=epochs, initial_epoch=start, validation_data=val_ds,
-                              class_weight=cw, shuffle=False, callbacks=[callback], verbose=verbose)
-        if recipe.patience and state.path(ck.BEST_WEIGHTS).is_file():
-            _load_weights(built.model, state.path(ck.BEST_WEIGHTS))
-            _log(verbose, f"restored the best weights ({recipe.monitor} {state.best:.4f})")
-        ck.save_weights_atomic(built.model, state.path(f"phase_{phase}.weights.h5"))
-        state.finish_phase()
+    for phase, epochs, lr, schedule in _phases(recipe):
+        if phase not in state.done:
+            if phase == "fine_tune":
+                unfreeze_top(built.base, recipe.fine_tune.blocks)
+            on_features = ctx.feature_mode(recipe) and phase == "head"
+            _fit_phase(recipe, built, sp, state, ctx, features if on_features else None, cw,
+                       (phase, epochs, lr, schedule), offset)
         offset += sum(1 for r in state.history if r["phase"] == phase)
 
-    # predictions on validation and test: from cached features when the base was never trained
-    def predict(s):
-        if feature_mode and not recipe.fine_tune.enabled:
-            return np.asarray(built.head.predict(features[split[s]], batch_size=256, verbose=0), dtype=np.float64)
-        data = image_dataset(paths[s], None, prep, recipe.batch_size, decoded=images(s))
-        return np.asarray(built.model.predict(data, verbose=0), dtype=np.float64)
 
-    p_val, p_test = predict("val"), predict("test")
-    threshold = None
-    pos_index = names.index(positive) if positive else None
-    if recipe.target_recall and positive:
-        value = operating_point(p_val, y["val"], pos_index, recipe.target_recall)
-        threshold = Threshold(positive, value, recipe.target_recall, "validation")
-        _log(verbose, f"threshold: {positive} when p >= {value:.4f} (validation recall >= {recipe.target_recall})")
-    th_value = threshold.value if threshold else None
-    test_pred = apply_threshold(p_test, pos_index, th_value)
-    test_m = classification_metrics(y["test"], test_pred, names, p_test)
-    verdict = floor.judge(y["test"], test_pred, names)
-    argmax_m = classification_metrics(y["test"], p_test.argmax(1), names, p_test)
-    val_m = classification_metrics(y["val"], apply_threshold(p_val, pos_index, th_value), names, p_val)
-    seconds = time.perf_counter() - t_start  # this process only; a resumed run adds its earlier epochs below
+def _fit_phase(recipe: Recipe, built, sp: _Splits, state, ctx: _Context, features, cw, phase_settings, offset) -> None:
+    """One phase: compile, restore what a previous process left, fit with the checkpoint callback,
+    restore the best weights, mark the phase done."""
+    from .input_data import image_dataset
+    from .model import compile_model
 
-    spec = ModelSpec(
-        labels=tuple(names), preprocessing=prep, output="probabilities", positive_label=positive, threshold=threshold,
-        recipe=recipe.name, variant=None, training_fingerprint=fingerprint(ds, assignment),
-        versions={"tensorflow": tf.__version__, "keras": keras.__version__, "lungedge": _version()},
-        extra={"alpha": recipe.alpha, "split": recipe.split, "weights": recipe.weights})
-    _write_model(built.model, out / "model.keras")
-    atomic_write_text(str(out / "spec.json"), spec.to_json())
-    atomic_write_text(str(out / "recipe.json"), recipe.to_json())
+    phase, epochs, lr, schedule = phase_settings
+    fit_model = built.head if features is not None else built.model
+    steps_per_epoch = -(-len(sp.index["train"]) // recipe.batch_size)
+    with ctx.strategy.scope():
+        compile_model(fit_model, lr, schedule, epochs * steps_per_epoch)
+    if state.done:  # a later phase starts from the end of the previous one
+        _load_weights(built.model, state.path(f"phase_{state.done[-1]}.weights.h5"))
+    start = state.start_phase(phase)
+    if start > 0:
+        _load_weights(fit_model, state.path(ck.LAST_WEIGHTS))
+        ok = ck.load_optimizer(fit_model.optimizer, fit_model.trainable_variables, state.path(ck.LAST_OPTIMIZER))
+        _log(ctx.verbose, f"resuming phase {phase} after epoch {start}" + ("" if ok else " (optimizer state not restored)"))
+    if not state.stopped and start < epochs:
+        callback = ck.make_callback(state, built.model, recipe.monitor, recipe.patience, offset, ctx.verbose)
+        n_trainable = sum(int(np.prod(v.shape)) for v in fit_model.trainable_variables)
+        _log(ctx.verbose, f"phase {phase}: up to {epochs} epochs at lr {lr}, {n_trainable:,} trainable parameters"
+                          + (" (head on cached base features)" if features is not None else ""))
+        common = dict(epochs=epochs, initial_epoch=start, class_weight=cw, callbacks=[callback], verbose=ctx.verbose)
+        if features is not None:
+            fit_model.fit(features[sp.index["train"]], sp.y["train"], batch_size=recipe.batch_size, shuffle=True,
+                          validation_data=(features[sp.index["val"]], sp.y["val"]), **common)
+        else:
+            train_ds = image_dataset(sp.paths["train"], sp.y["train"], sp.prep, recipe.batch_size, training=True,
+                                     augment=recipe.augmentation, seed=recipe.seed + len(state.history),
+                                     decoded=sp.images("train"))
+            val_ds = image_dataset(sp.paths["val"], sp.y["val"], sp.prep, recipe.batch_size, decoded=sp.images("val"))
+            fit_model.fit(train_ds, validation_data=val_ds, shuffle=False, **common)
+    if recipe.patience and state.path(ck.BEST_WEIGHTS).is_file():
+        _load_weights(built.model, state.path(ck.BEST_WEIGHTS))
+        _log(ctx.verbose, f"restored the best weights ({recipe.monitor} {state.best:.4f})")
+    ck.save_weights_atomic(built.model, state.path(f"phase_{phase}.weights.h5"))
+    state.finish_phase()
+
+
+def _predict(recipe: Recipe, built, sp: _Splits, s: str, features, ctx: _Context) -> np.ndarray:
+    """Probabilities on split ``s``: from cached features when the base was never trained."""
+    from .input_data import image_dataset
+
+    if ctx.feature_mode(recipe) and not recipe.fine_tune.enabled:
+        return np.asarray(built.head.predict(features[sp.index[s]], batch_size=256, verbose=0), dtype=np.float64)
+    data = image_dataset(sp.paths[s], None, sp.prep, recipe.batch_size, decoded=sp.images(s))
+    return np.asarray(built.model.predict(data, verbose=0), dtype=np.float64)
+
+
+def _choose_threshold(recipe: Recipe, positive, sp: _Splits, p_val: np.ndarray, verbose: int) -> Optional[Threshold]:
+    """The operating point on the validation split (``edge_runtime.operating_point``), if the recipe asks."""
+    if not (recipe.target_recall and positive):
+        return None
+    value = operating_point(p_val, sp.y["val"], sp.names.index(positive), recipe.target_recall)
+    _log(verbose, f"threshold: {positive} when p >= {value:.4f} (validation recall >= {recipe.target_recall})")
+    return Threshold(positive, value, recipe.target_recall, "validation")
+
+
+def _evaluate(sp: _Splits, probs: dict, positive, threshold: Optional[Threshold]) -> dict:
+    """Test metrics with the decision rule and with argmax, validation metrics, the learning floor."""
+    pos_index = sp.names.index(positive) if positive else None
+    value = threshold.value if threshold else None
+    test_pred = apply_threshold(probs["test"], pos_index, value)
+    return {
+        "test": classification_metrics(sp.y["test"], test_pred, sp.names, probs["test"]),
+        "argmax": classification_metrics(sp.y["test"], probs["test"].argmax(1), sp.names, probs["test"]),
+        "validation": classification_metrics(sp.y["val"], apply_threshold(probs["val"], pos_index, value),
+                                              sp.names, probs["val"]),
+        "verdict": floor.judge(sp.y["test"], test_pred, sp.names),
+    }
+
+
+def _write_run(out: Path, recipe: Recipe, built, spec: ModelSpec, sp: _Splits, probs: dict, evaluation: dict,
+               state, ds: Dataset, ctx: _Context, seconds: float) -> dict:
+    """Model, spec, recipe, history, plots, metrics and model card: the run-folder contract."""
     from .report import model_card, plot_confusion, plot_history, plot_roc, write_history
 
-    write_history(out / "history.csv", state.history)
-    plots = out / "plots"
+    th, verdict = spec.threshold, evaluation["verdict"]
+    _write_model(built.model, out / MODEL)
+    atomic_write_text(str(out / SPEC), spec.to_json())
+    atomic_write_text(str(out / RECIPE), recipe.to_json())
+    write_history(out / HISTORY, state.history)
+    plots = out / PLOTS
     plots.mkdir(exist_ok=True)
     plot_history(plots / "training_curves.png", state.history, f"{recipe.name}: training",
                  restored_epoch=_restored_epoch(state.history, recipe))
-    plot_confusion(plots / "confusion_matrix.png", test_m["confusion_matrix"], names,
-                   f"{recipe.name}: test ({'threshold' if threshold else 'argmax'})")
-    plot_roc(plots / "roc.png", y["test"], p_test, names, f"{recipe.name}: test ROC")
-    counts = {s: {names[c]: int((y[s] == c).sum()) for c in range(n)} for s in split}
-    metrics = dict(test_m)
+    plot_confusion(plots / "confusion_matrix.png", evaluation["test"]["confusion_matrix"], sp.names,
+                   f"{recipe.name}: test ({'threshold' if th else 'argmax'})")
+    plot_roc(plots / "roc.png", sp.y["test"], probs["test"], sp.names, f"{recipe.name}: test ROC")
+    metrics = dict(evaluation["test"])
     metrics.update({
-        "split": "test", "decision": "threshold" if threshold else "argmax",
-        "threshold": threshold.to_dict() if threshold else None,
-        "argmax": argmax_m, "validation": val_m, "counts": counts, "failures": ds.failures,
-        "epochs_run": len(state.history), "train_seconds": round(seconds, 1),
+        "split": "test", "decision": "threshold" if th else "argmax", "threshold": th.to_dict() if th else None,
+        "argmax": evaluation["argmax"], "validation": evaluation["validation"], "counts": sp.counts(),
+        "failures": ds.failures, "epochs_run": len(state.history), "train_seconds": round(seconds, 1),
         "epoch_seconds_total": round(state.seconds, 1), "device": ctx.device,
         "recipe": recipe.name, "data": str(ds.root), "learning_floor": verdict.to_dict(),
     })
-    atomic_write_text(str(out / "metrics.json"), json.dumps(metrics, indent=2))
-    is_ct = recipe.name.startswith("ct") or any(h in x.lower() for x in names for h in ("bengin", "benign", "malignant"))
-    card = model_card(recipe, spec, counts, test_m, argmax_m, val_m, str(ds.root), ds.failures, seconds, ctx.device,
-                      is_ct=is_ct, fixed_test=ds.fixed_split is not None, verdict=verdict)
-    atomic_write_text(str(out / "model_card.md"), card)
-    _cleanup(state.folder)
-    _log(verbose, f"test ({metrics['decision']}):\n{format_report(test_m)}")
-    _log(verbose, verdict.sentence())
-    if verdict.failed and learning_floor:
-        raise ModelError(f"{verdict.sentence()} (run folder {out} kept for diagnosis)")
+    atomic_write_text(str(out / METRICS), json.dumps(metrics, indent=2))
+    is_ct = recipe.name.startswith("ct") or any(h in x.lower() for x in sp.names for h in ("bengin", "benign", "malignant"))
+    card = model_card(recipe, spec, sp.counts(), evaluation["test"], evaluation["argmax"], evaluation["validation"],
+                      str(ds.root), ds.failures, seconds, ctx.device, is_ct=is_ct,
+                      fixed_test=ds.fixed_split is not None, verdict=verdict)
+    atomic_write_text(str(out / CARD), card)
     return metrics
 
 
@@ -443,9 +523,3 @@ def _cleanup(folder: Path) -> None:
     for p in folder.iterdir():
         p.unlink()
     folder.rmdir()
-
-
-def _version() -> str:
-    from lungedge import __version__
-
-    return __version__

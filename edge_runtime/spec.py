@@ -172,11 +172,19 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelSpec":
-        try:
-            d = json.loads(text)
-        except ValueError as exc:
-            raise ConfigError(f"model metadata is not valid JSON ({exc})") from None
-        return cls.from_dict(d)
+        return cls.from_dict(json_object(text, "model metadata"))
+
+
+def json_object(text: str, what: str) -> Any:
+    """Parse the JSON of a record (model metadata, a recipe).
+
+    Raises:
+        ConfigError: not valid JSON, naming ``what``.
+    """
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{what} is not valid JSON ({exc})") from None
 
 
 def _floats(name: str, values: Sequence[float], channels: int) -> Tuple[float, ...]:

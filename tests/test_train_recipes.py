@@ -242,11 +242,20 @@ def test_weights_lookup_order_and_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(weights_mod, "_REPO", tmp_path / "repo")
     monkeypatch.delenv(weights_mod.ENV_VAR, raising=False)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
-    with pytest.raises(ConfigError) as exc:
+    fetched = []
+
+    def offline(alpha=1.0, image_size=224, progress=True):  # what Keras's download does without a network
+        fetched.append((alpha, image_size))
+        raise weights_mod.WeightsUnavailable("download failed (Name or service not known); "
+                                             + weights_mod.how_to_provide(name))
+
+    monkeypatch.setattr(weights_mod, "download_imagenet_weights", offline)
+    with pytest.raises(weights_mod.WeightsUnavailable) as exc:
         weights_mod.resolve_weights("imagenet")
     msg = str(exc.value)
+    assert fetched == [(1.0, 224)], "the standard download is tried after the local places"
     assert weights_mod.ENV_VAR in msg and "KERAS_HOME" in msg and name in msg and "\n" not in msg
-    (tmp_path / "kh" / "models").mkdir(parents=True)
+    (tmp_path / "kh" / "models").mkdir(parents=True, exist_ok=True)
     (tmp_path / "kh" / "models" / name).write_bytes(b"h5")
     assert weights_mod.resolve_weights("imagenet", 1.0, 96) == str(tmp_path / "kh" / "models" / name)
     own = tmp_path / "elsewhere.h5"
@@ -256,6 +265,24 @@ def test_weights_lookup_order_and_clear_error(tmp_path, monkeypatch):
     assert weights_mod.resolve_weights("none") is None
     with pytest.raises(ConfigError, match="not found"):
         weights_mod.resolve_weights(str(tmp_path / "missing.h5"))
+    assert len(fetched) == 1, "a local file is used without any download"
+
+
+@pytest.mark.needs_tf
+def test_keras_download_failure_is_one_line_naming_the_three_ways(tmp_path, monkeypatch):
+    import keras
+
+    def no_network(fname, origin, **kw):
+        assert origin.endswith(fname) and kw.get("cache_subdir") == "models"
+        raise Exception(f"URL fetch failure on {origin}: None -- [Errno -2] Name or service not known")
+
+    monkeypatch.setattr(keras.utils, "get_file", no_network)
+    with pytest.raises(weights_mod.WeightsUnavailable) as exc:
+        weights_mod.download_imagenet_weights()
+    msg = str(exc.value)
+    assert "\n" not in msg and "download failed ([Errno -2] Name or service not known)" in msg
+    for way in ("$KERAS_HOME/models/", weights_mod.ENV_VAR, "--weights"):
+        assert way in msg
 
 
 @pytest.mark.needs_shared

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple, Union
 
 from edge_runtime.errors import ConfigError
-from edge_runtime.spec import COLOR_MODES, dataclass_from_dict
+from edge_runtime.spec import COLOR_MODES, dataclass_from_dict, json_object
 
 SPLITS = ("random", "grouped")
 MONITORS = ("val_accuracy", "val_loss")
@@ -219,11 +219,7 @@ class Recipe:
 
     @classmethod
     def from_json(cls, text: str) -> "Recipe":
-        try:
-            d = json.loads(text)
-        except ValueError as exc:
-            raise ConfigError(f"recipe is not valid JSON ({exc})") from None
-        return cls.from_dict(d)
+        return cls.from_dict(json_object(text, "recipe"))
 
 
 def apply_overrides(recipe: Recipe, pairs) -> Recipe:

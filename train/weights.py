@@ -99,7 +99,7 @@ def download_imagenet_weights(alpha: float = 1.0, image_size: int = 224, progres
     try:
         path = keras.utils.get_file(name, KERAS_WEIGHTS_URL + name, cache_subdir="models")
     except Exception as exc:  # urllib, socket, OS errors: all mean "not available now"
-        reason = first_line(exc).split(" -- ")[-1]
+        reason = first_line(exc, 500).split(" -- ")[-1][:200]
         raise WeightsUnavailable(
             f"MobileNetV2 ImageNet weights not found locally and the download failed ({reason}); "
             + how_to_provide(name)) from None

@@ -136,9 +136,11 @@ def format_markdown(report: dict) -> str:
     lines += ["", "Times in ms (p50 / p90 / p99 of raw timings). invoke = `interpreter.invoke()` alone; "
               "e2e = `Classifier.classify(path)`: decode + preprocess + invoke + postprocess. "
               "Delegate nodes: graph nodes taken by XNNPACK (0 = none: every op on the reference kernels).", ""]
+    with_accuracy = any(r.get("accuracy") is not None for r in rows)  # only with --data
     head = (["machine"] if comparison else []) + [
         "model", "variant", "backend", "threads", "delegate nodes", "invoke p50 / p90 / p99", "e2e p50 / p90 / p99",
-        "img/s (e2e)", "start-up", "1st invoke", "1st image", "peak RSS MB", "size MB", "sha256", "accuracy", "status"]
+        "img/s (e2e)", "start-up", "1st invoke", "1st image", "peak RSS MB", "size MB", "sha256"] + (
+        ["accuracy"] if with_accuracy else []) + ["status"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for r in rows:
@@ -152,7 +154,7 @@ def format_markdown(report: dict) -> str:
             _f(r.get("delegate_nodes"), "{}"), _triple(inv), _triple(e2e), _f(r.get("throughput_ips"), "{:.1f}"),
             _f(r.get("startup_ms"), "{:.1f}"), _f(r.get("first_invoke_ms"), "{:.1f}"),
             _f(r.get("first_classify_ms"), "{:.1f}"), _f(r.get("peak_rss_mb"), "{:.0f}"), _f(r.get("size_mb")),
-            r.get("sha256") or "", _f(r.get("accuracy"), "{:.3f}"), status]
+            r.get("sha256") or ""] + ([_f(r.get("accuracy"), "{:.3f}")] if with_accuracy else []) + [status]
         lines.append("| " + " | ".join(cells) + " |")
     acc_errors = [(m.get("name"), m["accuracy"]["error"]) for r in sources for m in r.get("models", [])
                   if (m.get("accuracy") or {}).get("error")]
@@ -185,4 +187,4 @@ def _title(report: dict) -> str:
     if report.get("kind") == "comparison":
         return f"lungedge bench comparison ({len(report['reports'])} reports)"
     m = report.get("machine", {})
-    return f"lungedge bench on {m.get('hostname')} ({m.get('cpu')}, {m.get('cores')} cores)"
+    return f"lungedge bench on {m.get('cpu')} ({m.get('cores')} cores, {m.get('arch')}, host {m.get('hostname')})"

@@ -122,12 +122,8 @@ def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no
             + (f"; decision: {th.label} if p >= {th.value:.3f}" if th else "; decision: most probable class")))
     failed = 0
     width = min(max([len(escape_text(p)) for p, _ in items] + [4]), 60)
-    sources = [p for p, problem in items]
-    problems = {p: problem for p, problem in items if problem}
-    results = clf.classify_many([p for p in sources if p not in problems], progress=progress)
-    results_iter = iter(results)
-    for src in sources:
-        res = Failure(src, problems[src]) if src in problems else next(results_iter)
+    sources = [p for p, _ in items]
+    for src, res in zip(sources, clf.classify_many(sources, progress=progress)):  # one result per source, in order
         if isinstance(res, Failure):
             failed += 1
             if as_json:

@@ -36,16 +36,16 @@ def render_html(md: str, title: str, shipped: bool) -> str:
     # the recommendation section gets a coloured box
     body = body.replace("<h2>Recommendation</h2>", f'<div class="{"ship" if shipped else "noship"}">'
                         "<h2>Recommendation</h2>", 1)
-    body = body.replace("<h2>Stages</h2>", "</div>\n<h2>Stages</h2>", 1)
+    end = body.find("<blockquote>") if "<blockquote>" in body else body.find("<h2>Stages</h2>")
+    body = body[:end] + "</div>\n" + body[end:]
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body>{body}</body></html>\n")
 
 
 def index_markdown(title: str, stages, summary: dict) -> str:
-    lines = [f"# {title}", ""]
+    lines = [f"# {title}", ""] + _recommendation(summary)
     for n in summary.get("notes", []):
         lines += [f"> {n}", ""]
-    lines += _recommendation(summary)
     lines += ["## Stages", "", "| stage | status | time (s) | message |", "|---|---|---|---|"]
     lines += [f"| {s.name} | {s.status} | {s.seconds:.1f} | {_cell(s.message)} |" for s in stages]
     lines += _variants(summary) + _latency(summary) + _examples(summary) + _figures(stages) + _files(stages)

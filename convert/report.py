@@ -75,7 +75,8 @@ def markdown(report: dict) -> str:
     lines += ["", "Δ acc: accuracy of the variant minus that of the Keras model, in percentage points. "
               "Agreement and |Δp| compare each variant's probabilities with the Keras model's on the same "
               "preprocessed arrays.", "",
-              f"Source model sha256 `{report['source_model_sha256']}`; versions {report['versions']}."]
+              f"Source model sha256 `{report['source_model_sha256']}`; versions: "
+              + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + "."]
     for v in report["variants"]:
         if v.get("threshold_note"):
             lines.append(f"- {v['variant']}: {v['threshold_note']}")

@@ -83,10 +83,10 @@ def convert_run(
     model = load_keras_model(run.model_path)
     check_classifier(model, spec)
     sha = model_sha256(run.model_path)
-    ref = _reference(run, model, data_dir, progress, learning_floor)
     calibration, calib_info = None, {"count": 0, "source": "not needed", "class_counts": {}}
-    if any(v.calibrated for v in chosen):
+    if any(v.calibrated for v in chosen):  # before judging the model: a bad calibration folder is an input error
         calibration, calib_info = _calibration(run, spec, calibration_dir, calibration_count, seed, progress)
+    ref = _reference(run, model, data_dir, progress, learning_floor)
     val = _validation(run, progress) if rethreshold and spec.threshold is not None else None
     limits = (max_accuracy_drop, max_recall_drop)
     # the bias correction's float32 reference: converted once for all integer variants

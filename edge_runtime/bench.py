@@ -195,24 +195,17 @@ class _Cycle:
 def _usable_images(images) -> tuple:
     """(sources, failures): readable image paths (or one synthetic JPEG) and bad ones."""
     from .data import expand_inputs
-    from .preprocess import load_pixels
+    from .scan import unreadable
     from .spec import Preprocessing
 
     if images is None:
         return [_synthetic_jpeg()], []
-    probe = Preprocessing(height=32, width=32, color_mode="rgb")
-    ok, failures = [], []
-    for src, problem in expand_inputs([str(x) for x in images]):
-        if problem is None:
-            try:
-                load_pixels(src, probe)
-            except ImageError as exc:
-                problem = str(exc)
-        if problem is None:
-            ok.append(src)
-        else:
-            failures.append({"source": src, "error": problem})
-    return ok, failures
+    items = expand_inputs([str(x) for x in images])
+    failures = {src: problem for src, problem in items if problem}
+    candidates = [src for src, problem in items if not problem]
+    failures.update(unreadable(candidates, Preprocessing(height=32, width=32, color_mode="rgb")))
+    ok = [src for src in candidates if src not in failures]
+    return ok, [{"source": src, "error": failures[src]} for src, _ in items if src in failures]
 
 
 def _synthetic_jpeg(size: int = 1024) -> bytes:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -17,8 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from edge_runtime.data import list_labelled_folder
-from edge_runtime.errors import ConfigError, ImageError
-from edge_runtime.preprocess import load_pixels
+from edge_runtime.errors import ConfigError
 from edge_runtime.spec import Preprocessing
 
 
@@ -120,25 +118,10 @@ def _has_class_folders(p: Path) -> bool:
 
 
 def find_unreadable(paths: Sequence[str], prep: Preprocessing, workers: int = 0, progress: bool = True) -> List[Dict[str, str]]:
-    """Decode every file with the shared preprocessing (``load_pixels``); list the ones that fail.
+    """``[{"path": ..., "error": ...}]`` for each file the shared preprocessing cannot read, in input order."""
+    from edge_runtime.scan import unreadable
 
-    Returns:
-        ``[{"path": ..., "error": ...}]`` for each unreadable file, in input order.
-    """
-    from tqdm import tqdm
-
-    def check(path: str) -> Optional[str]:
-        try:
-            load_pixels(path, prep)
-        except ImageError as exc:
-            return str(exc)
-        return None
-
-    workers = workers or max(1, min(8, (os.cpu_count() or 1)))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(tqdm(pool.map(check, paths), total=len(paths), desc="checking images",
-                            unit="img", disable=not progress, leave=False))
-    return [{"path": p, "error": e} for p, e in zip(paths, results) if e is not None]
+    return [{"path": p, "error": e} for p, e in unreadable(paths, prep, workers, progress)]
 
 
 def drop_unreadable(ds: Dataset, prep: Preprocessing, progress: bool = True) -> Dataset:

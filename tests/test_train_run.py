@@ -310,3 +310,55 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path, data_dir):
     assert proc.returncode == 0, log[-3000:]
     assert "strategy mirrored (2 replicas)" in log
     assert all((tmp_path / "run" / f).is_file() for f in CONTRACT)
+
+
+_WORKER = """
+import sys
+from train.recipes import Recipe
+from train.training import train_run
+train_run(Recipe.from_json(open(sys.argv[1]).read()), sys.argv[2], sys.argv[3], strategy="multi-worker", verbose=2,
+          learning_floor=False)
+print("WORKER DONE", flush=True)
+"""
+
+
+def _free_ports(n):
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_multi_worker_training_two_processes_on_loopback(tmp_path, data_dir):
+    """MultiWorkerMirroredStrategy with two worker processes on 127.0.0.1 (TF_CONFIG): both finish,
+    the chief (worker 0) writes the run folder, the other writes nothing there."""
+    recipe = tiny(epochs=1, fine_tune={"epochs": 0})
+    (tmp_path / "recipe.json").write_text(recipe.to_json())
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    procs = []
+    for index in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": {"worker": workers},
+                                                     "task": {"type": "worker", "index": index}}))
+        procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, str(tmp_path / "recipe.json"), str(data_dir),
+                                       str(tmp_path / "run")], cwd=Path(__file__).resolve().parents[1], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0 and "WORKER DONE" in log, f"worker {i}:\n{log[-3000:]}"
+    assert all((tmp_path / "run" / f).is_file() for f in CONTRACT)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "strategy multi-worker (2 replicas)" in metrics["device"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(set(CONTRACT) | {"plots"})

@@ -60,6 +60,26 @@ def make_strategy(name: str):
     raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
 
 
+def is_chief() -> bool:
+    """Whether this process writes the results in a ``MultiWorkerMirroredStrategy`` cluster
+    (``TF_CONFIG``): the task of type "chief", or worker 0 when the cluster has no chief.
+
+    Raises:
+        ConfigError: TF_CONFIG is not valid JSON.
+    """
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return True
+    try:
+        config = json.loads(raw)
+        task, cluster = config.get("task", {}), config.get("cluster", {})
+    except (ValueError, AttributeError) as exc:
+        raise ConfigError(f"TF_CONFIG is not a JSON object with 'cluster' and 'task': {exc}") from None
+    if task.get("type") == "chief":
+        return True
+    return "chief" not in cluster and task.get("type") == "worker" and int(task.get("index", 0)) == 0
+
+
 def describe_device() -> str:
     tf, _ = import_tf()
     gpus = tf.config.list_physical_devices("GPU")
@@ -117,9 +137,25 @@ def train_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, *, 
     """
     if isinstance(recipe, str):
         recipe = get_recipe(recipe)
-    out = Path(out_dir)
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if strategy == "multi-worker" and not is_chief():
+        # every worker trains in lockstep; only the chief writes the run folder (a worker's own
+        # checkpoints and files go to a private temporary folder, removed at the end)
+        import shutil
+        import tempfile
+
+        scratch = tempfile.mkdtemp(prefix="lungedge-worker-")
+        try:
+            _train_into(Path(scratch), recipe, data_dir, False, strategy, verbose, learning_floor)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return Path(out_dir)
+    return _train_into(Path(out_dir), recipe, data_dir, resume, strategy, verbose, learning_floor)
+
+
+def _train_into(out: Path, recipe: Optional[Recipe], data_dir: str, resume: bool, strategy: str, verbose: int,
+                learning_floor: bool) -> Path:
     recipe = _prepare_out(out, recipe, resume)
     if resume and (out / MODEL).is_file() and (out / METRICS).is_file() and not (out / CHECKPOINTS).exists():
         _log(verbose, f"run in {out} is already complete")

@@ -50,7 +50,8 @@ _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "I;16": 2
 # First bytes of formats users meet that are not read here, to say what a refused file is.
 _KNOWN_OTHER = ((b"%!PS", "PostScript"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF"),
                 (b"\x00\x00\x00\x0cjP", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"),
-                (b"\x00\x00\x01\x00", "ICO"), (b"8BPS", "Photoshop"))
+                (b"\x00\x00\x01\x00", "ICO"), (b"8BPS", "Photoshop"), (b"PK\x03\x04", "zip archive"),
+                (b"\x1f\x8b", "gzip archive"), (b"7z\xbc\xaf", "7-Zip archive"))
 
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,

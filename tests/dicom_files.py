@@ -74,9 +74,15 @@ def make_dicom(pixels: np.ndarray, path: Path, *, photometric: str = "MONOCHROME
                 ds.WindowCenter = 2040.5
                 ds.WindowWidth = 4081
         ds.PixelData = stored.tobytes()
-    ds.is_little_endian, ds.is_implicit_VR = True, False  # for pydicom < 3 (ignored by 3)
     if syntax and pixel_data and UID(syntax).is_compressed:
-        ds.compress(UID(syntax), generate_instance_uid=False)
+        try:
+            ds.compress(UID(syntax), generate_instance_uid=False)
+        except NotImplementedError:  # a syntax pydicom cannot write (MPEG2...): an opaque fragment
+            from pydicom.encaps import encapsulate
+
+            ds.PixelData = encapsulate([b"\0" * 64])
+            ds["PixelData"].VR = "OB"
+            ds.file_meta.TransferSyntaxUID = UID(syntax)
     elif syntax:
         ds.file_meta.TransferSyntaxUID = UID(syntax)
     ds.save_as(path, enforce_file_format=True)

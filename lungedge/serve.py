@@ -45,6 +45,10 @@ MAX_FILES = 64
 KEEP_RESULTS = 64
 #: Open connections at once; more are answered 503 by uvicorn.
 MAX_CONNECTIONS = 400
+#: Uploads read into memory and classified at once (the rest wait, spooled to the temp folder).
+IN_FLIGHT = 2
+#: Bytes of each uploaded file the multipart parser keeps in memory before spooling to disk.
+SPOOL_BYTES = 64 * 1024
 
 TOKEN_COOKIE = "lungedge_token"
 TOKEN_HEADER = "x-lungedge-token"
@@ -134,8 +138,13 @@ def build_app(clf, token: Optional[str] = None):
     from lungedge.reading import (NOT_A_DEVICE, STYLE, Entry, csv_rows, csv_text, facts_html, images_for, model_facts,
                                   results_table)
 
+    import anyio
+    from starlette.formparsers import MultiPartParser
+
+    MultiPartParser.spool_max_size = SPOOL_BYTES  # this process serves only this app
     facts = model_facts(clf)
     lock = threading.Lock()
+    in_flight = anyio.Semaphore(IN_FLIGHT)
     results: "collections.OrderedDict[str, str]" = collections.OrderedDict()
 
     def authorised(request: Request, form=None) -> bool:
@@ -211,15 +220,16 @@ def build_app(clf, token: Optional[str] = None):
                 except ImageError as exc:
                     entries.append(Entry((f.filename or "")[:120], Failure((f.filename or "")[:120], str(exc))))
                     continue
-                data = await f.read(MAX_UPLOAD_BYTES + 1)
-                if len(data) > MAX_UPLOAD_BYTES:
-                    entries.append(Entry(name, Failure(name, f"file too large (limit {MAX_UPLOAD_BYTES // 2**20} MiB): {name!r}")))
-                    continue
-                if not data:
-                    entries.append(Entry(name, Failure(name, f"empty file: {name!r}")))
-                    continue
-                entries.append(await run_in_threadpool(classify_one, data, name))
-                del data
+                async with in_flight:  # bounds the uploads held in memory, whatever the concurrency
+                    data = await f.read(MAX_UPLOAD_BYTES + 1)
+                    if len(data) > MAX_UPLOAD_BYTES:
+                        entries.append(Entry(name, Failure(name, f"file too large (limit {MAX_UPLOAD_BYTES // 2**20} MiB): {name!r}")))
+                        continue
+                    if not data:
+                        entries.append(Entry(name, Failure(name, f"empty file: {name!r}")))
+                        continue
+                    entries.append(await run_in_threadpool(classify_one, data, name))
+                    del data
             return entries, None
         finally:
             await form.close()

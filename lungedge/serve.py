@@ -283,7 +283,8 @@ def build_app(clf, token: Optional[str] = None):
                                  headers={"content-disposition": 'attachment; filename="lungedge-results.csv"'})
 
     async def health(request: Request):
-        return JSONResponse({"ok": True, "model_sha256": facts["sha256"], "variant": facts["variant"]})
+        return JSONResponse({"ok": True, "model_sha256": facts["sha256"], "variant": facts["variant"],
+                             "tensorflow_loaded": "tensorflow" in sys.modules})
 
     routes = [Route("/", index), Route("/classify", classify_page, methods=["POST"]),
               Route("/api/classify", classify_api, methods=["POST"]),

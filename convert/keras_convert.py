@@ -105,8 +105,12 @@ def _representative(calibration: np.ndarray):
     return gen
 
 
-def tflite_bytes(model, variant: Variant, calibration: Optional[np.ndarray] = None) -> bytes:
+def tflite_bytes(model, variant: Variant, calibration: Optional[np.ndarray] = None, heatmap: bool = True) -> bytes:
     """Run the TFLite converter for ``variant`` (no metadata).
+
+    With ``heatmap`` (the default) a classifier whose head ``convert.heatmap`` recognises gets
+    a second signature, ``heatmap``, that also returns its class activation maps; the default
+    signature (subgraph 0) stays image -> probabilities.
 
     Raises:
         ConfigError: an integer variant without calibration images.
@@ -115,6 +119,12 @@ def tflite_bytes(model, variant: Variant, calibration: Optional[np.ndarray] = No
     tf, _ = import_tf()
     if variant.calibrated and (calibration is None or len(calibration) == 0):
         raise ConfigError(f"variant {variant.name!r} needs calibration images, got none")
+    if heatmap:
+        from .heatmap import heatmap_model, split_heatmap
+
+        two_outputs = heatmap_model(model)
+        if two_outputs is not None:
+            return split_heatmap(tflite_bytes(two_outputs, variant, calibration, heatmap=False))
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
     if variant.optimize:
         conv.optimizations = [tf.lite.Optimize.DEFAULT]

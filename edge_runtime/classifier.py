@@ -11,6 +11,7 @@ import numpy as np
 
 from .backend import Backend, load_backend
 from .data import expand_inputs
+from .dicom import DicomInfo, check_modality, expected_modalities
 from .decision import apply_threshold
 from .errors import (ConfigError, ImageError, InputError, LungedgeError, MissingDependencyError, ModelError,
                      OutputError)
@@ -18,7 +19,7 @@ from .files import read_regular_file
 from .guard import guard_available, trial_load
 from .metadata import read_model_bytes, read_spec, verify_integrity
 from .modelcheck import check_model_structure
-from .preprocess import ImageSource, load_pixels, normalize
+from .preprocess import ImageSource, load_image, normalize
 from .quant import dequantize, quantize
 from .spec import ModelSpec, Preprocessing, Threshold
 from .timing import now
@@ -39,18 +40,26 @@ class Prediction:
     invoke_ms: float = 0.0
     total_ms: float = 0.0
     threshold_applied: bool = False
+    #: what a DICOM file said about itself (no patient data in ``to_dict``); None for other images
+    dicom: Optional[DicomInfo] = None
+    #: class activation map of the predicted class (h, w) float32, when asked for and the model has one
+    heatmap: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     def top_k(self, k: int) -> list:
         return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
 
-    def to_dict(self) -> dict:
-        return {
+    def to_dict(self, keep_phi: bool = False) -> dict:
+        d = {
             "source": self.source,
             "label": self.label,
             "probabilities": self.probabilities,
             "threshold_applied": self.threshold_applied,
             "timing_ms": {"preprocess": self.preprocess_ms, "invoke": self.invoke_ms, "total": self.total_ms},
         }
+        if self.dicom is not None:
+            d["sop_instance_uid"] = self.dicom.sop_instance_uid
+            d["dicom"] = self.dicom.to_dict(keep_phi=keep_phi)
+        return d
 
 
 @dataclass(frozen=True)
@@ -159,6 +168,10 @@ class Classifier:
         self._lut = self._input_lut()
         self._out_q = _quant(self._out)
         self._labels = list(self.spec.labels)
+        self._modalities = expected_modalities(self.spec.recipe, self.spec.extra) if self.has_metadata else None
+        self._model_data = data
+        self._heatmap_runner = None
+        self.has_heatmap = _has_heatmap_signature(self._interpreter, self.spec.num_classes)
         if self.use_threshold:
             th = self.spec.threshold
             self._th_index, self._th_value = self._labels.index(th.label), th.value
@@ -247,20 +260,37 @@ class Classifier:
             "threshold": self.spec.threshold.to_dict() if self.use_threshold else None,
             "variant": self.spec.variant,
             "recipe": self.spec.recipe,
+            "heatmap": self.has_heatmap,
         }
 
-    def classify(self, image: ImageSource) -> Prediction:
-        """Classify one image (path, bytes, Pillow image or uint8 array).
+    def classify(self, image: ImageSource, *, heatmap: bool = False, name: Optional[str] = None) -> Prediction:
+        """Classify one image (path, bytes, Pillow image or uint8 array; DICOM too).
+
+        Args:
+            image: the image.
+            heatmap: also compute the class activation map of the predicted class
+                (``Prediction.heatmap``), through the model's ``heatmap`` signature.
+            name: how to name the image in results and messages (default: its path).
 
         Raises:
-            ImageError: the image cannot be read (see ``preprocess``).
+            ImageError: the image cannot be read (see ``preprocess``), or is a DICOM file of a
+                modality the model is not for.
             OutputError: the model's output for it is not finite (NaN or infinity).
+            ModelError: a heat map was asked for and the model has none.
         """
         t0 = now()
-        source = os.fsdecode(image) if isinstance(image, (str, os.PathLike)) else ""
-        pixels = load_pixels(image, self.spec.preprocessing)
+        source = name or (os.fsdecode(image) if isinstance(image, (str, os.PathLike)) else "")
+        pixels, dicom = load_image(image, self.spec.preprocessing, name=name)
+        if dicom is not None:
+            check_modality(dicom, self._modalities, source or "<image>")
+        cams = None
         try:
-            if self._lut is not None:  # quantised input: pixel -> input value by table, same numbers
+            if heatmap:
+                runner = self._heatmap()
+                inp = self._lut[pixels] if self._lut is not None else self._quantize_input(normalize(pixels, self.spec.preprocessing))
+                t1 = now()
+                probs, cams = self._run_heatmap(runner, inp[None, ...])
+            elif self._lut is not None:  # quantised input: pixel -> input value by table, same numbers
                 self._interpreter.set_tensor(self._in_index, self._lut[pixels][None, ...])
                 t1 = now()
                 probs = self._invoke()
@@ -274,6 +304,8 @@ class Classifier:
         if not np.all(np.isfinite(probs)):
             raise OutputError(f"the model's output is not finite (NaN or infinity) for this image: {source or '<image>'!r}")
         idx, applied = self._decide(probs)
+        if cams is not None and not np.all(np.isfinite(cams)):
+            raise OutputError(f"the model's heat map is not finite for this image: {source or '<image>'!r}")
         return Prediction(
             label=self._labels[idx],
             probabilities={name: float(p) for name, p in zip(self._labels, probs)},
@@ -282,16 +314,20 @@ class Classifier:
             invoke_ms=(t2 - t1) * 1e3,
             total_ms=(now() - t0) * 1e3,
             threshold_applied=applied,
+            dicom=dicom,
+            heatmap=None if cams is None else np.ascontiguousarray(cams[:, :, idx], dtype=np.float32),
         )
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities for one already-preprocessed float input (H, W, C)."""
         return self._run(x)
 
-    def classify_many(self, sources: Iterable[ImageSource], progress: bool = False) -> Iterator[Union[Prediction, Failure]]:
+    def classify_many(self, sources: Iterable[ImageSource], progress: bool = False,
+                      heatmap: bool = False) -> Iterator[Union[Prediction, Failure]]:
         """Classify many images; each bad one becomes a ``Failure`` and the batch goes on.
 
-        Strings that name folders are expanded to the images inside them.
+        Strings that name folders are expanded to the images inside them. ``heatmap`` as in
+        ``classify``.
         """
         items: list = []
         for s in sources:
@@ -309,11 +345,31 @@ class Classifier:
                 yield Failure(str(src), problem)
                 continue
             try:
-                yield self.classify(src)
+                yield self.classify(src, heatmap=heatmap)
             except (ImageError, OutputError) as exc:
                 yield Failure(str(src), str(exc))
 
     # ---- private steps --------------------------------------------------------------
+    def _heatmap(self):
+        """The ``heatmap`` signature's runner, on an interpreter of its own (built on first use:
+        a signature runner keeps a reference that stops the default interpreter's ``invoke``)."""
+        if not self.has_heatmap:
+            raise ModelError(f"model has no heat map (no 'heatmap' signature: converted by an older lungedge, or "
+                             f"its head is not pooling -> Dense layers); convert it again: {self.model_path!r}")
+        if self._heatmap_runner is None:
+            it = self.backend.interpreter_class(model_content=self._model_data, num_threads=self.threads)
+            runner = it.get_signature_runner(HEATMAP_SIGNATURE)
+            outs = runner.get_output_details()
+            self._heatmap_runner = (it, runner, _quant(outs["probabilities"]), _quant(outs["heatmap"]))
+        return self._heatmap_runner
+
+    def _run_heatmap(self, runner, inp: np.ndarray):
+        _, run, pq, hq = runner
+        out = run(image=inp)
+        probs, cams = _dequantize(out["probabilities"][0], pq), _dequantize(out["heatmap"][0], hq)
+        del out  # the runner's outputs are views into the interpreter
+        return probs, cams
+
     def _run(self, x: np.ndarray) -> np.ndarray:
         self._interpreter.set_tensor(self._in_index, self._quantize_input(x)[None, ...])
         return self._invoke()
@@ -366,6 +422,26 @@ def _quant(details: dict):
     if not scale:
         raise ModelError(f"tensor {details.get('name')!r} is {dtype.name} but has no quantisation scale")
     return float(scale), int(zero)
+
+
+#: The signature that returns the class activation maps (written by ``convert.heatmap``).
+HEATMAP_SIGNATURE = "heatmap"
+
+
+def _has_heatmap_signature(interpreter, classes: int) -> bool:
+    """True when the model has a ``heatmap`` signature: image -> probabilities, heatmap (1, h, w, classes)."""
+    try:
+        sig = interpreter.get_signature_list().get(HEATMAP_SIGNATURE)
+    except Exception:  # tflite-runtime builds without signatures
+        return False
+    return bool(sig) and sorted(sig.get("outputs", [])) == ["heatmap", "probabilities"] and sig.get("inputs") == ["image"]
+
+
+def _dequantize(y: np.ndarray, q) -> np.ndarray:
+    if q is None:
+        return np.array(y, dtype=np.float32)
+    scale, zero = q
+    return (y.astype(np.float32) - zero) * np.float32(scale)
 
 
 def _read_labels(labels) -> List[str]:

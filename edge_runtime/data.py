@@ -9,11 +9,28 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 from .errors import ConfigError, WriteError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm",
+                              ".dcm", ".dicom"})
 
 
 def is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    """An image by its name, or a DICOM file without an extension (as modalities write them),
+    recognised by its marker. Hidden files are skipped."""
+    if path.name.startswith("."):
+        return False
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return True
+    return not path.suffix and _is_dicom_file(path)
+
+
+def _is_dicom_file(path: Path) -> bool:
+    from .dicom import DICM_OFFSET, is_dicom
+
+    try:
+        with open(path, "rb") as fh:
+            return is_dicom(fh.read(DICM_OFFSET + 4))
+    except OSError:
+        return False
 
 
 def expand_inputs(paths: Iterable[str]) -> List[Tuple[str, Optional[str]]]:

@@ -1,6 +1,7 @@
 """The one preprocessing path, shared by training, calibration, evaluation and the device.
 
-``preprocess(source, spec)`` decodes an image (path, bytes, Pillow image or array), applies
+``preprocess(source, spec)`` decodes an image (path, bytes, Pillow image or array; DICOM through
+``edge_runtime.dicom`` when pydicom is installed), applies
 its EXIF orientation, brings it to the model's colour mode, resizes it with the model's
 method to the model's size and normalises it as ``(pixel - mean) / std``. Large JPEGs are
 decoded with Pillow's draft mode (DCT scaling) first, which is several times faster and is
@@ -13,11 +14,12 @@ import contextlib
 import io
 import os
 import warnings
-from typing import Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .dicom import DicomInfo, is_dicom, read_dicom
 from .errors import ImageError, first_line
 from .files import open_regular_file
 from .spec import Preprocessing
@@ -25,8 +27,10 @@ from .spec import Preprocessing
 #: Image formats that are decoded, recognised from the file's content (never its name). Every
 #: other format Pillow knows is refused before its decoder runs: PostScript/EPS would start
 #: Ghostscript, and rarely used decoders are where fuzzed files find bugs. GIF, TIFF and WebP
-#: are read when they hold one frame; animations and multi-page files are refused.
-ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
+#: are read when they hold one frame; animations and multi-page files are refused. DICOM is
+#: recognised by its Part 10 marker and read by pydicom (``edge_runtime.dicom``), not Pillow.
+ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF", "PPM", "DICOM")
+_PILLOW_FORMATS = tuple(f for f in ALLOWED_FORMATS if f != "DICOM")
 
 #: Refuse images above this many pixels, as declared in the header (a 2268x1959 X-ray is 4.4 MP).
 MAX_PIXELS = 100_000_000
@@ -46,7 +50,8 @@ _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "I;16": 2
 # First bytes of formats users meet that are not read here, to say what a refused file is.
 _KNOWN_OTHER = ((b"%!PS", "PostScript"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF"),
                 (b"\x00\x00\x00\x0cjP", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"),
-                (b"\x00\x00\x01\x00", "ICO"), (b"8BPS", "Photoshop"))
+                (b"\x00\x00\x01\x00", "ICO"), (b"8BPS", "Photoshop"), (b"PK\x03\x04", "zip archive"),
+                (b"\x1f\x8b", "gzip archive"), (b"7z\xbc\xaf", "7-Zip archive"))
 
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -86,15 +91,29 @@ def load_pixels(source: ImageSource, spec: Preprocessing) -> np.ndarray:
         ImageError: any problem with this one image (every exception of the decoders included),
             as one line naming it.
     """
+    return load_image(source, spec)[0]
+
+
+def load_image(source: ImageSource, spec: Preprocessing, name: Optional[str] = None) -> Tuple[np.ndarray, Optional[DicomInfo]]:
+    """``load_pixels`` that also returns what a DICOM file says about itself (None for other images).
+
+    Args:
+        source, spec: as ``load_pixels``.
+        name: how to name bytes in messages (an upload's name); paths are named by themselves.
+
+    Raises:
+        ImageError: as ``load_pixels``.
+    """
     if isinstance(source, np.ndarray):
-        return _array_pixels(source, spec)
+        return _array_pixels(source, spec), None
     if isinstance(source, Image.Image):
-        return _guarded(lambda: _image_pixels(source, spec, "<image>"), "<image>")
-    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else os.fsdecode(source)
+        return _guarded(lambda: _image_pixels(source, spec, "<image>"), "<image>"), None
+    if name is None:
+        name = "<bytes>" if isinstance(source, (bytes, bytearray)) else os.fsdecode(source)
     return _guarded(lambda: _decode(source, spec, name), name)
 
 
-def _decode(source, spec: Preprocessing, name: str) -> np.ndarray:
+def _decode(source, spec: Preprocessing, name: str) -> Tuple[np.ndarray, Optional[DicomInfo]]:
     with contextlib.ExitStack() as stack:
         if isinstance(source, (bytes, bytearray)):
             if not source:
@@ -105,8 +124,49 @@ def _decode(source, spec: Preprocessing, name: str) -> np.ndarray:
             fp = io.BytesIO(source)
         else:
             fp = stack.enter_context(open_regular_file(source, what="image", max_bytes=MAX_FILE_BYTES, error=ImageError))
+        head = fp.read(DICM_HEAD)
+        fp.seek(0)
+        if is_dicom(head):
+            arr, info = read_dicom(fp, name, MAX_PIXELS, MAX_DECODED_BYTES)
+            return _image_pixels(Image.fromarray(arr), spec, name), info
         img = stack.enter_context(_open(fp, name))
-        return _image_pixels(img, spec, name)
+        return _image_pixels(img, spec, name), None
+
+
+DICM_HEAD = 132  # bytes read to recognise DICOM (its marker is at 128..131)
+
+
+def image_size(source: ImageSource, name: Optional[str] = None) -> Tuple[int, int]:
+    """(width, height) of an image as it is shown (EXIF orientation applied), from its header.
+
+    Raises:
+        ImageError: as ``load_pixels``.
+    """
+    if isinstance(source, np.ndarray):
+        return int(source.shape[1]), int(source.shape[0])
+    if isinstance(source, Image.Image):
+        return source.size
+    if name is None:
+        name = "<bytes>" if isinstance(source, (bytes, bytearray)) else os.fsdecode(source)
+    return _guarded(lambda: _size(source, name), name)
+
+
+def _size(source, name: str) -> Tuple[int, int]:
+    with contextlib.ExitStack() as stack:
+        if isinstance(source, (bytes, bytearray)):
+            fp = io.BytesIO(source)
+        else:
+            fp = stack.enter_context(open_regular_file(source, what="image", max_bytes=MAX_FILE_BYTES, error=ImageError))
+        head = fp.read(DICM_HEAD)
+        fp.seek(0)
+        if is_dicom(head):
+            from .dicom import read_dicom_size
+
+            return read_dicom_size(fp, name)
+        img = stack.enter_context(_open(fp, name))
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") and img.format != "PNG" else 1
+        return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def _guarded(fn, name: str) -> np.ndarray:
@@ -140,7 +200,7 @@ def _open(fp, name: str) -> Image.Image:
         with warnings.catch_warnings():
             # the pixel limit is ours (MAX_PIXELS, checked below), not Pillow's 89.5 MP warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(fp, formats=ALLOWED_FORMATS)
+            img = Image.open(fp, formats=_PILLOW_FORMATS)
     except UnidentifiedImageError:
         kind = next((label for magic, label in _KNOWN_OTHER if head.startswith(magic)), None)
         what = f"a {kind} file, " if kind else ""

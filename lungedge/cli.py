@@ -92,14 +92,25 @@ def _build_classifier(model, threads, backend, labels, mean, std, no_threshold, 
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write the results to this file instead of stdout (all or nothing: a failed write leaves no file).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on for >20 images on a terminal).")
+@click.option("--heatmap", "heatmap_dir", type=click.Path(file_okay=False), default=None,
+              help="Write each image with the class activation map of its predicted class overlaid (PNG) into this folder.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
+              help="Write report.html, results.csv and images/ (thumbnails, heat maps) into this folder.")
+@click.option("--keep-phi", is_flag=True,
+              help="Include DICOM patient identifiers (name, ID, dates...) in --json and the report; off by default.")
 @handle_errors
-def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no_guard, top_k, as_json, out, progress):
-    """Classify image files or folders (folders are searched recursively).
+def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no_guard, top_k, as_json, out, progress,
+             heatmap_dir, report_dir, keep_phi):
+    """Classify image files or folders (folders are searched recursively); JPEG, PNG... and DICOM.
 
     \b
     Example:
       lungedge classify --model model_int8.tflite xrays/ patient7.jpeg
       lungedge classify -m model.tflite --json --top-k 2 scan.png > results.jsonl
+      lungedge classify -m model_int8.tflite --heatmap maps/ --report report/ dicom_folder/
+
+    DICOM files (read with the `dicom` extra) are named by file and SOP Instance UID; patient
+    identifiers are never printed or written unless --keep-phi.
 
     Exit code 0 if every image was classified, 1 if the model or any image could not be used
     (each is reported on its own line), 2 if the command line is wrong.
@@ -108,6 +119,13 @@ def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no
     from edge_runtime.data import expand_inputs
 
     clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard)
+    if heatmap_dir and not clf.has_heatmap:
+        from edge_runtime.errors import ModelError
+
+        raise ModelError(f"--heatmap: the model has no heat map (no 'heatmap' signature: converted by an older "
+                         f"lungedge, or its head is not pooling -> Dense layers); convert it again: {model!r}")
+    want_maps = bool(heatmap_dir or report_dir) and clf.has_heatmap
+    entries = []
     items = expand_inputs(paths)
     info = clf.describe()
     sink = ResultSink(out)
@@ -123,7 +141,12 @@ def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no
     failed = 0
     width = min(max([len(escape_text(p)) for p, _ in items] + [4]), 60)
     sources = [p for p, _ in items]
-    for src, res in zip(sources, clf.classify_many(sources, progress=progress)):  # one result per source, in order
+    results = clf.classify_many(sources, progress=progress, heatmap=want_maps)
+    for src, res in zip(sources, results):  # one result per source, in order
+        if not isinstance(res, Failure) and (heatmap_dir or report_dir):
+            res = _draw(res, src, len(entries), heatmap_dir, report_dir, entries)
+        elif heatmap_dir or report_dir:
+            entries.append(_entry(src, res))
         if isinstance(res, Failure):
             failed += 1
             if as_json:
@@ -132,7 +155,7 @@ def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no
                 click.echo(f"error: {escape_text(res.error)}", err=True)
             continue
         if as_json:
-            d = res.to_dict()
+            d = res.to_dict(keep_phi=keep_phi)
             d["top_k"] = [[k, v] for k, v in res.top_k(top_k)]
             d["backend"], d["backend_version"], d["model"] = info["backend"], info["backend_version"], info["model"]
             sink.line(dumps_strict(d))
@@ -140,8 +163,14 @@ def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no
             shown = "  ".join(f"{escape_text(k)} {v:.3f}" for k, v in res.top_k(top_k))
             name = escape_text(src)
             name = name if len(name) <= width else "..." + name[-(width - 3):]
-            sink.line(f"{name:<{width}}  {escape_text(res.label):<12}  [{shown}]  {res.total_ms:.1f} ms")
+            uid = f"  SOP {escape_text(res.dicom.sop_instance_uid)}" if res.dicom is not None else ""
+            sink.line(f"{name:<{width}}  {escape_text(res.label):<12}  [{shown}]  {res.total_ms:.1f} ms{uid}")
     sink.close()
+    if report_dir:
+        from lungedge.reading import model_facts, write_report
+
+        page = write_report(report_dir, entries, model_facts(clf), keep_phi=keep_phi)
+        click.echo(f"report: {escape_text(str(page))}", err=True)
     if not as_json:
         summary = f"{len(sources) - failed} classified, {failed} failed"
         if failed or out:
@@ -150,6 +179,32 @@ def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no
             sink.line(summary)
             sink.close()
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+def _entry(src, res):
+    from lungedge.reading import Entry
+
+    return Entry(src, res)
+
+
+def _draw(res, src, index, heatmap_dir, report_dir, entries):
+    """Heat-map file and report images for one result; a drawing failure becomes its Failure."""
+    from edge_runtime.classifier import Failure
+    from edge_runtime.errors import ImageError
+    from lungedge.reading import THUMB_SIDE, heatmap_file, images_for
+
+    try:
+        if heatmap_dir and res.heatmap is not None:
+            _, heat = images_for(src, res, max_side=512)
+            heatmap_file(heatmap_dir, src, index, heat)
+        entry = _entry(src, res)
+        if report_dir:
+            entry.thumb_png, entry.heatmap_png = images_for(src, res, max_side=THUMB_SIDE)
+    except ImageError as exc:
+        res = Failure(src, str(exc))
+        entry = _entry(src, res)
+    entries.append(entry)
+    return res
 
 
 @main.command()
@@ -216,6 +271,43 @@ def evaluate(model, data, threads, backend, labels, mean, std, no_threshold, no_
     for f in metrics.get("failures", []):
         click.echo(f"error: {escape_text(f['error'])}", err=True)
     sys.exit(EXIT_FAILED if metrics.get("failures") else EXIT_OK)
+
+
+@main.command()
+@click.option("--model", "-m", required=True, help="A .tflite model (with lungedge metadata, or give --labels).")
+@_model_options
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
+              help="TCP port (0: any free port; the address is printed).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. The default is this machine only; 0.0.0.0 opens the page to the network.")
+@click.option("--token", default=None, envvar="LUNGEDGE_TOKEN",
+              help="Access token the page asks for (or env LUNGEDGE_TOKEN); open http://HOST:PORT/?token=... once.")
+@handle_errors
+def serve(model, threads, backend, labels, mean, std, no_threshold, no_guard, port, host, token):
+    """A local web page: upload images or DICOM files, see class, probabilities, threshold and
+    heat map, download the results as CSV. Needs the `serve` extra (no TensorFlow).
+
+    \b
+    Example:
+      lungedge serve --model model_int8.tflite              # http://127.0.0.1:8765/
+      lungedge serve -m model_int8.tflite --host 0.0.0.0 --token "$(openssl rand -hex 16)"
+
+    Uploads are spooled to a private temporary folder removed at exit; nothing else is written.
+    Not a medical device.
+    """
+    from edge_runtime.errors import MissingDependencyError
+
+    try:
+        from lungedge.serve import serve as run_server
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+        import multipart  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError(f"lungedge serve needs the serve extra (pip install 'lungedge[serve]'): {exc}") from None
+    if host not in ("127.0.0.1", "localhost", "::1") and not token:
+        click.echo(f"warning: listening on {host} without --token: anyone on the network can use the page", err=True)
+    clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard)
+    run_server(clf, host=host, port=port, token=token, announce=lambda msg: click.echo(escape_text(msg)))
 
 
 @main.command()

@@ -1,0 +1,223 @@
+"""What a reader files: a CSV and an HTML page of results, with thumbnails and heat maps.
+
+Used by ``lungedge classify --report DIR`` and by the web page (``lungedge serve``); numpy and
+Pillow only (the device install). Every text that comes from a file (names, labels) is escaped
+for HTML, and CSV cells that a spreadsheet would run as a formula are neutralised. No patient
+data is written unless ``keep_phi`` (DICOM results are named by file and SOP Instance UID).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as _dt
+import html
+import io
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+from PIL import Image
+
+NOT_A_DEVICE = ("Not a medical device. Research software: results are not a diagnosis and must not be used "
+                "for clinical decisions without a qualified reader.")
+
+#: Longest side of the thumbnails and heat-map images in reports and on the web page.
+THUMB_SIDE = 256
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+@dataclass
+class Entry:
+    """One input's result for a report: ``result`` is a Prediction or a Failure."""
+
+    name: str
+    result: object
+    thumb_png: Optional[bytes] = None
+    heatmap_png: Optional[bytes] = None
+
+
+def model_facts(clf) -> dict:
+    """The model facts every report repeats: file name, sha256, variant, decision rule, backend."""
+    info = clf.describe()
+    th = clf.spec.threshold if clf.use_threshold else None
+    return {"model": os.path.basename(info["model"]), "sha256": info["sha256"], "variant": info["variant"] or "unknown",
+            "decision": f"{th.label} if p >= {th.value:.3f}, else the most probable other class" if th else "most probable class",
+            "threshold_label": th.label if th else "", "threshold": f"{th.value:.4f}" if th else "",
+            "backend": f"{info['backend']} {info['backend_version']}", "labels": list(clf.labels),
+            "heatmap": bool(info.get("heatmap"))}
+
+
+def images_for(source, prediction, name: Optional[str] = None, max_side: int = THUMB_SIDE) -> tuple:
+    """(thumbnail PNG, heat-map overlay PNG or None) for one classified image."""
+    from edge_runtime.heatmap import display_pixels, overlay
+
+    pixels = display_pixels(source, max_side=max_side, name=name)
+    thumb = png_bytes(Image.fromarray(pixels))
+    heat = None
+    if getattr(prediction, "heatmap", None) is not None:
+        heat = png_bytes(overlay(pixels, prediction.heatmap))
+    return thumb, heat
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")  # Pillow writes no text chunks unless given pnginfo: nothing about the patient
+    return buf.getvalue()
+
+
+def safe_stem(name: str, index: int) -> str:
+    """A file name for outputs about input ``index``: its stem reduced to [A-Za-z0-9._-], numbered."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(name)).stem)[:60].strip("._") or "image"
+    return f"{index:04d}_{stem}"
+
+
+def csv_rows(entries: Sequence[Entry], facts: dict, keep_phi: bool = False, image_files: bool = False) -> List[dict]:
+    labels = facts["labels"]
+    rows = []
+    for i, e in enumerate(entries):
+        r = e.result
+        row = {"file": e.name, "sop_instance_uid": "", "label": "", **{f"p_{k}": "" for k in labels},
+               "threshold_label": facts["threshold_label"], "threshold": facts["threshold"], "error": ""}
+        if hasattr(r, "probabilities"):
+            row["label"] = r.label
+            for k in labels:
+                row[f"p_{k}"] = f"{r.probabilities[k]:.4f}"
+            if r.dicom is not None:
+                row["sop_instance_uid"] = r.dicom.sop_instance_uid
+                if keep_phi:
+                    for k, v in r.dicom.phi.items():
+                        row[f"phi_{k}"] = v
+        else:
+            row["error"] = r.error
+        if image_files:
+            row["heatmap_file"] = f"images/{safe_stem(e.name, i)}_heatmap.png" if e.heatmap_png else ""
+        row.update({"model": facts["model"], "model_sha256": facts["sha256"], "variant": facts["variant"]})
+        rows.append(row)
+    return rows
+
+
+def csv_text(rows: List[dict]) -> str:
+    """CSV of ``rows`` (union of their columns, in first-seen order), spreadsheet-safe."""
+    columns: List[str] = []
+    for r in rows:
+        columns.extend(k for k in r if k not in columns)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _cell(r.get(k, "")) for k in columns})
+    return buf.getvalue()
+
+
+def _cell(value) -> str:
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def _data_uri(png: Optional[bytes]) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii") if png else ""
+
+
+def results_table(entries: Sequence[Entry], facts: dict, image_src=None) -> str:
+    """The HTML table of results. ``image_src(i, kind, png)`` gives each image's src (default: inline)."""
+    esc = html.escape
+    image_src = image_src or (lambda i, kind, png: _data_uri(png))
+    head = "".join(f"<th>p({esc(k)})</th>" for k in facts["labels"])
+    out = [f'<table class="results"><thead><tr><th>#</th><th>image</th><th>heat map</th><th>file</th>'
+           f'<th>class</th>{head}</tr></thead><tbody>']
+    for i, e in enumerate(entries):
+        r = e.result
+        name = esc(e.name)
+        if hasattr(r, "probabilities"):
+            uid = f'<div class="uid">SOP Instance UID {esc(r.dicom.sop_instance_uid)}</div>' if r.dicom else ""
+            thumb = f'<img alt="image {i + 1}" src="{image_src(i, "thumb", e.thumb_png)}">' if e.thumb_png else ""
+            heat = (f'<img alt="heat map {i + 1}" src="{image_src(i, "heatmap", e.heatmap_png)}">'
+                    if e.heatmap_png else '<span class="muted">none</span>')
+            probs = "".join(f"<td>{r.probabilities[k]:.3f}</td>" for k in facts["labels"])
+            out.append(f'<tr class="ok"><td>{i + 1}</td><td>{thumb}</td><td>{heat}</td><td>{name}{uid}</td>'
+                       f'<td class="label">{esc(r.label)}</td>{probs}</tr>')
+        else:
+            out.append(f'<tr class="error"><td>{i + 1}</td><td colspan="3">{name}</td>'
+                       f'<td colspan="{1 + len(facts["labels"])}" class="error">error: {esc(r.error)}</td></tr>')
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#111}table{border-collapse:collapse}
+td,th{border:1px solid #bbb;padding:4px 8px;vertical-align:top;text-align:left}img{max-width:256px;display:block}
+.notice{background:#fff3cd;border:1px solid #d6b656;padding:.6em;margin:.8em 0}.error{color:#a00}
+.muted,.uid{color:#666;font-size:.85em}.label{font-weight:bold}dl{display:grid;grid-template-columns:max-content auto;gap:2px 12px}
+dt{font-weight:bold}"""
+
+
+def facts_html(facts: dict) -> str:
+    esc = html.escape
+    items = [("model", facts["model"]), ("sha256", facts["sha256"]), ("variant", facts["variant"]),
+             ("decision", facts["decision"]), ("runtime", facts["backend"]),
+             ("heat map", "class activation map of the predicted class (red: strongest evidence)" if facts["heatmap"]
+              else "this model file has none")]
+    return "<dl>" + "".join(f"<dt>{esc(k)}</dt><dd>{esc(str(v))}</dd>" for k, v in items) + "</dl>"
+
+
+def report_html(entries: Sequence[Entry], facts: dict, title: str = "lungedge report", image_src=None) -> str:
+    esc = html.escape
+    ok = sum(1 for e in entries if hasattr(e.result, "probabilities"))
+    when = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+            f"<style>{STYLE}</style></head><body><h1>{esc(title)}</h1>"
+            f'<p class="notice" id="not-a-device">{esc(NOT_A_DEVICE)}</p>'
+            f"<p>{ok} classified, {len(entries) - ok} failed; written {esc(when)}.</p>{facts_html(facts)}"
+            f"{results_table(entries, facts, image_src)}</body></html>\n")
+
+
+def write_report(out_dir: Union[str, Path], entries: Sequence[Entry], facts: dict, keep_phi: bool = False) -> Path:
+    """Write ``out_dir/report.html``, ``out_dir/results.csv`` and ``out_dir/images/*.png``.
+
+    Each file is written atomically. Output names come from the input's index and a cleaned
+    stem, never from a path the input gave.
+
+    Raises:
+        WriteError: a file could not be written.
+    """
+    from edge_runtime.data import atomic_write_bytes, atomic_write_text
+
+    out = Path(out_dir)
+    srcs = {}
+    for i, e in enumerate(entries):
+        for kind, png in (("thumb", e.thumb_png), ("heatmap", e.heatmap_png)):
+            if png:
+                rel = f"images/{safe_stem(e.name, i)}_{kind}.png"
+                atomic_write_bytes(str(out / rel), png)
+                srcs[(i, kind)] = rel
+    atomic_write_text(str(out / "results.csv"), csv_text(csv_rows(entries, facts, keep_phi, image_files=True)))
+    page = report_html(entries, facts, image_src=lambda i, kind, png: html.escape(srcs.get((i, kind), "")))
+    atomic_write_text(str(out / "report.html"), page)
+    return out / "report.html"
+
+
+def heatmap_file(out_dir: Union[str, Path], name: str, index: int, png: bytes) -> Path:
+    """Write one overlay PNG for ``--heatmap DIR``; returns its path."""
+    from edge_runtime.data import atomic_write_bytes
+
+    p = Path(out_dir) / f"{safe_stem(name, index)}_heatmap.png"
+    atomic_write_bytes(str(p), png)
+    return p
+
+
+def entries_with_images(entries: List[Entry], sources: Sequence, names: Optional[Sequence[str]] = None) -> None:
+    """Fill each successful entry's thumbnail and heat map (in place); a failure to draw one becomes
+    that entry's error."""
+    from edge_runtime.classifier import Failure
+    from edge_runtime.errors import ImageError
+
+    for i, (e, src) in enumerate(zip(entries, sources)):
+        if not hasattr(e.result, "probabilities"):
+            continue
+        try:
+            e.thumb_png, e.heatmap_png = images_for(src, e.result, name=names[i] if names else None)
+        except ImageError as exc:
+            e.result = Failure(e.name, str(exc))

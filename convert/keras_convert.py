@@ -133,9 +133,9 @@ def tflite_bytes(model, variant: Variant, calibration: Optional[np.ndarray] = No
         conv.representative_dataset = _representative(np.asarray(calibration, np.float32))
     if variant.integer_only:
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    if variant.io_dtype == "int8":
-        conv.inference_input_type = tf.int8
-        conv.inference_output_type = tf.int8
+    if variant.io_dtype in ("int8", "uint8"):
+        conv.inference_input_type = getattr(tf, variant.io_dtype)
+        conv.inference_output_type = getattr(tf, variant.io_dtype)
     try:
         # Keras' export path prints every captured tensor, and the converter logs each pass:
         # keep the console readable (errors still arrive as the exception below).
@@ -231,7 +231,33 @@ def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Unio
             reference = tflite_bytes(model, get_variant("float32"))
         data, record = correct_biases(data, reference, calibration, progress=progress)
         extra["bias_correction"] = record or "not applied: no integer conv or fully connected op"
+    if v.io_dtype == "uint8":
+        spec = raw_pixel_spec(spec, data)
     return embed_spec(data, variant_spec(spec, v, sha, extra=extra))
+
+
+def raw_pixel_spec(spec: ModelSpec, data: bytes) -> ModelSpec:
+    """``spec`` with the normalisation a uint8 input implements: ``mean`` its zero point and
+    ``std`` one over its scale, so that the input value is the pixel value itself.
+
+    MediaPipe Tasks and the TFLite Task Library feed a uint8 input raw pixels (they ignore
+    ``NormalizationOptions`` for it); with this record lungedge feeds the same values, and the
+    record says what the file really computes. The difference from the float model's own
+    normalisation (127.5/127.5) is under one input step.
+
+    Raises:
+        ModelError: the input is not a quantised uint8 tensor.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    details = Interpreter(model_content=bytes(data)).get_input_details()[0]
+    scale, zero = details["quantization"]
+    if np.dtype(details["dtype"]) != np.uint8 or not scale > 0:
+        raise ModelError(f"expected a quantised uint8 input, got {np.dtype(details['dtype']).name} "
+                         f"(scale {scale}, zero point {zero})")
+    p = spec.preprocessing
+    pre = type(p)(**{**p.to_dict(), "mean": (float(zero),), "std": (1.0 / float(scale),)})
+    return spec.replace(preprocessing=pre)
 
 
 def write_tflite(path: Union[str, "os.PathLike[str]"], data: bytes) -> None:

@@ -185,7 +185,12 @@ class Classifier:
         self.integrity = integrity.status
         self.model_size = len(data)
         spec = read_spec(data, name)
-        self.standard: Optional[StandardMetadata] = read_standard(data, name)
+        self.standard: Optional[StandardMetadata] = None
+        self.standard_error: Optional[str] = None
+        try:
+            self.standard = read_standard(data, name)
+        except ModelError as exc:  # only needed for a file without a lungedge record and without labels
+            self.standard_error = str(exc)
         self.backend: Backend = load_backend(backend)
         self.threads = threads
         self.guarded = bool(guard) and guard_available()
@@ -245,6 +250,8 @@ class Classifier:
             std_mean, std_std = self._standard_normalisation()
             if labels is None and self.standard is not None and self.standard.labels:
                 labels = _disambiguate(list(self.standard.labels))
+            if labels is None and self.standard_error:
+                raise ModelError(self.standard_error)
             if labels is None:
                 raise ModelError(
                     "model has no lungedge metadata and no labels file in standard TFLite metadata, so its labels "

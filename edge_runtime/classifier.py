@@ -337,6 +337,48 @@ class Classifier:
             return -1
         return sum(1 for op in ops if "DELEGATE" in str(op.get("op_name", "")).upper())
 
+    def operators(self) -> List[dict]:
+        """The graph's operators by name: ``{"op", "count", "delegated"}``, most frequent first.
+
+        ``delegated`` counts the nodes inside a delegate's partitions (XNNPACK on CPU): found by
+        walking back from each delegate node's outputs to its inputs through the original
+        nodes (``_get_ops_details`` lists both). Empty when the backend cannot list nodes.
+        """
+        try:
+            nodes = self._interpreter._get_ops_details()
+        except Exception:
+            return []
+        original = [n for n in nodes if "DELEGATE" not in str(n["op_name"]).upper()]
+        producer = {int(t): n["index"] for n in original for t in n["outputs"]}
+        by_index = {n["index"]: n for n in original}
+        delegated: set = set()
+        for node in nodes:
+            if "DELEGATE" not in str(node["op_name"]).upper():
+                continue
+            boundary = {int(t) for t in node["inputs"]}
+            stack = [int(t) for t in node["outputs"]]
+            while stack:
+                t = stack.pop()
+                i = producer.get(t)
+                if t in boundary or i is None or i in delegated:
+                    continue
+                delegated.add(i)
+                stack.extend(int(x) for x in by_index[i]["inputs"] if int(x) >= 0)
+        counts: dict = {}
+        for n in original:
+            row = counts.setdefault(str(n["op_name"]), {"op": str(n["op_name"]), "count": 0, "delegated": 0})
+            row["count"] += 1
+            row["delegated"] += n["index"] in delegated
+        return sorted(counts.values(), key=lambda r: (-r["count"], r["op"]))
+
+    def tensor_info(self, which: str = "input") -> dict:
+        """Name, shape, dtype and quantisation (scale, zero point; None for float) of the input
+        or output tensor."""
+        d = self._in if which == "input" else self._out
+        q = _quant(d)
+        return {"name": str(d["name"]), "shape": [int(x) for x in d["shape"]], "dtype": np.dtype(d["dtype"]).name,
+                "quantization": None if q is None else {"scale": q[0], "zero_point": q[1]}}
+
     def describe(self) -> dict:
         return {
             "model": self.model_path,

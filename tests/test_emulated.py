@@ -49,9 +49,9 @@ def _arm_tools(shared_dir: Path) -> tuple:
     return tools / "run.sh", arm_root
 
 
-def _classify(cmd: list, model: Path, images: list, env=None) -> list:
+def _classify(cmd: list, model: Path, images: list, cwd: Path, env=None) -> list:
     out = subprocess.run(cmd + ["-m", "lungedge", "classify", "--json", "-m", str(model), *map(str, images)],
-                         capture_output=True, text=True, env=env, timeout=900)
+                         capture_output=True, text=True, env=env, cwd=cwd, timeout=900)
     assert out.returncode == 0, (model.name, out.stderr[-2000:])
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
@@ -66,8 +66,11 @@ def test_aarch64_gives_the_x86_results(interop_run, shared_dir, fullres_dir, cor
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(pkg), str(ROOT)],
                    check=True, capture_output=True, timeout=600)
     env = {**os.environ, "ARM_ROOT": str(arm_root), "ARM_SITE": f"{arm_root / 'site'}:{pkg}"}
+    # run from outside the checkout, or `python -m` would import the source tree (sys.path[0] is the cwd)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     arch = subprocess.run(["bash", str(run_sh), "-c", "import platform, lungedge; print(platform.machine(), lungedge.__file__)"],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, env=env, cwd=elsewhere, timeout=600)
     assert arch.returncode == 0 and arch.stdout.startswith("aarch64 ") and str(pkg) in arch.stdout, arch.stderr[-2000:]
 
     images = sorted(fullres_dir.rglob("*.jpeg"))[:: 24 // IMAGES][:IMAGES]
@@ -76,8 +79,8 @@ def test_aarch64_gives_the_x86_results(interop_run, shared_dir, fullres_dir, cor
     summary = {}
     for variant, model in models:
         files = [coral_dir / "cat.bmp"] if variant == "coral-uint8" else images
-        x86 = _classify([sys.executable], model, files)
-        arm = _classify(["bash", str(run_sh)], model, files, env)
+        x86 = _classify([sys.executable], model, files, elsewhere)
+        arm = _classify(["bash", str(run_sh)], model, files, elsewhere, env)
         tol = TOLERANCE.get(variant, 0.0 if variant == "coral-uint8" else QUANTISED_TOLERANCE)
         worst = 0.0
         for a, b in zip(x86, arm):
@@ -94,7 +97,7 @@ def test_aarch64_gives_the_x86_results(interop_run, shared_dir, fullres_dir, cor
     got = {}
     for name, cmd, e in (("x86", [sys.executable], None), ("arm", ["bash", str(run_sh)], env)):
         out = subprocess.run(cmd + ["-m", "lungedge", "inspect", "--json", str(model)], capture_output=True,
-                             text=True, env=e, timeout=900)
+                             text=True, env=e, cwd=elsewhere, timeout=900)
         assert out.returncode == 0, out.stderr[-2000:]
         got[name] = json.loads(out.stdout)
     for key in ("labels", "input", "output", "lungedge_metadata", "integrity", "sha256"):

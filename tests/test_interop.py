@@ -16,10 +16,11 @@ from edge_runtime.metadata import (INTEGRITY_NAME, METADATA_NAME, metadata_spans
                                    verify_integrity)
 from edge_runtime.tflite_metadata import STANDARD_NAME
 
-#: MediaPipe's score vs lungedge's probability of the same class, same pixels. Float variants
-#: differ by float rounding only (measured 1e-5); a variant that quantises a float input inside
-#: (int8-float-io, dynamic) can flip one rounding step of a layer (measured up to 0.11).
-SCORE_TOLERANCE = {"int8-float-io": 0.15, "dynamic": 0.05}
+#: MediaPipe's score vs lungedge's probability of the same class, same pixels. float32, float16
+#: and uint8 differ by float rounding only (measured 1e-5 and 0); a variant that quantises a float
+#: input inside can flip a rounding step of a layer: measured dynamic 0.0076, int8-mixed 0.0039
+#: (one output step), int8-float-io 0.043 and, on another training of the same model, 0.11.
+SCORE_TOLERANCE = {"int8-float-io": 0.15, "dynamic": 0.05, "int8-mixed": 0.05}
 DEFAULT_SCORE_TOLERANCE = 1e-3
 #: Standard record + labels zip: what the second record costs in bytes (measured about 1.2 kB).
 MAX_STANDARD_OVERHEAD = 2048

@@ -134,9 +134,9 @@ def tflite_bytes(model, variant: Variant, calibration: Optional[np.ndarray] = No
         conv.representative_dataset = _representative(np.asarray(calibration, np.float32))
     if variant.integer_only:
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    if variant.io_dtype == "int8":
-        conv.inference_input_type = tf.int8
-        conv.inference_output_type = tf.int8
+    if variant.io_dtype in ("int8", "uint8"):
+        conv.inference_input_type = getattr(tf, variant.io_dtype)
+        conv.inference_output_type = getattr(tf, variant.io_dtype)
     try:
         # Keras' export path prints every captured tensor, and the converter logs each pass:
         # keep the console readable (errors still arrive as the exception below).
@@ -224,6 +224,8 @@ def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Unio
     if v.calibrated:
         extra.setdefault("calibration_images", int(len(calibration)) if calibration is not None else 0)
     data = tflite_bytes(model, v, calibration)
+    if v.io_dtype == "uint8":
+        data = pin_uint8_input(data, spec)
     if v.calibrated and bias_correction:
         from .bias_correction import correct_biases
 
@@ -231,7 +233,71 @@ def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Unio
             reference = tflite_bytes(model, get_variant("float32"))
         data, record = correct_biases(data, reference, calibration, progress=progress)
         extra["bias_correction"] = record or "not applied: no integer conv or fully connected op"
+    if v.io_dtype == "uint8":
+        spec = raw_pixel_spec(spec, data)
     return embed_spec(data, variant_spec(spec, v, sha, extra=extra))
+
+
+def pin_uint8_input(data: bytes, spec: ModelSpec) -> bytes:
+    """Set a uint8 input's quantisation to the spec's normalisation: scale ``1/std``, zero point
+    ``mean`` rounded (127.5/127.5 gives 1/127.5 and 128).
+
+    The converter takes the input's range from the calibration images, which need not reach
+    pixels 0 and 255 (16 X-rays gave -1.0..0.94): raw pixels through that range would be
+    stretched by a few per cent. The input's only reader is the QUANTIZE op to the int8
+    inside, which requantises from whatever the input says, so pinning it changes nothing
+    else; values beyond the calibrated range are clipped there as in the int8 variant.
+
+    Raises:
+        ModelError: the input is not a uint8 tensor read only by QUANTIZE ops, or the spec has
+            per-channel normalisation.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    p = spec.preprocessing
+    if len(set(p.mean)) != 1 or len(set(p.std)) != 1:
+        raise ModelError(f"a uint8 input needs one mean and std for all channels, got {p.mean} / {p.std}")
+    buf = bytearray(data)
+    model = schema.Model.GetRootAs(buf, 0)
+    graph = model.Subgraphs(0)
+    t_index = graph.Inputs(0)
+    tensor = graph.Tensors(t_index)
+    q = tensor.Quantization()
+    if tensor.Type() != schema.TensorType.UINT8 or q is None or q.ScaleLength() != 1 or q.ZeroPointLength() != 1:
+        raise ModelError("expected a uint8 input with one scale and zero point")
+    codes = [max(model.OperatorCodes(i).BuiltinCode(), model.OperatorCodes(i).DeprecatedBuiltinCode())
+             for i in range(model.OperatorCodesLength())]
+    readers = [codes[graph.Operators(i).OpcodeIndex()] for i in range(graph.OperatorsLength())
+               if t_index in graph.Operators(i).InputsAsNumpy().tolist()]
+    if not readers or any(c != schema.BuiltinOperator.QUANTIZE for c in readers):
+        raise ModelError("expected the uint8 input to be read only by QUANTIZE ops")
+    q.ScaleAsNumpy()[0] = np.float32(1.0 / p.std[0])  # views into ``buf``
+    q.ZeroPointAsNumpy()[0] = int(np.floor(p.mean[0] + 0.5))
+    return bytes(buf)
+
+
+def raw_pixel_spec(spec: ModelSpec, data: bytes) -> ModelSpec:
+    """``spec`` with the normalisation a uint8 input implements: ``mean`` its zero point and
+    ``std`` one over its scale, so that the input value is the pixel value itself.
+
+    MediaPipe Tasks and the TFLite Task Library feed a uint8 input raw pixels (they ignore
+    ``NormalizationOptions`` for it); with this record lungedge feeds the same values, and the
+    record says what the file really computes. The difference from the float model's own
+    normalisation (127.5/127.5) is under one input step.
+
+    Raises:
+        ModelError: the input is not a quantised uint8 tensor.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    details = Interpreter(model_content=bytes(data)).get_input_details()[0]
+    scale, zero = details["quantization"]
+    if np.dtype(details["dtype"]) != np.uint8 or not scale > 0:
+        raise ModelError(f"expected a quantised uint8 input, got {np.dtype(details['dtype']).name} "
+                         f"(scale {scale}, zero point {zero})")
+    p = spec.preprocessing
+    pre = type(p)(**{**p.to_dict(), "mean": (float(zero),), "std": (1.0 / float(scale),)})
+    return spec.replace(preprocessing=pre)
 
 
 def write_tflite(path: Union[str, "os.PathLike[str]"], data: bytes) -> None:

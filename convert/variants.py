@@ -23,7 +23,10 @@ class Variant:
         float16_weights: store weights as float16 (``target_spec.supported_types``).
         calibrated: needs a representative dataset (integer activations).
         integer_only: restrict to the int8 builtin op set (fail rather than fall back to float).
-        io_dtype: dtype of the model's input and output tensors ("float32" or "int8").
+        io_dtype: dtype of the model's input and output tensors ("float32", "int8" or "uint8").
+            A uint8 input takes raw pixel values (its quantisation is the normalisation), the
+            convention of Coral, Model Maker, MediaPipe Tasks and the TFLite Task Library,
+            which refuse int8 inputs.
         float_stem_ops: leave this many of the first compute ops (the stem: for MobileNetV2
             the first two inverted-residual blocks) in float; the rest is int8.
             Measured: the first depthwise convolution has the largest quantisation error.
@@ -56,6 +59,9 @@ VARIANTS: Dict[str, Variant] = {
                 "tflite-runtime 2.14 lacks its FULLY_CONNECTED v12)", optimize=True),
         Variant("int8", "full integer: int8 weights and activations, int8 input and output",
                 optimize=True, calibrated=True, integer_only=True, io_dtype="int8"),
+        Variant("uint8", "full integer: int8 inside, uint8 input (raw pixels) and output; the integer file "
+                "MediaPipe Tasks and the TFLite Task Library load", optimize=True, calibrated=True,
+                integer_only=True, io_dtype="uint8"),
         Variant("int8-float-io", "int8 weights and activations inside, float32 input and output",
                 optimize=True, calibrated=True, integer_only=True, io_dtype="float32"),
         Variant("int8-mixed", "int8 except the stem (first 6 ops: two conv blocks) in float; float32 input and output",

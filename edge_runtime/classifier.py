@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -17,11 +17,12 @@ from .errors import (ConfigError, ImageError, InputError, LungedgeError, Missing
                      OutputError)
 from .files import read_regular_file
 from .guard import guard_available, trial_load
-from .metadata import read_model_bytes, read_spec, verify_integrity
+from .metadata import read_model_bytes, read_spec, read_standard, verify_integrity
 from .modelcheck import check_model_structure
 from .preprocess import ImageSource, load_image, normalize
 from .quant import dequantize, quantize
 from .spec import ModelSpec, Preprocessing, Threshold
+from .tflite_metadata import StandardMetadata
 from .timing import now
 
 
@@ -30,8 +31,29 @@ MAX_LABELS_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True)
+class Category:
+    """One class of a result: its position in the model's output, its name and its score."""
+
+    index: int
+    label: str
+    score: float
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "label": self.label, "score": self.score}
+
+
+@dataclass(frozen=True)
 class Prediction:
-    """One image's result."""
+    """One image's result.
+
+    Attributes:
+        label: the decision: the model's decision threshold applied when it has one
+            (``threshold_applied``), else the most probable class.
+        probabilities: every class's probability, ``{label: score}``, in output order.
+        index: the decision's position in the model's output.
+        categories: the classes by descending score, limited by the classifier's
+            ``max_results`` and ``score_threshold`` (MediaPipe's ``ClassifierOptions``).
+    """
 
     label: str
     probabilities: dict
@@ -44,6 +66,13 @@ class Prediction:
     dicom: Optional[DicomInfo] = None
     #: class activation map of the predicted class (h, w) float32, when asked for and the model has one
     heatmap: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+    index: int = -1
+    categories: Tuple[Category, ...] = ()
+
+    @property
+    def score(self) -> float:
+        """The decision's probability."""
+        return float(self.probabilities[self.label])
 
     def top_k(self, k: int) -> list:
         return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
@@ -52,7 +81,9 @@ class Prediction:
         d = {
             "source": self.source,
             "label": self.label,
+            "index": self.index,
             "probabilities": self.probabilities,
+            "categories": [c.to_dict() for c in self.categories],
             "threshold_applied": self.threshold_applied,
             "timing_ms": {"preprocess": self.preprocess_ms, "invoke": self.invoke_ms, "total": self.total_ms},
         }
@@ -76,9 +107,19 @@ class Failure:
 class Classifier:
     """A TFLite image classifier, built once and reused.
 
-    Labels and preprocessing come from the model's own metadata. A model without it (a
-    third-party file) needs ``labels``; its input size is taken from the model and its
-    normalisation from ``mean``/``std`` (default 127.5/127.5, i.e. -1..1).
+    Labels and preprocessing come from the model's own metadata: the ``lungedge`` record, or
+    for a file without one (a third-party model) the standard ``TFLITE_METADATA`` record that
+    MediaPipe and the Task Library read (labels file, normalisation, colour space). A model
+    with neither needs ``labels``; its normalisation is then ``mean``/``std`` (default
+    127.5/127.5, i.e. -1..1). The input size always comes from the model. A uint8 input of a
+    model without a lungedge record is fed raw pixel values, as MediaPipe and the Task
+    Library do.
+
+    Use it as a context manager, or call ``close()``, to free the interpreter::
+
+        with Classifier.from_file("model_int8.tflite") as clf:
+            result = clf.classify("xray.jpeg")
+            print(result.label, result.score)
 
     Args:
         model_path: a ``.tflite`` file.
@@ -91,6 +132,9 @@ class Classifier:
         guard: build and run the model once in a child process first (``edge_runtime.guard``),
             so that a file that crashes the runtime becomes a ModelError instead of killing
             this process. Turn it off only for files known to load.
+        max_results: keep at most this many ``Prediction.categories`` (None: all).
+        score_threshold: keep only categories scoring at least this (None: all). Neither
+            changes the decision (``Prediction.label``) or ``Prediction.probabilities``.
 
     Loading checks, in order: a regular file within ``MAX_MODEL_BYTES``; the flatbuffer's
     structure (``edge_runtime.modelcheck``); the integrity record when there is one
@@ -116,9 +160,20 @@ class Classifier:
         std: Optional[Sequence[float]] = None,
         use_threshold: bool = True,
         guard: bool = True,
+        max_results: Optional[int] = None,
+        score_threshold: Optional[float] = None,
     ) -> None:
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise ConfigError(f"threads must be a positive integer, got {threads!r}")
+        if max_results is not None and (not isinstance(max_results, int) or isinstance(max_results, bool)
+                                        or max_results < 1):
+            raise ConfigError(f"max_results must be a positive integer or None, got {max_results!r}")
+        if score_threshold is not None and (isinstance(score_threshold, bool) or not isinstance(score_threshold, (int, float))
+                                            or not 0.0 <= float(score_threshold) <= 1.0):
+            raise ConfigError(f"score_threshold must be a number from 0 to 1 or None, got {score_threshold!r}")
+        self.max_results = max_results
+        self.score_threshold = None if score_threshold is None else float(score_threshold)
+        self._interpreter = None
         self.model_path = os.fsdecode(model_path) if isinstance(model_path, bytes) else str(model_path)
         try:
             self._load(model_path, threads, backend, labels, mean, std, use_threshold, guard)
@@ -140,6 +195,12 @@ class Classifier:
         self.integrity = integrity.status
         self.model_size = len(data)
         spec = read_spec(data, name)
+        self.standard: Optional[StandardMetadata] = None
+        self.standard_error: Optional[str] = None
+        try:
+            self.standard = read_standard(data, name)
+        except ModelError as exc:  # only needed for a file without a lungedge record and without labels
+            self.standard_error = str(exc)
         self.backend: Backend = load_backend(backend)
         self.threads = threads
         self.guarded = bool(guard) and guard_available()
@@ -194,16 +255,25 @@ class Classifier:
         return it
 
     def _resolve_spec(self, spec, in_shape, n_out, labels, mean, std) -> ModelSpec:
+        self.metadata_source = "lungedge" if spec is not None else None
         h, w, c = in_shape[1], in_shape[2], in_shape[3]
         if labels is not None:
             labels = _read_labels(labels)
         if spec is None:
+            std_mean, std_std = self._standard_normalisation()
+            if labels is None and self.standard is not None and self.standard.labels:
+                labels = _disambiguate(list(self.standard.labels))
+            if labels is None and self.standard_error:
+                raise ModelError(self.standard_error)
             if labels is None:
                 raise ModelError(
-                    f"model has no lungedge metadata, so its labels are unknown: pass labels (--labels FILE): {self.model_path!r}"
+                    "model has no lungedge metadata and no labels file in standard TFLite metadata, so its labels "
+                    f"are unknown: pass labels (--labels FILE): {self.model_path!r}"
                 )
+            if self.standard is not None:
+                self.metadata_source = "TFLITE_METADATA"
             pre = Preprocessing(height=h, width=w, color_mode="rgb" if c == 3 else "grayscale",
-                                mean=tuple(mean) if mean else (127.5,), std=tuple(std) if std else (127.5,))
+                                mean=tuple(mean) if mean else std_mean, std=tuple(std) if std else std_std)
             spec = ModelSpec(labels=tuple(labels), preprocessing=pre)
         else:
             if labels is not None:
@@ -221,7 +291,45 @@ class Classifier:
             raise ModelError(f"{spec.num_classes} labels given but the model has {n_out} outputs: {self.model_path!r}")
         return spec
 
+    def _standard_normalisation(self) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+        """mean/std for a model without a lungedge record.
+
+        A quantised uint8 input takes raw pixels in MediaPipe and the Task Library (they ignore
+        ``NormalizationOptions`` for it): the tensor's own quantisation is the normalisation.
+        A float input uses the standard record's ``NormalizationOptions``; without one, the
+        MobileNet default 127.5/127.5.
+        """
+        if np.dtype(self._in["dtype"]) == np.uint8:
+            q = _quant(self._in)
+            if q is not None and q[0] > 0:
+                return (float(q[1]),), (1.0 / q[0],)
+        info = self.standard.inputs[0] if self.standard is not None and self.standard.inputs else None
+        if info is not None and info.mean and info.std and len(info.mean) in (1, self._in["shape"][3]) \
+                and len(info.std) in (1, self._in["shape"][3]) and all(x > 0 for x in info.std):
+            return tuple(info.mean), tuple(info.std)
+        return (127.5,), (127.5,)
+
     # ---- public ---------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, model_path: Union[str, "os.PathLike[str]"], **options) -> "Classifier":
+        """Load a ``.tflite`` classifier; ``options`` are the constructor's keyword arguments
+        (``threads``, ``labels``, ``max_results``, ``score_threshold``...).
+
+        Raises:
+            ModelError, InputError, ConfigError, MissingDependencyError: as the constructor.
+        """
+        return cls(model_path, **options)
+
+    def close(self) -> None:
+        """Free the interpreter. The classifier cannot classify afterwards."""
+        self._interpreter = None
+
+    def __enter__(self) -> "Classifier":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     @property
     def labels(self) -> List[str]:
         return list(self._labels)
@@ -242,6 +350,48 @@ class Classifier:
             return -1
         return sum(1 for op in ops if "DELEGATE" in str(op.get("op_name", "")).upper())
 
+    def operators(self) -> List[dict]:
+        """The graph's operators by name: ``{"op", "count", "delegated"}``, most frequent first.
+
+        ``delegated`` counts the nodes inside a delegate's partitions (XNNPACK on CPU): found by
+        walking back from each delegate node's outputs to its inputs through the original
+        nodes (``_get_ops_details`` lists both). Empty when the backend cannot list nodes.
+        """
+        try:
+            nodes = self._interpreter._get_ops_details()
+        except Exception:
+            return []
+        original = [n for n in nodes if "DELEGATE" not in str(n["op_name"]).upper()]
+        producer = {int(t): n["index"] for n in original for t in n["outputs"]}
+        by_index = {n["index"]: n for n in original}
+        delegated: set = set()
+        for node in nodes:
+            if "DELEGATE" not in str(node["op_name"]).upper():
+                continue
+            boundary = {int(t) for t in node["inputs"]}
+            stack = [int(t) for t in node["outputs"]]
+            while stack:
+                t = stack.pop()
+                i = producer.get(t)
+                if t in boundary or i is None or i in delegated:
+                    continue
+                delegated.add(i)
+                stack.extend(int(x) for x in by_index[i]["inputs"] if int(x) >= 0)
+        counts: dict = {}
+        for n in original:
+            row = counts.setdefault(str(n["op_name"]), {"op": str(n["op_name"]), "count": 0, "delegated": 0})
+            row["count"] += 1
+            row["delegated"] += n["index"] in delegated
+        return sorted(counts.values(), key=lambda r: (-r["count"], r["op"]))
+
+    def tensor_info(self, which: str = "input") -> dict:
+        """Name, shape, dtype and quantisation (scale, zero point; None for float) of the input
+        or output tensor."""
+        d = self._in if which == "input" else self._out
+        q = _quant(d)
+        return {"name": str(d["name"]), "shape": [int(x) for x in d["shape"]], "dtype": np.dtype(d["dtype"]).name,
+                "quantization": None if q is None else {"scale": q[0], "zero_point": q[1]}}
+
     def describe(self) -> dict:
         return {
             "model": self.model_path,
@@ -257,6 +407,8 @@ class Classifier:
             "input_shape": [int(x) for x in self._in["shape"]],
             "labels": self.labels,
             "has_metadata": self.has_metadata,
+            "metadata_source": self.metadata_source,
+            "standard_metadata": self.standard is not None,
             "threshold": self.spec.threshold.to_dict() if self.use_threshold else None,
             "variant": self.spec.variant,
             "recipe": self.spec.recipe,
@@ -278,6 +430,8 @@ class Classifier:
             OutputError: the model's output for it is not finite (NaN or infinity).
             ModelError: a heat map was asked for and the model has none.
         """
+        if self._interpreter is None:
+            raise ConfigError(f"the classifier is closed: {self.model_path!r}")
         t0 = now()
         source = name or (os.fsdecode(image) if isinstance(image, (str, os.PathLike)) else "")
         pixels, dicom = load_image(image, self.spec.preprocessing, name=name)
@@ -316,7 +470,17 @@ class Classifier:
             threshold_applied=applied,
             dicom=dicom,
             heatmap=None if cams is None else np.ascontiguousarray(cams[:, :, idx], dtype=np.float32),
+            index=idx,
+            categories=self._categories(probs),
         )
+
+    def _categories(self, probs: np.ndarray) -> Tuple[Category, ...]:
+        order = np.argsort(-probs, kind="stable")
+        if self.score_threshold is not None:
+            order = [i for i in order if probs[i] >= self.score_threshold]
+        if self.max_results is not None:
+            order = order[: self.max_results]
+        return tuple(Category(int(i), self._labels[int(i)], float(probs[i])) for i in order)
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities for one already-preprocessed float input (H, W, C)."""

@@ -16,6 +16,8 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 from .errors import ConfigError, ModelError
 from .files import read_regular_file
 from .spec import ModelSpec
+from .tflite_metadata import (LABELS_FILE, STANDARD_NAME, StandardMetadata, append_associated_files,
+                              build_standard_metadata, parse_standard_metadata)
 
 METADATA_NAME = "lungedge"
 #: The integrity record: a sha256 of every byte of the file except this record's own bytes.
@@ -234,13 +236,23 @@ def _integrity_payload(digest: str) -> bytes:
 
 
 def embed_spec(data: bytes, spec: ModelSpec) -> bytes:
-    """Return a copy of the TFLite model ``data`` with ``spec`` stored as its metadata, and an
-    integrity record (``lungedge.integrity``): a sha256 of every byte of the result except
-    the record itself, so weights, graph, quantisation and the spec are all covered.
+    """Return a copy of the TFLite model ``data`` with ``spec`` stored as its metadata twice
+    over, and an integrity record.
 
-    Existing ``lungedge`` and ``lungedge.integrity`` entries are replaced (their buffers are
-    emptied); the converter's own entries (``min_runtime_version``, ``CONVERSION_METADATA``)
-    are kept. Call it last: any later change to the bytes makes the file fail the check.
+    - ``lungedge``: the project's own JSON record (``spec``);
+    - ``TFLITE_METADATA``: the standard ``ModelMetadata`` that MediaPipe Tasks and the TFLite
+      Task Library read (``edge_runtime.tflite_metadata``): image input with its colour space
+      and normalisation, output with a labels file, description, version, author, licence with
+      a not-a-medical-device note. The labels file is packed, as tflite-support does, in an
+      uncompressed zip appended to the flatbuffer;
+    - ``lungedge.integrity``: a sha256 of every byte of the result (appended zip included)
+      except the record itself, so weights, graph, quantisation and both records are covered.
+
+    Existing entries of those three names are replaced (their buffers are emptied) and an
+    appended zip is dropped; the converter's own entries (``min_runtime_version``,
+    ``CONVERSION_METADATA``) are kept. Identical numeric vectors are written once
+    (``_sharing_builder``). Call it last: any later change to the bytes makes the file fail
+    the check.
     """
     check_tflite_bytes(data)
     try:
@@ -254,7 +266,7 @@ def embed_spec(data: bytes, spec: ModelSpec) -> bytes:
             f"writing model metadata needs ai-edge-litert (pip install 'lungedge[edge]'): {exc}"
         ) from None
     model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
-    ours = (METADATA_NAME, INTEGRITY_NAME)
+    ours = (METADATA_NAME, INTEGRITY_NAME, STANDARD_NAME)
     old = [m for m in (model.metadata or []) if _name(m.name) in ours]
     model.metadata = [m for m in (model.metadata or []) if _name(m.name) not in ours]
     used = {t.buffer for g in (model.subgraphs or []) for t in (g.tensors or [])} | {m.buffer for m in model.metadata}
@@ -262,8 +274,11 @@ def embed_spec(data: bytes, spec: ModelSpec) -> bytes:
         if m.buffer not in used and 0 < m.buffer < len(model.buffers):
             model.buffers[m.buffer] = schema.BufferT()
     payload = spec.to_json().encode("utf-8")
+    standard = _standard_record(spec, model, schema)
     placeholder = np.frombuffer(_integrity_payload("0" * 64), np.uint8).copy()
-    for entry_name, content in ((METADATA_NAME, np.frombuffer(payload, np.uint8).copy()), (INTEGRITY_NAME, placeholder)):
+    entries = ((STANDARD_NAME, np.frombuffer(standard, np.uint8).copy()),
+               (METADATA_NAME, np.frombuffer(payload, np.uint8).copy()), (INTEGRITY_NAME, placeholder))
+    for entry_name, content in entries:
         buffer = schema.BufferT()
         buffer.data = content
         model.buffers.append(buffer)
@@ -271,12 +286,12 @@ def embed_spec(data: bytes, spec: ModelSpec) -> bytes:
         entry.name = entry_name
         entry.buffer = len(model.buffers) - 1
         model.metadata.append(entry)
-    builder = _sharing_builder(flatbuffers)(len(data) + len(payload) + 1024)
-    # written first, the record lands at the end of the file: the load-time check then
-    # hashes the file in one pass
+    builder = _sharing_builder(flatbuffers)(len(data) + len(payload) + len(standard) + 1024)
+    # written first, the record lands at the end of the flatbuffer, just before the packed files
     builder.CreateNumpyVector(placeholder)
     builder.Finish(model.Pack(builder), file_identifier=_TFLITE_IDENTIFIER)
-    out = bytearray(builder.Output())
+    labels_txt = ("\n".join(spec.labels) + "\n").encode("utf-8")
+    out = bytearray(append_associated_files(bytes(builder.Output()), {LABELS_FILE: labels_txt}))
     a, b = metadata_spans(out, (INTEGRITY_NAME,))[INTEGRITY_NAME]
     view = memoryview(out)
     h = hashlib.sha256(view[:a])
@@ -290,7 +305,59 @@ def embed_spec(data: bytes, spec: ModelSpec) -> bytes:
     if read_spec(out) != spec:  # never write a file whose record cannot be read back
         raise ModelError("metadata did not survive the round trip through the flatbuffer")
     verify_integrity(out)
+    standard_back = read_standard(out)
+    if standard_back is None or standard_back.labels != spec.labels:
+        raise ModelError("standard metadata did not survive the round trip through the flatbuffer")
     return out
+
+
+#: The licence text of the standard record: what a third-party app shows about the model.
+STANDARD_LICENSE = ("lungedge code: Apache-2.0; the weights carry the licences of their training data and "
+                    "pretrained weights (see the model card). NOT A MEDICAL DEVICE: for research and "
+                    "engineering only, not for diagnosis, screening or treatment.")
+
+
+def _standard_record(spec: ModelSpec, model, schema) -> bytes:
+    """The ``TFLITE_METADATA`` flatbuffer for ``spec`` and the model's input tensor type."""
+    graph = model.subgraphs[0]
+    tensor = graph.tensors[graph.inputs[0]]
+    p = spec.preprocessing
+    types = schema.TensorType
+    if tensor.type == types.UINT8:
+        input_range = (0.0, 255.0)
+    elif tensor.type == types.INT8:
+        input_range = (-128.0, 127.0)
+    else:
+        input_range = ((0.0 - p.mean[0]) / p.std[0], (255.0 - p.mean[0]) / p.std[0])
+    threshold = spec.threshold
+    decision = (f" lungedge applies a decision threshold ({threshold.label} if p >= {threshold.value:.4f}); "
+                "readers of this record see the scores only." if threshold else "")
+    version = spec.versions.get("lungedge") if isinstance(spec.versions, dict) else None
+    return build_standard_metadata(
+        name=f"lungedge {spec.recipe or 'image'} classifier",
+        description=(f"Image classifier ({', '.join(spec.labels)[:400]}); recipe {spec.recipe or 'unknown'}, "
+                     f"variant {spec.variant or 'unknown'}.{decision} Not a medical device."),
+        version=(f"variant {spec.variant or 'unknown'}; source model sha256 {(spec.source_model_sha256 or 'unknown')[:16]}; "
+                 f"lungedge {version or 'unknown'}"),
+        author="lungedge",
+        license=STANDARD_LICENSE,
+        color_space="RGB" if p.color_mode == "rgb" else "GRAYSCALE",
+        mean=p.mean, std=p.std, input_range=input_range,
+        output_range=(0.0, 1.0) if spec.output == "probabilities" else None,
+    )
+
+
+def read_standard(data: bytes, name: str = "<bytes>") -> Optional[StandardMetadata]:
+    """The model's standard ``TFLITE_METADATA`` record with its packed labels, or None.
+
+    Raises:
+        ModelError: the record or its labels file is damaged (the message names the file).
+    """
+    spans = metadata_spans(data, (STANDARD_NAME,), name)
+    if STANDARD_NAME not in spans:
+        return None
+    a, b = spans[STANDARD_NAME]
+    return parse_standard_metadata(bytes(data[a:b]), data, name)
 
 
 def _sharing_builder(flatbuffers):

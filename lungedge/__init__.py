@@ -1,3 +1,51 @@
-"""lungedge: lung-image classifiers from training to a cheap device."""
+"""lungedge: lung-image classifiers from training to a cheap device.
+
+The on-device API, importable without TensorFlow (the runtime is imported on first use)::
+
+    from lungedge import Classifier
+
+    with Classifier.from_file("model_int8.tflite") as clf:
+        result = clf.classify("xray.jpeg")
+        print(result.label, result.score)
+"""
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+#: public name -> module that defines it (imported lazily: ``import lungedge`` stays light)
+_LAZY = {
+    "Classifier": "edge_runtime.classifier",
+    "Prediction": "edge_runtime.classifier",
+    "Category": "edge_runtime.classifier",
+    "Failure": "edge_runtime.classifier",
+    "ModelSpec": "edge_runtime.spec",
+    "LungedgeError": "edge_runtime.errors",
+    "ModelError": "edge_runtime.errors",
+    "ImageError": "edge_runtime.errors",
+    "InputError": "edge_runtime.errors",
+    "ConfigError": "edge_runtime.errors",
+    "MissingDependencyError": "edge_runtime.errors",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from edge_runtime.classifier import Category, Classifier, Failure, Prediction
+    from edge_runtime.errors import (ConfigError, ImageError, InputError, LungedgeError, MissingDependencyError,
+                                     ModelError)
+    from edge_runtime.spec import ModelSpec
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lungedge' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

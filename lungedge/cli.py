@@ -313,29 +313,98 @@ def serve(model, threads, backend, labels, mean, std, no_threshold, no_guard, po
 @main.command()
 @click.argument("model")
 @_model_options
+@click.option("--json", "as_json", is_flag=True, help="Everything as one JSON object.")
 @handle_errors
-def inspect(model, threads, backend, labels, mean, std, no_threshold, no_guard):
-    """Show what a .tflite file carries: labels, preprocessing, threshold, variant, I/O types,
-    and whether its integrity record was verified.
+def inspect(model, threads, backend, labels, mean, std, no_threshold, no_guard, as_json):
+    """Show what a .tflite file carries: the lungedge record and the standard TFLite metadata
+    (MediaPipe / Task Library), input and output tensors (name, shape, dtype, quantisation),
+    the operators with counts and how many a delegate (XNNPACK) took, and whether the file's
+    integrity record was verified.
 
     \b
     Example:
-      lungedge inspect model_int8.tflite
+      lungedge inspect model_uint8.tflite
+      lungedge inspect --json model_int8.tflite | jq .operators
     """
     clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard)
     info = clf.describe()
     if info["integrity"] == "absent":
         info["integrity_note"] = ("no integrity record: the file was converted before records existed or by "
                                   "another tool, so changes to it cannot be detected")
-    info["metadata"] = clf.spec.to_dict() if clf.has_metadata else None
+    info["lungedge_metadata"] = clf.spec.to_dict() if clf.has_metadata else None
+    info["metadata"] = info["lungedge_metadata"]  # the name before standard metadata was read
+    std_meta = clf.standard
+    if std_meta is not None:
+        d = std_meta.to_dict()
+        d["labels_count"] = len(std_meta.labels) if std_meta.labels is not None else 0
+        d["labels"] = list(std_meta.labels[:20]) if std_meta.labels else []
+        info["standard_metadata"] = d
+    else:
+        info["standard_metadata"] = None
+    if clf.standard_error:
+        info["standard_metadata_error"] = clf.standard_error
+    info["preprocessing_used"] = clf.spec.preprocessing.to_dict()
+    info["input"], info["output"] = clf.tensor_info("input"), clf.tensor_info("output")
     info["input_quantization"] = list(clf.input_details.get("quantization", ()))
     info["output_quantization"] = list(clf.output_details.get("quantization", ()))
     info["delegate_nodes"] = clf.delegate_nodes()
+    info["operators"] = clf.operators()
     info["structure"] = {"subgraphs": clf.structure.subgraphs, "operators": clf.structure.operators,
                          "tensors": clf.structure.tensors, "buffers": clf.structure.buffers}
     sink = ResultSink()
-    sink.line(dumps_strict(info, indent=2, default=str))
+    if as_json:
+        sink.line(dumps_strict(info, indent=2, default=str))
+    else:
+        for line in _inspect_text(info):
+            sink.line(escape_text(line))
     sink.close()
+
+
+def _inspect_text(info: dict) -> list:
+    def tensor(t):
+        q = t["quantization"]
+        qs = f"scale {q['scale']:.7g} zero point {q['zero_point']}" if q else "not quantised"
+        return f"{t['name']}  {t['shape']}  {t['dtype']}  {qs}"
+
+    lines = [f"model {info['model']}: {info['size_bytes']:,} bytes, sha256 {info['sha256'][:16]}..., "
+             f"integrity {info['integrity']}",
+             f"runtime {info['backend']} {info['backend_version']}; labels and preprocessing from "
+             f"{info['metadata_source'] or 'the command line'}"]
+    if info.get("integrity_note"):
+        lines.append(f"  note: {info['integrity_note']}")
+    spec = info["lungedge_metadata"]
+    if spec:
+        th = spec.get("threshold")
+        lines.append(f"lungedge record: variant {spec.get('variant')}, recipe {spec.get('recipe')}, "
+                     f"labels {spec['labels']}, decision "
+                     + (f"{th['label']} if p >= {th['value']:.4f}" if th else "most probable class"))
+    else:
+        lines.append("lungedge record: none")
+    sm = info["standard_metadata"]
+    if sm:
+        inp = sm["inputs"][0] if sm["inputs"] else {}
+        out = sm["outputs"][0] if sm["outputs"] else {}
+        files = ", ".join(f"{f['name']} ({f['type']})" for f in out.get("files", ())) or "none"
+        lines += [f"standard metadata (TFLITE_METADATA): {sm['name']!r} version {sm['version']!r}, "
+                  f"parser >= {sm['min_parser_version']}",
+                  f"  input {inp.get('name')!r}: colour {inp.get('color_space')}, normalisation mean "
+                  f"{inp.get('mean')} std {inp.get('std')}",
+                  f"  output {out.get('name')!r}: labels file {files}, {sm['labels_count']} labels",
+                  f"  author {sm['author']!r}; licence {sm['license']!r}"]
+    else:
+        lines.append("standard metadata (TFLITE_METADATA): none")
+    if info.get("standard_metadata_error"):
+        lines.append(f"  unreadable: {info['standard_metadata_error']}")
+    p = info["preprocessing_used"]
+    lines += [f"preprocessing used: {p['height']}x{p['width']} {p['color_mode']}, {p['resize']}, "
+              f"(pixel - {p['mean']}) / {p['std']}",
+              f"input   {tensor(info['input'])}", f"output  {tensor(info['output'])}"]
+    ops = info["operators"]
+    total, delegated = sum(r["count"] for r in ops), sum(r["delegated"] for r in ops)
+    lines.append(f"operators: {total} nodes, {delegated} delegated ({info['delegate_nodes']} delegate "
+                 f"partition(s)); the rest run on {info['backend']}'s own kernels")
+    lines += [f"  {r['op']:<22} {r['count']:>4}  ({r['delegated']} delegated)" for r in ops]
+    return lines
 
 
 if __name__ == "__main__":  # pragma: no cover

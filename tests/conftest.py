@@ -71,3 +71,64 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "needs_tf" in item.keywords:
             item.add_marker(skip)
+
+
+#: Every variant ``convert`` can write.
+ALL_VARIANTS = ("float32", "float16", "dynamic", "int8", "uint8", "int8-float-io", "int8-mixed")
+
+
+@pytest.fixture(scope="session")
+def interop_run(xray_dir, tmp_path_factory) -> Path:
+    """A run folder with a small real model and every variant converted by ``convert_run``.
+
+    MobileNetV2 alpha 0.35 at 96 px from random initialisation (BatchNorm momentum 0.9, so a
+    few steps settle its statistics), trained for 8 epochs on 300 real chest X-rays: it learns
+    (measured: P(PNEUMONIA) 0.000-0.48 on the 12 normal full-resolution X-rays, 0.85-1.0 on 11 of
+    the 12 pneumonia ones; 6 epochs called all 24 pneumonia), so its outputs vary between images
+    and agreement between two runtimes means something. Converted without bias correction to keep the fixture under
+    about 90 s on 2 cores (the uint8 bias correction has its own test).
+    """
+    import csv
+
+    import keras
+    import numpy as np
+
+    from convert.run import convert_run
+    from edge_runtime.data import list_labelled_folder
+    from edge_runtime.preprocess import preprocess
+    from edge_runtime.spec import ModelSpec, Preprocessing
+
+    keras.utils.set_random_seed(0)
+    size, per_class = 96, 150
+    files = list_labelled_folder(str(xray_dir))
+    rng = np.random.default_rng(0)
+    train = []
+    for c, name in enumerate(files.class_names):
+        idx = rng.permutation([i for i, y in enumerate(files.labels) if y == c])[:per_class]
+        train += [(files.paths[i], name) for i in idx]
+    pre = Preprocessing(size, size)
+    labels = tuple(files.class_names)
+    x = np.stack([preprocess(p, pre) for p, _ in train])
+    y = np.array([labels.index(n) for _, n in train])
+    base = keras.applications.MobileNetV2(input_shape=(size, size, 3), alpha=0.35, include_top=False, weights=None)
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.9
+    inp = keras.Input((size, size, 3), name="image")
+    model = keras.Model(inp, keras.layers.Dense(len(labels), activation="softmax")(
+        keras.layers.GlobalAveragePooling2D()(base(inp))))
+    model.compile(keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=8, batch_size=32, verbose=0, shuffle=True)
+    run = tmp_path_factory.mktemp("interop") / "run"
+    run.mkdir()
+    model.save(run / "model.keras")
+    spec = ModelSpec(labels=labels, preprocessing=pre, positive_label="PNEUMONIA", recipe="test-interop")
+    (run / "spec.json").write_text(spec.to_json())
+    with open(run / "split_manifest.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "split"])
+        w.writerows([p, n, "train"] for p, n in train)
+        w.writerows([p, n, "test"] for p, n in train[::10])
+    convert_run(run, variants=ALL_VARIANTS, calibration_count=16, progress=False, learning_floor=False,
+                bias_correction=False, max_accuracy_drop=100.0, max_recall_drop=100.0)
+    return run

@@ -37,7 +37,8 @@ FLOAT32_TOLERANCE = 1e-4
 
 # ---- no TensorFlow needed ------------------------------------------------------------------
 def test_variants_named_and_unknown_refused_with_list():
-    assert set(VARIANTS) == {"float32", "float16", "dynamic", "int8", "int8-float-io", "int8-mixed"}
+    assert set(VARIANTS) == {"float32", "float16", "dynamic", "int8", "uint8", "int8-float-io", "int8-mixed"}
+    assert get_variant("uint8").io_dtype == "uint8" and get_variant("uint8").integer_only
     assert get_variant("int8-mixed").float_stem_ops > 0 and not get_variant("int8-mixed").integer_only
     assert get_variant("INT8").io_dtype == "int8"
     assert get_variant("int8-float-io").calibrated and get_variant("int8-float-io").io_dtype == "float32"

@@ -77,3 +77,14 @@ def test_variant_that_did_not_learn_fails_its_gate_even_within_the_accuracy_marg
     assert variant_reasons(keras, m, None, 1.0, 2.0) == []
     assert variant_reasons(keras, m, None, 1.0, 2.0, learned=False, floor_sentence="the model did not learn: x") == [
         "the model did not learn: x"]
+
+
+def test_gate_treats_uint8_as_an_integer_variant_shipped_after_int8():
+    from convert.gate import overall
+
+    v = overall([_row("float32", "passed"), _row("int8", "failed"), _row("uint8", "passed"), _row("int8-mixed", "passed")])
+    assert v.passed and v.ship == "uint8" and not v.blocking
+    both = overall([_row("float32", "passed"), _row("uint8", "passed"), _row("int8", "passed")])
+    assert both.ship == "int8"
+    failed = overall([_row("float32", "passed"), _row("uint8", "failed")])
+    assert not failed.passed and failed.blocking == ["uint8"]

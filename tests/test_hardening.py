@@ -310,7 +310,7 @@ def test_reembedding_replaces_the_record_and_empties_the_old_buffers(with_record
 
 @pytest.mark.needs_shared
 def test_files_without_a_record_load_with_a_note_in_inspect(coral_dir, labels):
-    r = run("inspect", coral_dir / "mobilenet_v1_0.25_128_quant.tflite", "--labels", labels)
+    r = run("inspect", coral_dir / "mobilenet_v1_0.25_128_quant.tflite", "--labels", labels, "--json")
     info = json.loads(r.output)
     assert r.exit_code == 0 and info["integrity"] == "absent" and "no integrity record" in info["integrity_note"]
 

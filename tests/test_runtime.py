@@ -9,6 +9,7 @@ import pytest
 
 from edge_runtime import Classifier, ModelSpec, Preprocessing, Threshold
 from edge_runtime.errors import ConfigError, ImageError, ModelError
+from edge_runtime.tflite_metadata import append_associated_files
 from edge_runtime.metadata import embed_spec, read_metadata_entries, read_spec, read_spec_from_file
 
 from images import gradient
@@ -47,8 +48,22 @@ def test_labels_that_do_not_match_the_output(coral_dir, tmp_path):
     (tmp_path / "l.txt").write_text("a\nb\nc\n")
     with pytest.raises(ModelError, match="3 labels given but the model has 1001 outputs"):
         Classifier(coral_dir / "mobilenet_v2_1.0_224_quant.tflite", labels=str(tmp_path / "l.txt"))
-    with pytest.raises(ModelError, match="no lungedge metadata"):
-        Classifier(coral_dir / "mobilenet_v2_1.0_224_quant.tflite")
+    bare = tmp_path / "bare.tflite"  # the Coral file without its standard metadata
+    bare.write_bytes(without_metadata((coral_dir / "mobilenet_v2_1.0_224_quant.tflite").read_bytes()))
+    with pytest.raises(ModelError, match="no lungedge metadata and no labels file in standard TFLite metadata"):
+        Classifier(bare)
+
+
+def without_metadata(data: bytes) -> bytes:
+    """A TFLite model with its metadata table removed (a file no tool wrote metadata into)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
+    model.metadata = []
+    b = flatbuffers.Builder(len(data) + 1024)
+    b.Finish(model.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
 
 
 @pytest.mark.needs_shared
@@ -191,7 +206,8 @@ def test_metadata_writer_shares_identical_vectors_and_changes_nothing_else(tiny_
     model = schema.ModelT.InitFromPackedBuf(bytearray(shared), 0)
     builder = flatbuffers.Builder(len(shared))
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    plain = bytes(builder.Output())
+    # the same associated labels file appended, as embed_spec does
+    plain = append_associated_files(bytes(builder.Output()), {"labels.txt": ("\n".join(spec.labels) + "\n").encode()})
     zero_points = sum(len(t.quantization.zeroPoint) for t in model.subgraphs[0].tensors
                       if t.quantization is not None and t.quantization.zeroPoint is not None)
     assert len(shared) < len(plain) and zero_points > 4

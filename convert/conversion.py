@@ -37,6 +37,7 @@ def convert_run(
     seed: int = 0,
     bias_correction: bool = True,
     learning_floor: bool = True,
+    heatmap: bool = False,
 ) -> dict:
     """Convert a run's ``model.keras`` to each variant and compare them with it.
 
@@ -60,6 +61,8 @@ def convert_run(
         learning_floor: refuse a Keras model that did not learn (``edge_runtime.floor``) and fail
             variants that did not; False only records the verdicts (tests of the file contract
             on tiny untrained models).
+        heatmap: give every variant a second signature with class activation maps (heat maps on
+            the device); such files have two subgraphs, which MediaPipe's ImageClassifier refuses.
         bias_correction: correct the integer variants' biases, layer by layer, for the mean
             shift quantisation causes on the calibration images (``convert.bias_correction``).
 
@@ -90,13 +93,15 @@ def convert_run(
     val = _validation(run, progress) if rethreshold and spec.threshold is not None else None
     limits = (max_accuracy_drop, max_recall_drop)
     # the bias correction's float32 reference: converted once for all integer variants
-    reference = tflite_bytes(model, get_variant("float32")) if calibration is not None and bias_correction else None
+    reference = (tflite_bytes(model, get_variant("float32"), heatmap=heatmap)
+                 if calibration is not None and bias_correction else None)
     rows = []
     for v in chosen:
         t0 = time.perf_counter()
         data = convert_keras_model(model, spec, v, calibration=calibration, source_sha256=sha,
                                    extra={"calibration": calib_info} if v.calibrated else None,
-                                   bias_correction=bias_correction, progress=progress, reference=reference)
+                                   bias_correction=bias_correction, progress=progress, reference=reference,
+                                   heatmap=heatmap)
         seconds = time.perf_counter() - t0
         path = out / tflite_name(v.name)
         write_tflite(path, data)

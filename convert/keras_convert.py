@@ -105,12 +105,13 @@ def _representative(calibration: np.ndarray):
     return gen
 
 
-def tflite_bytes(model, variant: Variant, calibration: Optional[np.ndarray] = None, heatmap: bool = True) -> bytes:
+def tflite_bytes(model, variant: Variant, calibration: Optional[np.ndarray] = None, heatmap: bool = False) -> bytes:
     """Run the TFLite converter for ``variant`` (no metadata).
 
-    With ``heatmap`` (the default) a classifier whose head ``convert.heatmap`` recognises gets
-    a second signature, ``heatmap``, that also returns its class activation maps; the default
-    signature (subgraph 0) stays image -> probabilities.
+    With ``heatmap`` a classifier whose head ``convert.heatmap`` recognises gets a second
+    signature, ``heatmap``, that also returns its class activation maps; the default signature
+    (subgraph 0) stays image -> probabilities. Off by default: a file with two subgraphs is
+    refused by MediaPipe's ImageClassifier ("assumed to have a single subgraph").
 
     Raises:
         ConfigError: an integer variant without calibration images.
@@ -184,7 +185,7 @@ def variant_spec(spec: ModelSpec, variant: Variant, source_sha256: Optional[str]
 def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Union[str, Variant],
                         calibration: Optional[np.ndarray] = None, source_sha256: Optional[str] = None,
                         extra: Optional[dict] = None, bias_correction: bool = True,
-                        progress: bool = False, reference: Optional[bytes] = None) -> bytes:
+                        progress: bool = False, reference: Optional[bytes] = None, heatmap: bool = False) -> bytes:
     """Convert any Keras classifier to one TFLite variant with the lungedge record inside.
 
     Args:
@@ -201,7 +202,10 @@ def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Unio
             the float32 model's (``convert.bias_correction``); recorded in the metadata.
         progress: a progress bar for the bias correction on stderr.
         reference: the float32 ``.tflite`` of the same model for the bias correction (default:
-            converted here); pass it when converting several integer variants of one model.
+            converted here); pass it when converting several integer variants of one model
+            (with the same ``heatmap`` setting).
+        heatmap: add the ``heatmap`` signature (class activation maps on the device); such a file
+            has two subgraphs, which MediaPipe's ImageClassifier refuses.
 
     Returns:
         The ``.tflite`` file's bytes; the record is checked to read back.
@@ -223,14 +227,14 @@ def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Unio
     extra = dict(extra or {})
     if v.calibrated:
         extra.setdefault("calibration_images", int(len(calibration)) if calibration is not None else 0)
-    data = tflite_bytes(model, v, calibration)
+    data = tflite_bytes(model, v, calibration, heatmap=heatmap)
     if v.io_dtype == "uint8":
         data = pin_uint8_input(data, spec)
     if v.calibrated and bias_correction:
         from .bias_correction import correct_biases
 
         if reference is None:
-            reference = tflite_bytes(model, get_variant("float32"))
+            reference = tflite_bytes(model, get_variant("float32"), heatmap=heatmap)
         data, record = correct_biases(data, reference, calibration, progress=progress)
         extra["bias_correction"] = record or "not applied: no integer conv or fully connected op"
     if v.io_dtype == "uint8":

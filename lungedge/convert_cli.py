@@ -32,13 +32,16 @@ from convert.variants import DEFAULT_VARIANTS, VARIANTS
               help="Re-choose the decision threshold of integer variants on the validation split.")
 @click.option("--no-bias-correction", is_flag=True,
               help="Skip the layer-by-layer bias correction of the integer variants (for comparison).")
+@click.option("--heatmap", is_flag=True,
+              help="Also write a 'heatmap' signature (class activation maps for `classify --heatmap`); such "
+                   "files have two subgraphs, which MediaPipe's ImageClassifier refuses.")
 @click.option("--no-gate", is_flag=True, help="Exit 0 even when a variant fails the gate (still reported).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: RUN_DIR).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
 @handle_errors
 def convert_cmd(run_dir, variants, data_dir, calibration_count, calibration_dir, max_accuracy_drop,
-                max_recall_drop, rethreshold, no_bias_correction, no_gate, out_dir, progress):
+                max_recall_drop, rethreshold, no_bias_correction, heatmap, no_gate, out_dir, progress):
     """Convert a training run to TFLite variants and compare them with the Keras model.
 
     Writes RUN_DIR/model_<variant>.tflite (labels, preprocessing and threshold inside) and
@@ -64,7 +67,7 @@ def convert_cmd(run_dir, variants, data_dir, calibration_count, calibration_dir,
                          calibration_count=calibration_count, max_accuracy_drop=max_accuracy_drop,
                          max_recall_drop=max_recall_drop, progress=progress,
                          calibration_dir=calibration_dir, rethreshold=rethreshold,
-                         bias_correction=not no_bias_correction)
+                         bias_correction=not no_bias_correction, heatmap=heatmap)
     k = report["keras"]
     click.echo(f"test images: {report['test']['n']} ({report['test']['note']})")
     click.echo(f"{'model':<16}{'bytes':>11}{'xf32':>7}{'acc %':>8}{'Δ pts':>7}{'agree %':>9}{'max|Δp|':>9}{'conv s':>8}  gate")

@@ -66,6 +66,7 @@ class _Job:
     gate: bool
     summary: dict
     verbose: int = 1
+    heatmap: bool = False
 
     @property
     def run_dir(self) -> Path:
@@ -88,6 +89,7 @@ def run_pipeline(
     facts: Optional[dict] = None,
     log: Callable[[str], None] = print,
     verbose: int = 1,
+    heatmap: bool = False,
 ) -> PipelineResult:
     """Train ``recipe`` on ``data_dir``, convert to ``variants``, benchmark, evaluate, report.
 
@@ -100,6 +102,7 @@ def run_pipeline(
         notes: lines added to the top of the index (e.g. how the data was made).
         facts: key facts for the index (e.g. ``{"imagenet_weights": False}``).
         verbose: 0 quiet, 1 progress, 2 also Keras's own output.
+        heatmap: converted files also carry the heat-map signature (not loadable by MediaPipe).
 
     Returns:
         A ``PipelineResult``; ``.ok`` is False when any stage failed.
@@ -109,7 +112,7 @@ def run_pipeline(
     summary: dict = {"recipe": recipe.name, "recipe_resolved": recipe.to_dict(), "data": str(data_dir),
                      "variants": list(variants), "notes": list(notes), "facts": dict(facts or {}), "ship": None}
     job = _Job(recipe, str(data_dir), out, tuple(variants), test_data, calibration_count, bench_runs,
-               tuple(bench_threads), gate, summary, verbose)
+               tuple(bench_threads), gate, summary, verbose, heatmap)
     stages = [Stage("train"), Stage("convert"), Stage("benchmark"), Stage("evaluate")]
     steps = {"train": _train, "convert": _convert, "benchmark": _bench, "evaluate": _evaluate}
     for stage in stages:
@@ -156,7 +159,7 @@ def _convert(stage: Stage, job: _Job) -> None:
     from convert.conversion import convert_run
 
     report = convert_run(job.run_dir, variants=job.variants, data_dir=job.test_data,
-                         calibration_count=job.calibration_count, progress=job.verbose > 0)
+                         calibration_count=job.calibration_count, progress=job.verbose > 0, heatmap=job.heatmap)
     verdict = report["verdict"]
     job.summary["quantization"] = _quant_summary(report)
     job.summary["keras"] = {k: report["keras"]["metrics"].get(k) for k in ("accuracy", "learning_floor")}

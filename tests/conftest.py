@@ -93,7 +93,7 @@ def interop_run(xray_dir, tmp_path_factory) -> Path:
     import keras
     import numpy as np
 
-    from convert.run import convert_run
+    from convert.conversion import convert_run
     from edge_runtime.data import list_labelled_folder
     from edge_runtime.preprocess import preprocess
     from edge_runtime.spec import ModelSpec, Preprocessing

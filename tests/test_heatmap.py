@@ -67,7 +67,7 @@ def trained(tmp_path_factory, imagenet_weights):
     out = tmp_path_factory.mktemp("heatmap")
     paths = {}
     for v in ("float32", "int8"):
-        data = convert_keras_model(model, spec, v, calibration=x[::5], bias_correction=False)
+        data = convert_keras_model(model, spec, v, calibration=x[::5], bias_correction=False, heatmap=True)
         paths[v] = out / f"model_{v}.tflite"
         paths[v].write_bytes(data)
     return {"paths": paths, "acc": acc, "model": model}

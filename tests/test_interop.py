@@ -112,7 +112,7 @@ def test_uint8_variant_with_bias_correction(interop_run, fullres_dir):
     and the corrected file agrees with float32 on the full-resolution X-rays."""
     from convert.calibration import calibration_from_files
     from convert.keras_convert import convert_keras_model
-    from convert.runfolder import calibration_split, load_run
+    from train.runfolder import calibration_split, load_run
 
     run = load_run(interop_run)
     train = calibration_split(run)

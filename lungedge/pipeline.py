@@ -67,6 +67,7 @@ class _Job:
     summary: dict
     verbose: int = 1
     heatmap: bool = False
+    convert_options: dict = field(default_factory=dict)
 
     @property
     def run_dir(self) -> Path:
@@ -90,6 +91,8 @@ def run_pipeline(
     log: Callable[[str], None] = print,
     verbose: int = 1,
     heatmap: bool = False,
+    calibration_dir: Optional[str] = None,
+    bias_correction: bool = True,
 ) -> PipelineResult:
     """Train ``recipe`` on ``data_dir``, convert to ``variants``, benchmark, evaluate, report.
 
@@ -103,6 +106,7 @@ def run_pipeline(
         facts: key facts for the index (e.g. ``{"imagenet_weights": False}``).
         verbose: 0 quiet, 1 progress, 2 also Keras's own output.
         heatmap: converted files also carry the heat-map signature (not loadable by MediaPipe).
+        calibration_dir, bias_correction: as ``convert.conversion.convert_run``.
 
     Returns:
         A ``PipelineResult``; ``.ok`` is False when any stage failed.
@@ -112,7 +116,8 @@ def run_pipeline(
     summary: dict = {"recipe": recipe.name, "recipe_resolved": recipe.to_dict(), "data": str(data_dir),
                      "variants": list(variants), "notes": list(notes), "facts": dict(facts or {}), "ship": None}
     job = _Job(recipe, str(data_dir), out, tuple(variants), test_data, calibration_count, bench_runs,
-               tuple(bench_threads), gate, summary, verbose, heatmap)
+               tuple(bench_threads), gate, summary, verbose, heatmap,
+               {"calibration_dir": calibration_dir, "bias_correction": bias_correction})
     stages = [Stage("train"), Stage("convert"), Stage("benchmark"), Stage("evaluate")]
     steps = {"train": _train, "convert": _convert, "benchmark": _bench, "evaluate": _evaluate}
     for stage in stages:
@@ -159,7 +164,8 @@ def _convert(stage: Stage, job: _Job) -> None:
     from convert.conversion import convert_run
 
     report = convert_run(job.run_dir, variants=job.variants, data_dir=job.test_data,
-                         calibration_count=job.calibration_count, progress=job.verbose > 0, heatmap=job.heatmap)
+                         calibration_count=job.calibration_count, progress=job.verbose > 0, heatmap=job.heatmap,
+                         **job.convert_options)
     verdict = report["verdict"]
     job.summary["quantization"] = _quant_summary(report)
     job.summary["keras"] = {k: report["keras"]["metrics"].get(k) for k in ("accuracy", "learning_floor")}

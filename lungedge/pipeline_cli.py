@@ -53,10 +53,13 @@ def _print_result(result, started: float, next_steps: bool) -> None:
 @click.option("--bench-threads", default="1,2", show_default=True)
 @click.option("--no-gate", is_flag=True, help="Do not fail the pipeline when a quantised variant loses accuracy.")
 @click.option("--heatmap", is_flag=True, help="Converted files also carry heat maps (not loadable by MediaPipe).")
+@click.option("--calibration-dir", type=click.Path(file_okay=False), default=None,
+              help="Calibrate the integer variants on this labelled folder instead of the run's train split.")
+@click.option("--no-bias-correction", is_flag=True, help="Skip the integer variants' bias correction (for comparison).")
 @click.pass_context
 @handle_errors
 def pipeline_cmd(ctx, recipe, data, out, overrides, variants, test_data, calibration, bench_runs, bench_threads,
-                 no_gate, heatmap):
+                 no_gate, heatmap, calibration_dir, no_bias_correction):
     """Train, convert to float32/float16/int8/int8-mixed, gate the quantisation, benchmark,
     classify, and write one report folder with an index (index.html, index.md).
 
@@ -82,6 +85,7 @@ def pipeline_cmd(ctx, recipe, data, out, overrides, variants, test_data, calibra
                           calibration_count=calibration, bench_runs=bench_runs,
                           bench_threads=parse_int_list(bench_threads, "--bench-threads"), gate=not no_gate,
                           title=f"lungedge pipeline: {recipe}", verbose=verbose, heatmap=heatmap,
+                          calibration_dir=calibration_dir, bias_correction=not no_bias_correction,
                           log=(lambda m: click.echo(m, err=True)) if verbose else (lambda m: None))
     _print_result(result, started, next_steps=False)
     sys.exit(EXIT_OK if result.ok else EXIT_FAILED)

@@ -108,6 +108,48 @@ def test_index_claims_match_summary_and_every_report_table_is_well_formed(scratc
     assert "Kermany" not in card
 
 
+def _blank_folder(root: Path, size: int = 64, per_class: int = 8) -> Path:
+    from PIL import Image
+
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("L", (size, size), 0).save(root / cls / f"blank_{i}.png")
+    return root
+
+
+def test_a_degraded_integer_model_fails_convert_and_the_pipeline_ships_the_next_passing_file(scratch_pipeline,
+                                                                                             tmp_path):
+    """A genuinely bad int8 file: calibrated on black images, without the bias correction. The real
+    gate (default margins) must fail it: `lungedge convert` exits 1, the pipeline says "gate failed"
+    and ships a file that passed (here the float one), or nothing."""
+    from click.testing import CliRunner
+
+    from lungedge.cli import main
+    from lungedge.pipeline import run_pipeline
+    from train.recipes import get_recipe
+
+    blank = _blank_folder(tmp_path / "blank")
+    run_dir = scratch_pipeline.out_dir / "run"
+    r = CliRunner().invoke(main, ["convert", str(run_dir), "--variants", "float32,int8", "--calibration-dir",
+                                  str(blank), "--calibration", "16", "--no-bias-correction", "--out",
+                                  str(tmp_path / "conv"), "--no-progress"])
+    report = json.loads((tmp_path / "conv" / "quantization_report.json").read_text())
+    int8 = next(v for v in report["variants"] if v["variant"] == "int8")
+    assert int8["gate"] == "failed" and int8["gate_reasons"], int8
+    assert r.exit_code == 1 and "gate: FAILED" in r.output, r.output
+    assert report["verdict"]["ship"] == "float32" and not report["passed"]
+
+    data = scratch_pipeline.summary["data"]
+    result = run_pipeline(get_recipe("demo-scratch"), data, str(tmp_path / "report"), variants=("float32", "int8"),
+                          calibration_count=16, bench_runs=3, bench_threads=(1,), log=lambda m: None, verbose=0,
+                          calibration_dir=str(blank), bias_correction=False)
+    status = {s.name: s for s in result.stages}
+    assert status["convert"].status == "gate failed" and not result.ok
+    assert result.shipped == "float32" and result.summary["shipped"]["variant"] == "float32"
+    assert "FAILED" in (tmp_path / "report" / "index.md").read_text().split("## Stages")[0]
+
+
 def test_a_model_at_chance_fails_train_and_the_pipeline_ships_nothing(tmp_path):
     """Labels that carry no information: the learning floor fails the train stage, nothing is converted."""
     import random
@@ -131,6 +173,14 @@ def test_a_model_at_chance_fails_train_and_the_pipeline_ships_nothing(tmp_path):
     assert not list((tmp_path / "report" / "run").glob("*.tflite"))
     assert "**Nothing to ship.**" in (tmp_path / "report" / "index.md").read_text()
     assert result.summary["train_metrics"]["learning_floor"]["status"] == "did not learn"
+    # the same through `lungedge train`: one error line, exit 1
+    from click.testing import CliRunner
+
+    from lungedge.cli import main
+
+    r = CliRunner().invoke(main, ["train", "--recipe", "demo-scratch", "--epochs", "2", "--data",
+                                  str(tmp_path / "data"), "--out", str(tmp_path / "cli-run"), "-q"])
+    assert r.exit_code == 1 and "error: the model did not learn:" in r.output, r.output[-2000:]
 
 
 def test_pipeline_stops_at_a_failing_stage_and_keeps_earlier_output(tmp_path):

@@ -46,7 +46,9 @@ def test_overrides_are_validated_and_recipe_is_frozen():
     r = get_recipe("ct-lung-cancer", epochs=3, alpha=0.35, image_size=96, weights="none")
     assert (r.epochs, r.alpha, r.image_size, r.name) == (3, 0.35, 96, "ct-lung-cancer")
     assert get_recipe("ct-lung-cancer").epochs == 50  # the named recipe is unchanged
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         r.epochs = 4  # frozen dataclass
     for bad in ({"epochs": 0}, {"fractions": (0.5, 0.5, 0.5)}, {"split": "by-luck"}, {"alpha": 0.3},
                 {"dropout": 1.0}, {"monitor": "loss"}, {"target_recall": 1.5}, {"image_size": "224"}):

@@ -218,8 +218,12 @@ def test_paper_recipe_trains_the_head_on_cached_features_and_cv_table(data_dir, 
     tests = [{r["path"] for r in csv.DictReader(open(out / f"fold_{i}" / "split_manifest.csv")) if r["split"] == "test"}
              for i in (1, 2, 3)]
     assert sum(len(t) for t in tests) == 48 and not (tests[0] & tests[1]) and not (tests[1] & tests[2])
-    for i in (1, 2, 3):
+    for i, t in zip((1, 2, 3), tests):
         assert all((out / f"fold_{i}" / f).is_file() for f in CONTRACT)
+        m = json.loads((out / f"fold_{i}" / "metrics.json").read_text())
+        cm = np.asarray(m["confusion_matrix"])
+        # each fold is judged on its own test rows, and its accuracy is what its predictions say
+        assert cm.sum() == len(t) == m["learning_floor"]["n"] and m["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
 
 
 def test_refuses_a_non_empty_out_and_unknown_strategy(run_dir, data_dir):

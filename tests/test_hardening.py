@@ -449,3 +449,22 @@ def test_fuzz_harness_ci_size(coral_dir, tmp_path):
     report = json.loads(out.read_text())
     bad = [o for o in report["outcomes"] if o["verdict"] != "clean"]
     assert code == 0 and not bad, bad[:5]
+
+
+@pytest.mark.needs_tf
+def test_training_checkpoints_on_a_full_disk_leave_no_partial_file(full_disk):
+    """train/checkpoint.py writes each checkpoint whole or not at all: one WriteError naming the file."""
+    import keras
+
+    from edge_runtime.errors import WriteError
+    from train import checkpoint as ck
+
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(256), keras.layers.Dense(2)])
+    with pytest.raises(WriteError, match="cannot write checkpoint .*last.weights.h5"):
+        ck.save_weights_atomic(model, full_disk / "last.weights.h5")
+    opt = keras.optimizers.Adam()
+    opt.build(model.trainable_variables)
+    with pytest.raises(WriteError, match="cannot write checkpoint .*optimizer.npz"):
+        ck.save_optimizer(opt, full_disk / "optimizer.npz")
+    assert _no_partial(full_disk) == []
+

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from edge_runtime.data import atomic_write_text
-from edge_runtime.errors import ConfigError, first_line
+from edge_runtime.errors import ConfigError, WriteError, first_line
 
 STATE = "state.json"
 LAST_WEIGHTS = "last.weights.h5"
@@ -77,17 +77,52 @@ class TrainState:
         return self.folder / name
 
 
+def _atomic(path: Path, tmp: Path, write, nbytes: int) -> None:
+    """``write(tmp)`` then rename onto ``path``; on any failure (a full disk) no partial file is left
+    and the error is one line naming the file.
+
+    The free space is checked first: h5py (under Keras's ``save_weights``) crashes the process with
+    a segmentation fault when it closes a file on a full disk, so it must not be reached then.
+
+    Raises:
+        WriteError: not enough free space for ``nbytes`` (plus 10 % and 1 MiB), or the write failed.
+    """
+    import shutil
+
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError as exc:
+        raise WriteError(f"cannot write checkpoint {str(path)!r}: {first_line(exc)}") from None
+    need = int(nbytes * 1.1) + (1 << 20)
+    if free < need:
+        raise WriteError(f"cannot write checkpoint {str(path)!r}: the disk is full ({free:,} bytes free, "
+                         f"about {need:,} needed)")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError, ValueError) as exc:  # h5py raises OSError or RuntimeError on ENOSPC
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise WriteError(f"cannot write checkpoint {str(path)!r}: {first_line(exc)}") from None
+
+
 def save_weights_atomic(model, path: Path) -> None:
+    """The model's weights to ``path`` (``.weights.h5``), written whole or not at all."""
     tmp = path.with_name(f"{path.name[:-len('.weights.h5')]}-tmp{os.getpid()}.weights.h5")
-    model.save_weights(str(tmp))
-    os.replace(tmp, path)
+    _atomic(path, tmp, lambda t: model.save_weights(str(t)), _nbytes(model.weights))
 
 
 def save_optimizer(optimizer, path: Path) -> None:
+    """The optimizer's variables to ``path`` (``.npz``), written whole or not at all."""
     arrays = {f"v{i:04d}": np.asarray(v.numpy() if hasattr(v, "numpy") else v) for i, v in enumerate(optimizer.variables)}
     tmp = path.with_name(f"{path.stem}-tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    _atomic(path, tmp, lambda t: np.savez(t, **arrays), sum(a.nbytes for a in arrays.values()))
+
+
+def _nbytes(variables) -> int:
+    return int(sum(np.prod(v.shape) * np.dtype(getattr(v.dtype, "name", v.dtype)).itemsize for v in variables))
 
 
 def load_optimizer(optimizer, trainable_variables, path: Path) -> bool:

@@ -462,6 +462,22 @@ def _limit_memory():  # runs in the child before exec
         pass
 
 
+def _vm_hwm_mb(pid: int) -> float:
+    """The process's peak resident set (VmHWM) in MB, 0 when it cannot be read.
+
+    Not ``ru_maxrss`` from ``wait4``: Linux keeps the larger of the parent's RSS at fork and the
+    child's own, so a child of a 2 GB test process (TensorFlow loaded) reports 2 GB whatever it did.
+    """
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
 def run_case(case: Case, env: dict, timeout: float) -> Outcome:
     cmd = [sys.executable, "-m", "lungedge.cli", *case.argv]
     t0 = time.perf_counter()
@@ -473,8 +489,10 @@ def run_case(case: Case, env: dict, timeout: float) -> Outcome:
                                 preexec_fn=_limit_memory, start_new_session=True, cwd=env["LUNGEDGE_FUZZ_CODE"])
         rusage = None
         status = None
+        hwm = 0.0  # the child's own peak RSS (MB), sampled while it runs (see _vm_hwm_mb)
         deadline = t0 + timeout
         while True:
+            hwm = max(hwm, _vm_hwm_mb(proc.pid))
             pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 status, rusage = st, ru
@@ -492,7 +510,7 @@ def run_case(case: Case, env: dict, timeout: float) -> Outcome:
         stdout = out.read().decode("utf-8", "replace")
         stderr = err.read().decode("utf-8", "replace")
     seconds = time.perf_counter() - t0
-    rss = rusage.ru_maxrss / 1024 if rusage else 0.0
+    rss = hwm if hwm else (rusage.ru_maxrss / 1024 if rusage else 0.0)
     verdict, detail = judge(case, proc.returncode, stdout, stderr)
     if verdict == "clean" and rss * (1 << 20) > RSS_FLAG:
         verdict, detail = "other", f"peak RSS {rss:.0f} MB"

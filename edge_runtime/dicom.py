@@ -123,27 +123,17 @@ def read_dicom(fp: io.BufferedIOBase, name: str, max_pixels: int, max_decoded_by
     Raises:
         ImageError: pydicom is not installed, or the file cannot be used (one line naming it).
     """
-    try:
-        import pydicom
-        from pydicom.errors import InvalidDicomError
-    except ImportError:
-        raise ImageError(f"DICOM file, but pydicom is not installed ({INSTALL_HINT}): {name!r}") from None
-    _quiet_pydicom()
     with warnings.catch_warnings():
         # pydicom warns about odd values by quoting them, and the values may be a patient's name
         warnings.simplefilter("ignore")
-        try:
-            ds = pydicom.dcmread(fp, force=False)
-        except InvalidDicomError as exc:
-            raise ImageError(f"not a readable DICOM file ({_first(exc)}): {name!r}") from None
-        return _read_dataset(ds, name, max_pixels, max_decoded_bytes)
+        return _read_dataset(_dcmread(fp, name), name, max_pixels, max_decoded_bytes)
 
 
-def read_dicom_size(fp: io.BufferedIOBase, name: str) -> Tuple[int, int]:
-    """(width, height) from a DICOM header, without decoding pixel data.
+def _dcmread(fp: io.BufferedIOBase, name: str, **kwargs):
+    """``pydicom.dcmread`` with pydicom's own logging silenced and its errors as one ImageError line.
 
     Raises:
-        ImageError: pydicom is not installed, or the header cannot be read.
+        ImageError: pydicom is not installed, or the file is not readable DICOM.
     """
     try:
         import pydicom
@@ -154,9 +144,18 @@ def read_dicom_size(fp: io.BufferedIOBase, name: str) -> Tuple[int, int]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+            return pydicom.dcmread(fp, **kwargs)
         except InvalidDicomError as exc:
             raise ImageError(f"not a readable DICOM file ({_first(exc)}): {name!r}") from None
+
+
+def read_dicom_size(fp: io.BufferedIOBase, name: str) -> Tuple[int, int]:
+    """(width, height) from a DICOM header, without decoding pixel data.
+
+    Raises:
+        ImageError: pydicom is not installed, or the header cannot be read.
+    """
+    ds = _dcmread(fp, name, stop_before_pixels=True)
     return _int(ds.get("Columns", 0)), _int(ds.get("Rows", 0))
 
 

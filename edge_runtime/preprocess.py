@@ -113,20 +113,27 @@ def load_image(source: ImageSource, spec: Preprocessing, name: Optional[str] = N
     return _guarded(lambda: _decode(source, spec, name), name)
 
 
+def _source_file(stack: contextlib.ExitStack, source, name: str):
+    """A readable binary file over ``source`` (bytes or a path; a regular file within the size
+    limit), and whether it is DICOM (from its content)."""
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise ImageError("empty image data")
+        if len(source) > MAX_FILE_BYTES:
+            raise ImageError(f"image data too large ({len(source) / 2**20:.0f} MiB, limit "
+                             f"{MAX_FILE_BYTES / 2**20:.0f} MiB): {name!r}")
+        fp = io.BytesIO(source)
+    else:
+        fp = stack.enter_context(open_regular_file(source, what="image", max_bytes=MAX_FILE_BYTES, error=ImageError))
+    head = fp.read(DICM_HEAD)
+    fp.seek(0)
+    return fp, is_dicom(head)
+
+
 def _decode(source, spec: Preprocessing, name: str) -> Tuple[np.ndarray, Optional[DicomInfo]]:
     with contextlib.ExitStack() as stack:
-        if isinstance(source, (bytes, bytearray)):
-            if not source:
-                raise ImageError("empty image data")
-            if len(source) > MAX_FILE_BYTES:
-                raise ImageError(f"image data too large ({len(source) / 2**20:.0f} MiB, limit "
-                                 f"{MAX_FILE_BYTES / 2**20:.0f} MiB): {name!r}")
-            fp = io.BytesIO(source)
-        else:
-            fp = stack.enter_context(open_regular_file(source, what="image", max_bytes=MAX_FILE_BYTES, error=ImageError))
-        head = fp.read(DICM_HEAD)
-        fp.seek(0)
-        if is_dicom(head):
+        fp, dicom = _source_file(stack, source, name)
+        if dicom:
             arr, info = read_dicom(fp, name, MAX_PIXELS, MAX_DECODED_BYTES)
             return _image_pixels(Image.fromarray(arr), spec, name), info
         img = stack.enter_context(_open(fp, name))
@@ -153,13 +160,8 @@ def image_size(source: ImageSource, name: Optional[str] = None) -> Tuple[int, in
 
 def _size(source, name: str) -> Tuple[int, int]:
     with contextlib.ExitStack() as stack:
-        if isinstance(source, (bytes, bytearray)):
-            fp = io.BytesIO(source)
-        else:
-            fp = stack.enter_context(open_regular_file(source, what="image", max_bytes=MAX_FILE_BYTES, error=ImageError))
-        head = fp.read(DICM_HEAD)
-        fp.seek(0)
-        if is_dicom(head):
+        fp, dicom = _source_file(stack, source, name)
+        if dicom:
             from .dicom import read_dicom_size
 
             return read_dicom_size(fp, name)

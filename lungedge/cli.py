@@ -132,12 +132,7 @@ def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no
     if progress is None:
         progress = len(items) > 20 and sys.stderr.isatty()
     if not as_json:
-        th = clf.spec.threshold if clf.use_threshold else None
-        sink.line(escape_text(
-            f"model {Path(model).name} ({info['variant'] or 'unknown variant'}, input {info['input_dtype']}"
-            f" {clf.spec.preprocessing.height}x{clf.spec.preprocessing.width}) on {clf.backend.describe()},"
-            f" threads {threads or 'default'}"
-            + (f"; decision: {th.label} if p >= {th.value:.3f}" if th else "; decision: most probable class")))
+        sink.line(_model_line(clf, model, info, threads))
     failed = 0
     width = min(max([len(escape_text(p)) for p, _ in items] + [4]), 60)
     sources = [p for p, _ in items]
@@ -154,17 +149,7 @@ def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no
             else:
                 click.echo(f"error: {escape_text(res.error)}", err=True)
             continue
-        if as_json:
-            d = res.to_dict(keep_phi=keep_phi)
-            d["top_k"] = [[k, v] for k, v in res.top_k(top_k)]
-            d["backend"], d["backend_version"], d["model"] = info["backend"], info["backend_version"], info["model"]
-            sink.line(dumps_strict(d))
-        else:
-            shown = "  ".join(f"{escape_text(k)} {v:.3f}" for k, v in res.top_k(top_k))
-            name = escape_text(src)
-            name = name if len(name) <= width else "..." + name[-(width - 3):]
-            uid = f"  SOP {escape_text(res.dicom.sop_instance_uid)}" if res.dicom is not None else ""
-            sink.line(f"{name:<{width}}  {escape_text(res.label):<12}  [{shown}]  {res.total_ms:.1f} ms{uid}")
+        sink.line(_json_line(res, info, top_k, keep_phi) if as_json else _text_line(res, src, width, top_k))
     sink.close()
     if report_dir:
         from lungedge.reading import model_facts, write_report
@@ -179,6 +164,32 @@ def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no
             sink.line(summary)
             sink.close()
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+def _model_line(clf, model, info: dict, threads) -> str:
+    """The first line of text output: which model, which runtime, which decision rule."""
+    th = clf.spec.threshold if clf.use_threshold else None
+    return escape_text(
+        f"model {Path(model).name} ({info['variant'] or 'unknown variant'}, input {info['input_dtype']}"
+        f" {clf.spec.preprocessing.height}x{clf.spec.preprocessing.width}) on {clf.backend.describe()},"
+        f" threads {threads or 'default'}"
+        + (f"; decision: {th.label} if p >= {th.value:.3f}" if th else "; decision: most probable class"))
+
+
+def _json_line(res, info: dict, top_k: int, keep_phi: bool) -> str:
+    d = res.to_dict(keep_phi=keep_phi)
+    d["top_k"] = [[k, v] for k, v in res.top_k(top_k)]
+    d["backend"], d["backend_version"], d["model"] = info["backend"], info["backend_version"], info["model"]
+    return dumps_strict(d)
+
+
+def _text_line(res, src: str, width: int, top_k: int) -> str:
+    """One result as text: the file (escaped, shortened from the left), class, top-k, time, SOP UID."""
+    shown = "  ".join(f"{escape_text(k)} {v:.3f}" for k, v in res.top_k(top_k))
+    name = escape_text(src)
+    name = name if len(name) <= width else "..." + name[-(width - 3):]
+    uid = f"  SOP {escape_text(res.dicom.sop_instance_uid)}" if res.dicom is not None else ""
+    return f"{name:<{width}}  {escape_text(res.label):<12}  [{shown}]  {res.total_ms:.1f} ms{uid}"
 
 
 def _entry(src, res):

@@ -119,7 +119,7 @@ def chart_png(report: dict) -> bytes:
     ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3, fontsize=8)
     for ax in (ax1, ax2):
         ax.tick_params(axis="x", rotation=20)
-    fig.suptitle(f"Quantisation report: {Path(str(report['source'])).name}")
+    fig.suptitle(f"Quantisation report: {report.get('recipe') or Path(str(report['source'])).name}")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

@@ -35,8 +35,8 @@ def dicom_costs(folder: Path, repeats: int) -> None:
     from pydicom.uid import JPEG2000Lossless
 
     from dicom_files import make_dicom
-    from edge_runtime.preprocess import load_pixels
-    from edge_runtime.spec import Preprocessing
+    from lungedge.edge_runtime.preprocess import load_pixels
+    from lungedge.edge_runtime.spec import Preprocessing
 
     spec = Preprocessing(224, 224, "rgb")
     jpegs = sorted(folder.rglob("*.jpeg"))
@@ -64,7 +64,7 @@ def dicom_costs(folder: Path, repeats: int) -> None:
 
 
 def heatmap_costs(models, baselines, runs: int) -> None:
-    from edge_runtime.classifier import Classifier
+    from lungedge.edge_runtime.classifier import Classifier
     from lungedge.demo_data import synthetic_radiograph
 
     base = {Path(b).name: Path(b).stat().st_size for b in baselines or []}

@@ -55,7 +55,7 @@ def _threads(config) -> list:
 
 
 def _backends(config) -> list:
-    from edge_runtime.backend import available_backends
+    from lungedge.edge_runtime.backend import available_backends
 
     raw = config.getoption("--bench-backends")
     have = available_backends()
@@ -80,7 +80,7 @@ def bench_settings(pytestconfig) -> dict:
 @pytest.fixture(scope="session")
 def bench_images(pytestconfig) -> list:
     """Readable real images (paths); skip when none are available."""
-    from edge_runtime.bench import _usable_images
+    from lungedge.edge_runtime.bench import _usable_images
 
     folder = pytestconfig.getoption("--bench-images") or str(DEFAULT_IMAGES)
     if not Path(folder).exists():
@@ -96,8 +96,8 @@ _CACHE: dict = {}
 
 def _classifier(model: str, backend: str, threads):
     """One Classifier per (model, backend, threads) for the whole session, like a device keeps one."""
-    from edge_runtime.bench import _labels_for
-    from edge_runtime.classifier import Classifier
+    from lungedge.edge_runtime.bench import _labels_for
+    from lungedge.edge_runtime.classifier import Classifier
 
     key = (model, backend, threads)
     if key not in _CACHE:

@@ -36,10 +36,10 @@ def _median_ms(fn, n: int = 30) -> float:
 
 
 def stages(models) -> dict:
-    from edge_runtime.backend import load_backend
-    from edge_runtime.guard import trial_load
-    from edge_runtime.metadata import read_model_bytes, read_spec, verify_integrity
-    from edge_runtime.modelcheck import check_model_structure
+    from lungedge.edge_runtime.backend import load_backend
+    from lungedge.edge_runtime.guard import trial_load
+    from lungedge.edge_runtime.metadata import read_model_bytes, read_spec, verify_integrity
+    from lungedge.edge_runtime.modelcheck import check_model_structure
 
     be = load_backend("auto")
     out = {}
@@ -82,7 +82,7 @@ def cold(code: str, model: str, n: int, extra) -> dict:
 
 def many(code: str, model: str, no_guard: bool) -> dict:
     sys.path.insert(0, code)
-    from edge_runtime import Classifier
+    from lungedge.edge_runtime import Classifier
 
     imgs = sorted(glob.glob(str(IMAGES / "*" / "*.jpeg")))
     t = time.perf_counter()

@@ -36,8 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge_runtime.bench import bench_model  # noqa: E402
-from edge_runtime.timing import machine_info  # noqa: E402
+from lungedge.edge_runtime.bench import bench_model  # noqa: E402
+from lungedge.edge_runtime.timing import machine_info  # noqa: E402
 
 BARE_SCRIPT = (
     "import sys\n"

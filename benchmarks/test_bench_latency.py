@@ -12,8 +12,8 @@ import itertools
 
 import pytest
 
-from edge_runtime.preprocess import load_pixels, normalize
-from edge_runtime.timing import summarize
+from lungedge.edge_runtime.preprocess import load_pixels, normalize
+from lungedge.edge_runtime.timing import summarize
 
 
 def _context(benchmark, clf, what: str) -> None:
@@ -68,7 +68,7 @@ def test_end_to_end(benchmark, clf, bench_images, bench_settings):
 
 def test_preprocess(benchmark, model_path, bench_images, bench_settings, classifier_factory):
     """Decode + preprocess alone (the model's input size), cycling over real images."""
-    from edge_runtime.backend import available_backends
+    from lungedge.edge_runtime.backend import available_backends
 
     clf = classifier_factory(model_path, available_backends()[0], 1)
     pre = clf.spec.preprocessing

@@ -29,8 +29,8 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from edge_runtime.errors import ModelError
-from edge_runtime.quant import quantize
+from lungedge.edge_runtime.errors import ModelError
+from lungedge.edge_runtime.quant import quantize
 
 #: images the correction runs on (taken from the calibration images).
 DEFAULT_IMAGES = 64

@@ -9,10 +9,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from edge_runtime.data import list_labelled_folder
-from edge_runtime.errors import ConfigError, ImageError
-from edge_runtime.preprocess import preprocess
-from edge_runtime.spec import Preprocessing
+from lungedge.edge_runtime.data import list_labelled_folder
+from lungedge.edge_runtime.errors import ConfigError, ImageError
+from lungedge.edge_runtime.preprocess import preprocess
+from lungedge.edge_runtime.spec import Preprocessing
 
 DEFAULT_COUNT = 300
 
@@ -109,7 +109,7 @@ def calibration_from_folder(folder: str, spec: Preprocessing, class_names: Optio
             raise
         paths, labels = list(files.paths), list(files.labels)
     else:
-        from edge_runtime.data import is_image_name
+        from lungedge.edge_runtime.data import is_image_name
 
         paths = sorted(str(f) for f in root.iterdir() if f.is_file() and is_image_name(f))
         labels = [0] * len(paths)

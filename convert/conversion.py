@@ -10,8 +10,8 @@ from typing import Iterable, Optional, Union
 
 import numpy as np
 
-from edge_runtime import floor
-from edge_runtime.errors import ConfigError, ModelError
+from lungedge.edge_runtime import floor
+from lungedge.edge_runtime.errors import ConfigError, ModelError
 
 from . import gate
 from .calibration import DEFAULT_COUNT, calibration_from_files, calibration_from_folder, load_images
@@ -19,7 +19,7 @@ from .judge import compare, decide, keras_probabilities, rechoose_threshold, sum
 from .keras_convert import (check_classifier, convert_keras_model, converter_versions, load_keras_model,
                             model_sha256, tflite_bytes, write_tflite)
 from .report import report_paths, write_report
-from train.runfolder import calibration_split, class_counts, eval_split, load_run, tflite_name
+from lungedge.train.runfolder import calibration_split, class_counts, eval_split, load_run, tflite_name
 from .variants import DEFAULT_VARIANTS, get_variant, parse_variants
 
 
@@ -205,8 +205,8 @@ def _calibration(run, spec, calibration_dir, count, seed, progress):
 
 def _rethreshold(path, data, val, spec, progress):
     """Re-choose the threshold of a quantised file on the validation split; re-embed it."""
-    from edge_runtime.classifier import Classifier
-    from edge_runtime.metadata import embed_spec, read_spec
+    from lungedge.edge_runtime.classifier import Classifier
+    from lungedge.edge_runtime.metadata import embed_spec, read_spec
 
     xv, yv = val
     clf = Classifier(path, use_threshold=False)
@@ -225,7 +225,7 @@ def _keras_row(m: dict) -> dict:
 
 def _judge(path, v, ref: _Reference, spec, limits, seconds, progress, learning_floor=True):
     """Load the written file in the runtime, run the test images, apply the gate."""
-    from edge_runtime.classifier import Classifier
+    from lungedge.edge_runtime.classifier import Classifier
 
     clf = Classifier(path)
     probs = tflite_probabilities(clf, ref.x, progress, desc=f"test {v.name}")

@@ -145,8 +145,8 @@ def split_heatmap(data: bytes) -> bytes:
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
 
-    from edge_runtime.errors import ModelError
-    from edge_runtime.metadata import _TFLITE_IDENTIFIER, _sharing_builder
+    from lungedge.edge_runtime.errors import ModelError
+    from lungedge.edge_runtime.metadata import _TFLITE_IDENTIFIER, _sharing_builder
 
     model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
     if len(model.subgraphs or []) != 1:

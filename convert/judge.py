@@ -10,10 +10,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from edge_runtime.decision import decide
-from edge_runtime.metrics import classification_metrics
-from edge_runtime.operating_point import operating_point
-from edge_runtime.spec import ModelSpec, Threshold
+from lungedge.edge_runtime.decision import decide
+from lungedge.edge_runtime.metrics import classification_metrics
+from lungedge.edge_runtime.operating_point import operating_point
+from lungedge.edge_runtime.spec import ModelSpec, Threshold
 
 
 def keras_probabilities(model, x: np.ndarray, batch_size: int = 32) -> np.ndarray:

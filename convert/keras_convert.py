@@ -13,14 +13,14 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from edge_runtime.errors import ConfigError, ModelError, first_line
-from edge_runtime.metadata import embed_spec
-from edge_runtime.spec import ModelSpec
-from edge_runtime.version import package_version
+from lungedge.edge_runtime.errors import ConfigError, ModelError, first_line
+from lungedge.edge_runtime.metadata import embed_spec
+from lungedge.edge_runtime.spec import ModelSpec
+from lungedge.edge_runtime.version import package_version
 
-from train.tfimport import import_tf
-from train.tfimport import load_keras_model as _load_file
-from train.tfimport import quiet as _quiet
+from lungedge.train.tfimport import import_tf
+from lungedge.train.tfimport import load_keras_model as _load_file
+from lungedge.train.tfimport import quiet as _quiet
 
 from .variants import Variant, get_variant
 
@@ -306,6 +306,6 @@ def raw_pixel_spec(spec: ModelSpec, data: bytes) -> ModelSpec:
 
 def write_tflite(path: Union[str, "os.PathLike[str]"], data: bytes) -> None:
     """Write a model atomically (temp file + rename): a failure leaves no partial file."""
-    from edge_runtime.data import atomic_write_bytes
+    from lungedge.edge_runtime.data import atomic_write_bytes
 
     atomic_write_bytes(str(path), data)

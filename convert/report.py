@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edge_runtime.data import atomic_write_bytes, atomic_write_text
+from lungedge.edge_runtime.data import atomic_write_bytes, atomic_write_text
 
 
 def report_paths(out_dir) -> dict:

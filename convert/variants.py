@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Iterable, Tuple, Union
 
-from edge_runtime.errors import ConfigError
+from lungedge.edge_runtime.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Everything is measured through the runtime's own code (``Classifier`` and
 ``edge_runtime.timing.time_calls``), so a benchmark and a deployed classifier time the same
-thing. Each model runs in a fresh Python process (``python -m edge_runtime.bench_isolate``), so its
+thing. Each model runs in a fresh Python process (``python -m lungedge.edge_runtime.bench_isolate``), so its
 peak RSS is its own and a model that crashes the interpreter cannot take the run down.
 
 Measured per model and thread count:
@@ -253,7 +253,7 @@ def run_bench(
 
     Args:
         models: ``.tflite`` paths.
-        isolate: run each model in a fresh ``python -m edge_runtime.bench_isolate`` process (own
+        isolate: run each model in a fresh ``python -m lungedge.edge_runtime.bench_isolate`` process (own
             peak RSS; a crash becomes an error row). False runs them in this process.
         timeout_s: per-model limit of an isolated run.
         progress: a tqdm bar over the models on stderr.

@@ -1,6 +1,6 @@
 """Run one benchmark in a fresh Python process: its own peak RSS, and a crash becomes an error row.
 
-``python -m edge_runtime.bench_isolate REQUEST.json`` is the child; ``bench_isolated`` the parent.
+``python -m lungedge.edge_runtime.bench_isolate REQUEST.json`` is the child; ``bench_isolated`` the parent.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def bench_isolated(model: str, kwargs: dict, timeout_s: float) -> dict:
         root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
-            proc = subprocess.run([sys.executable, "-m", "edge_runtime.bench_isolate", str(req)], env=env,
+            proc = subprocess.run([sys.executable, "-m", "lungedge.edge_runtime.bench_isolate", str(req)], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             return _error_result(model, f"timed out after {timeout_s:.0f} s")
@@ -46,5 +46,5 @@ def _worker(request_path: str) -> int:
     return 0
 
 
-if __name__ == "__main__":  # isolated worker: python -m edge_runtime.bench REQUEST.json
+if __name__ == "__main__":  # isolated worker: python -m lungedge.edge_runtime.bench REQUEST.json
     sys.exit(_worker(sys.argv[1]))

@@ -15,26 +15,26 @@ __version__ = "0.1.0"
 
 #: public name -> module that defines it (imported lazily: ``import lungedge`` stays light)
 _LAZY = {
-    "Classifier": "edge_runtime.classifier",
-    "Prediction": "edge_runtime.classifier",
-    "Category": "edge_runtime.classifier",
-    "Failure": "edge_runtime.classifier",
-    "ModelSpec": "edge_runtime.spec",
-    "LungedgeError": "edge_runtime.errors",
-    "ModelError": "edge_runtime.errors",
-    "ImageError": "edge_runtime.errors",
-    "InputError": "edge_runtime.errors",
-    "ConfigError": "edge_runtime.errors",
-    "MissingDependencyError": "edge_runtime.errors",
+    "Classifier": "lungedge.edge_runtime.classifier",
+    "Prediction": "lungedge.edge_runtime.classifier",
+    "Category": "lungedge.edge_runtime.classifier",
+    "Failure": "lungedge.edge_runtime.classifier",
+    "ModelSpec": "lungedge.edge_runtime.spec",
+    "LungedgeError": "lungedge.edge_runtime.errors",
+    "ModelError": "lungedge.edge_runtime.errors",
+    "ImageError": "lungedge.edge_runtime.errors",
+    "InputError": "lungedge.edge_runtime.errors",
+    "ConfigError": "lungedge.edge_runtime.errors",
+    "MissingDependencyError": "lungedge.edge_runtime.errors",
 }
 
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from edge_runtime.classifier import Category, Classifier, Failure, Prediction
-    from edge_runtime.errors import (ConfigError, ImageError, InputError, LungedgeError, MissingDependencyError,
+    from lungedge.edge_runtime.classifier import Category, Classifier, Failure, Prediction
+    from lungedge.edge_runtime.errors import (ConfigError, ImageError, InputError, LungedgeError, MissingDependencyError,
                                      ModelError)
-    from edge_runtime.spec import ModelSpec
+    from lungedge.edge_runtime.spec import ModelSpec
 
 
 def __getattr__(name: str) -> Any:

@@ -58,7 +58,7 @@ def bench_cmd(models, images, threads, runs, warmup, backend, data, labels, out,
 
     Exit code 0 if every model ran, 1 if any failed, 2 for a usage error.
     """
-    from edge_runtime import bench
+    from lungedge.edge_runtime import bench
     from lungedge import bench_report
 
     if compare:

@@ -25,7 +25,7 @@ def plot_rows(rows: List[dict], path: str, title: str = "") -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from edge_runtime.data import atomic_write_bytes
+    from lungedge.edge_runtime.data import atomic_write_bytes
 
     machines = {r.get("machine") for r in rows}
     labels, inv, inv90, e2e, e2e90 = [], [], [], [], []

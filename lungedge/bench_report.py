@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import List, Sequence
 
-from edge_runtime.bench import SCHEMA
-from edge_runtime.errors import ConfigError
+from lungedge.edge_runtime.bench import SCHEMA
+from lungedge.edge_runtime.errors import ConfigError
 
 REPORT_NAME = "bench_report"
 COMPARE_NAME = "compare_report"
@@ -23,7 +23,7 @@ def write_report(report: dict, out_dir: str, name: str = REPORT_NAME) -> dict:
     Returns:
         ``{"json": path, "md": path, "png": path or None, "png_skipped": reason or None}``.
     """
-    from edge_runtime.data import atomic_write_text
+    from lungedge.edge_runtime.data import atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -76,7 +76,7 @@ def _model_options(f):
 
 
 def _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard=False):
-    from edge_runtime.classifier import Classifier
+    from lungedge.edge_runtime.classifier import Classifier
 
     return Classifier(model, threads=threads, backend=backend, labels=labels,
                       mean=list(mean) or None, std=list(std) or None, use_threshold=not no_threshold,
@@ -115,12 +115,12 @@ def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no
     Exit code 0 if every image was classified, 1 if the model or any image could not be used
     (each is reported on its own line), 2 if the command line is wrong.
     """
-    from edge_runtime.classifier import Failure
-    from edge_runtime.data import expand_inputs
+    from lungedge.edge_runtime.classifier import Failure
+    from lungedge.edge_runtime.data import expand_inputs
 
     clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard)
     if heatmap_dir and not clf.has_heatmap:
-        from edge_runtime.errors import ModelError
+        from lungedge.edge_runtime.errors import ModelError
 
         raise ModelError(f"--heatmap: the model has no heat map (no 'heatmap' signature: converted by an older "
                          f"lungedge, or its head is not pooling -> Dense layers); convert it again: {model!r}")
@@ -200,8 +200,8 @@ def _entry(src, res):
 
 def _draw(res, src, index, heatmap_dir, report_dir, entries):
     """Heat-map file and report images for one result; a drawing failure becomes its Failure."""
-    from edge_runtime.classifier import Failure
-    from edge_runtime.errors import ImageError
+    from lungedge.edge_runtime.classifier import Failure
+    from lungedge.edge_runtime.errors import ImageError
     from lungedge.reading import THUMB_SIDE, heatmap_file, images_for
 
     try:
@@ -240,8 +240,8 @@ def evaluate(model, data, threads, backend, labels, mean, std, no_threshold, no_
     is evaluated with TensorFlow. Exit code 1 if the model, the data folder or any image
     could not be used, 2 if the command line is wrong.
     """
-    from edge_runtime.errors import ConfigError, InputError, ModelError
-    from edge_runtime.metrics import format_report
+    from lungedge.edge_runtime.errors import ConfigError, InputError, ModelError
+    from lungedge.edge_runtime.metrics import format_report
 
     p = Path(model)
     keras_model = p.suffix in (".keras", ".h5")
@@ -254,11 +254,11 @@ def evaluate(model, data, threads, backend, labels, mean, std, no_threshold, no_
     if not Path(data).is_dir():
         raise InputError(f"data folder not found: {data!r}")
     if keras_model:
-        from train.keras_eval import evaluate_keras
+        from lungedge.train.keras_eval import evaluate_keras
 
         metrics = evaluate_keras(str(p), data, limit=limit, use_threshold=not no_threshold)
     else:
-        from edge_runtime.folder_eval import evaluate_classifier
+        from lungedge.edge_runtime.folder_eval import evaluate_classifier
 
         clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard)
         try:
@@ -306,7 +306,7 @@ def serve(model, threads, backend, labels, mean, std, no_threshold, no_guard, po
     Uploads are spooled to a private temporary folder removed at exit; nothing else is written.
     Not a medical device.
     """
-    from edge_runtime.errors import MissingDependencyError
+    from lungedge.edge_runtime.errors import MissingDependencyError
 
     try:
         from lungedge.serve import serve as run_server

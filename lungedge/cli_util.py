@@ -19,7 +19,7 @@ from typing import Any, List, Optional
 
 import click
 
-from edge_runtime.errors import ConfigError, LungedgeError, MissingDependencyError, WriteError
+from lungedge.edge_runtime.errors import ConfigError, LungedgeError, MissingDependencyError, WriteError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -124,7 +124,7 @@ class ResultSink:
 
     def close(self) -> None:
         if self.out is not None:
-            from edge_runtime.data import atomic_write_text
+            from lungedge.edge_runtime.data import atomic_write_text
 
             atomic_write_text(self.out, "".join(ln + "\n" for ln in self._lines))
             return

@@ -11,7 +11,7 @@ import click
 
 from lungedge.cli_util import EXIT_FAILED, EXIT_OK, handle_errors
 
-from convert.variants import DEFAULT_VARIANTS, VARIANTS
+from lungedge.convert.variants import DEFAULT_VARIANTS, VARIANTS
 
 
 @click.command("convert")
@@ -59,7 +59,7 @@ def convert_cmd(run_dir, variants, data_dir, calibration_count, calibration_dir,
     --max-recall-drop. Exit code 1 unless every float variant and at least one integer variant
     pass (--no-gate: report only), or when the Keras model itself did not learn.
     """
-    from convert.conversion import convert_run
+    from lungedge.convert.conversion import convert_run
 
     if progress is None:
         progress = sys.stderr.isatty()

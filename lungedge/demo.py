@@ -28,8 +28,8 @@ class DemoPlan:
 def plan_demo(out: Path, images_per_class: Optional[int], epochs: Optional[int], seed: int,
               log: Callable[[str], None], progress: bool = False) -> DemoPlan:
     """Choose the recipe (ImageNet or scratch), generate the data, and say what was chosen."""
-    from train.recipes import get_recipe
-    from train.weights import WeightsUnavailable, obtain_imagenet_weights
+    from lungedge.train.recipes import get_recipe
+    from lungedge.train.weights import WeightsUnavailable, obtain_imagenet_weights
 
     from .demo_data import make_demo_dataset
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from edge_runtime.data import atomic_write_text
-from edge_runtime.errors import LungedgeError
+from lungedge.edge_runtime.data import atomic_write_text
+from lungedge.edge_runtime.errors import LungedgeError
 
-from convert.variants import DEFAULT_VARIANTS
+from lungedge.convert.variants import DEFAULT_VARIANTS
 
 from .report_index import write_index
 
@@ -148,7 +148,7 @@ def _run_stage(stage: Stage, fn: Callable, job: _Job, log: Callable[[str], None]
 
 
 def _train(stage: Stage, job: _Job) -> None:
-    from train.training import train_run
+    from lungedge.train.training import train_run
 
     try:
         # train_run: 0 silent, 1 Keras progress bars (a terminal), 2 one line per epoch (a log file)
@@ -161,7 +161,7 @@ def _train(stage: Stage, job: _Job) -> None:
 
 
 def _convert(stage: Stage, job: _Job) -> None:
-    from convert.conversion import convert_run
+    from lungedge.convert.conversion import convert_run
 
     report = convert_run(job.run_dir, variants=job.variants, data_dir=job.test_data,
                          calibration_count=job.calibration_count, progress=job.verbose > 0, heatmap=job.heatmap,
@@ -180,7 +180,7 @@ def _convert(stage: Stage, job: _Job) -> None:
 
 
 def _bench(stage: Stage, job: _Job) -> None:
-    from edge_runtime.bench import run_bench
+    from lungedge.edge_runtime.bench import run_bench
     from lungedge.bench_report import write_report
 
     models = [str(job.run_dir / f"model_{v}.tflite") for v in job.variants
@@ -198,20 +198,20 @@ def _bench(stage: Stage, job: _Job) -> None:
 
 def _evaluate(stage: Stage, job: _Job) -> None:
     """The shipped file on every test image, as the device runs it: metrics, confusion matrix, ROC."""
-    from edge_runtime import Classifier, floor
-    from train.report import plot_confusion, plot_roc
+    from lungedge.edge_runtime import Classifier, floor
+    from lungedge.train.report import plot_confusion, plot_roc
 
     ship = job.summary.get("ship")
     if not ship:
         raise LungedgeError("no variant passed the gate: nothing to ship")
-    from train.runfolder import load_run
+    from lungedge.train.runfolder import load_run
 
     run = load_run(job.run_dir)
     test = run.split("test")
     clf = Classifier(job.run_dir / f"model_{ship}.tflite")
     import numpy as np
 
-    from edge_runtime.metrics import classification_metrics
+    from lungedge.edge_runtime.metrics import classification_metrics
 
     probs, truth, pred_idx, examples = [], [], [], []
     for path, y in zip(test.paths, test.labels):
@@ -260,7 +260,7 @@ def _pngs(run_dir: Path) -> Dict[str, str]:
 
 def _test_images(run_dir: Path, limit: int) -> List[str]:
     """A few test-split images, classes alternating, in a fixed order (from the run's manifest)."""
-    from train.runfolder import load_run
+    from lungedge.train.runfolder import load_run
 
     run = load_run(run_dir)
     test = run.split("test")

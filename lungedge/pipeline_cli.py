@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from convert.variants import DEFAULT_VARIANTS
+from lungedge.convert.variants import DEFAULT_VARIANTS
 from lungedge.cli_util import EXIT_FAILED, EXIT_OK, handle_errors, parse_int_list
 
 
@@ -75,7 +75,7 @@ def pipeline_cmd(ctx, recipe, data, out, overrides, variants, test_data, calibra
     A failing stage stops the pipeline (exit code 1) and keeps what earlier stages wrote.
     """
     from lungedge.pipeline import run_pipeline
-    from train.recipes import apply_overrides, get_recipe
+    from lungedge.train.recipes import apply_overrides, get_recipe
 
     started = time.perf_counter()
     resolved = apply_overrides(get_recipe(recipe), overrides)

@@ -53,7 +53,7 @@ def model_facts(clf) -> dict:
 
 def images_for(source, prediction, name: Optional[str] = None, max_side: int = THUMB_SIDE) -> tuple:
     """(thumbnail PNG, heat-map overlay PNG or None) for one classified image."""
-    from edge_runtime.heatmap import display_pixels, overlay
+    from lungedge.edge_runtime.heatmap import display_pixels, overlay
 
     pixels = display_pixels(source, max_side=max_side, name=name)
     thumb = png_bytes(Image.fromarray(pixels))
@@ -183,7 +183,7 @@ def write_report(out_dir: Union[str, Path], entries: Sequence[Entry], facts: dic
     Raises:
         WriteError: a file could not be written.
     """
-    from edge_runtime.data import atomic_write_bytes, atomic_write_text
+    from lungedge.edge_runtime.data import atomic_write_bytes, atomic_write_text
 
     out = Path(out_dir)
     srcs = {}
@@ -201,7 +201,7 @@ def write_report(out_dir: Union[str, Path], entries: Sequence[Entry], facts: dic
 
 def heatmap_file(out_dir: Union[str, Path], name: str, index: int, png: bytes) -> Path:
     """Write one overlay PNG for ``--heatmap DIR``; returns its path."""
-    from edge_runtime.data import atomic_write_bytes
+    from lungedge.edge_runtime.data import atomic_write_bytes
 
     p = Path(out_dir) / f"{safe_stem(name, index)}_heatmap.png"
     atomic_write_bytes(str(p), png)
@@ -211,8 +211,8 @@ def heatmap_file(out_dir: Union[str, Path], name: str, index: int, png: bytes) -
 def entries_with_images(entries: List[Entry], sources: Sequence, names: Optional[Sequence[str]] = None) -> None:
     """Fill each successful entry's thumbnail and heat map (in place); a failure to draw one becomes
     that entry's error."""
-    from edge_runtime.classifier import Failure
-    from edge_runtime.errors import ImageError
+    from lungedge.edge_runtime.classifier import Failure
+    from lungedge.edge_runtime.errors import ImageError
 
     for i, (e, src) in enumerate(zip(entries, sources)):
         if not hasattr(e.result, "probabilities"):

@@ -33,7 +33,7 @@ import tempfile
 import threading
 from typing import List, Optional
 
-from edge_runtime.errors import ImageError, OutputError
+from lungedge.edge_runtime.errors import ImageError, OutputError
 
 #: Largest request body (all files of one upload together).
 MAX_REQUEST_BYTES = 128 * 2**20
@@ -134,7 +134,7 @@ def build_app(clf, token: Optional[str] = None):
     from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
     from starlette.routing import Route
 
-    from edge_runtime.classifier import Failure
+    from lungedge.edge_runtime.classifier import Failure
     from lungedge.reading import (NOT_A_DEVICE, STYLE, Entry, csv_rows, csv_text, facts_html, images_for, model_facts,
                                   results_table)
 
@@ -301,7 +301,7 @@ def serve(clf, host: str = "127.0.0.1", port: int = 8765, token: Optional[str] =
     """
     import uvicorn
 
-    from edge_runtime.errors import ConfigError
+    from lungedge.edge_runtime.errors import ConfigError
 
     private = tempfile.mkdtemp(prefix="lungedge-serve-")  # 0700: uploads spool here, nowhere else
     tempfile.tempdir = private

@@ -68,9 +68,9 @@ def train_cmd(recipe_name, data_dir, out_dir, augment, class_weights, fine_tune_
     """
     import json
 
-    from edge_runtime.errors import ConfigError
+    from lungedge.edge_runtime.errors import ConfigError
 
-    from train.recipes import RECIPES, customize, get_recipe
+    from lungedge.train.recipes import RECIPES, customize, get_recipe
 
     if list_recipes:
         click.echo(json.dumps({k: r.to_dict() for k, r in RECIPES.items()}, indent=2))
@@ -91,12 +91,12 @@ def train_cmd(recipe_name, data_dir, out_dir, augment, class_weights, fine_tune_
     if cv:
         if resume:
             raise ConfigError("--resume is not supported with --cv; rerun the cross-validation into a new folder")
-        from train.training import cv_run
+        from lungedge.train.training import cv_run
 
         out = cv_run(recipe, data_dir, out_dir, cv, strategy=strategy, verbose=verbose)
         click.echo(f"cross-validation written to {out}")
     else:
-        from train.training import train_run
+        from lungedge.train.training import train_run
 
         out = train_run(recipe, data_dir, out_dir, resume=resume, strategy=strategy, verbose=verbose)
         click.echo(f"run folder: {out}")

@@ -93,10 +93,10 @@ def interop_run(xray_dir, tmp_path_factory) -> Path:
     import keras
     import numpy as np
 
-    from convert.conversion import convert_run
-    from edge_runtime.data import list_labelled_folder
-    from edge_runtime.preprocess import preprocess
-    from edge_runtime.spec import ModelSpec, Preprocessing
+    from lungedge.convert.conversion import convert_run
+    from lungedge.edge_runtime.data import list_labelled_folder
+    from lungedge.edge_runtime.preprocess import preprocess
+    from lungedge.edge_runtime.spec import ModelSpec, Preprocessing
 
     keras.utils.set_random_seed(0)
     size, per_class = 96, 150

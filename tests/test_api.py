@@ -25,12 +25,12 @@ def _readme_block(heading: str, index: int = 0) -> str:
 
 def test_import_lungedge_is_light():
     code = ("import sys, lungedge; assert lungedge.__version__; "
-            "heavy = [m for m in ('tensorflow', 'keras', 'numpy', 'ai_edge_litert', 'mediapipe', 'edge_runtime.classifier') "
+            "heavy = [m for m in ('tensorflow', 'keras', 'numpy', 'ai_edge_litert', 'mediapipe', 'lungedge.edge_runtime.classifier') "
             "if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout
     import lungedge
-    from edge_runtime.classifier import Classifier
+    from lungedge.edge_runtime.classifier import Classifier
 
     assert lungedge.Classifier is Classifier and "Classifier" in dir(lungedge)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
@@ -65,8 +65,8 @@ def test_readme_api_example_runs_as_written(interop_run, fullres_dir, tmp_path, 
 
 
 def test_classifier_options_are_checked():
-    from edge_runtime.classifier import Classifier
-    from edge_runtime.errors import ConfigError
+    from lungedge.edge_runtime.classifier import Classifier
+    from lungedge.edge_runtime.errors import ConfigError
 
     for bad in ({"max_results": 0}, {"max_results": True}, {"score_threshold": 1.5}, {"score_threshold": "0.2"}):
         with pytest.raises(ConfigError, match=list(bad)[0]):
@@ -110,8 +110,18 @@ def test_wheel_installs_with_the_edge_extra_and_classifies_outside_the_checkout(
                          capture_output=True, text=True, cwd=work, env=env)
     assert out.returncode == 0, out.stderr
     assert '"label": "Egyptian cat"' in out.stdout or '"label": "tabby, tabby cat"' in out.stdout, out.stdout
-    where = subprocess.run([str(py), "-c", "import lungedge, edge_runtime; print(lungedge.__file__, edge_runtime.__file__)"],
+    where = subprocess.run([str(py), "-c", "import lungedge, lungedge.edge_runtime as e; print(lungedge.__file__, e.__file__)"],
                            capture_output=True, text=True, cwd=work, env=env, check=True).stdout
     assert str(ROOT) not in where and "site-packages" in where
+    # one import name in site-packages: no generic top-level train/convert/edge_runtime
+    import zipfile
+
+    top = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"lungedge"}, top
+    assert {"lungedge/train/recipes.py", "lungedge/convert/gate.py", "lungedge/edge_runtime/classifier.py"} <= set(
+        zipfile.ZipFile(wheel).namelist())
+    clash = subprocess.run([str(py), "-c", "import importlib.util as u; print([m for m in ('train', 'convert', "
+                            "'edge_runtime') if u.find_spec(m)])"], capture_output=True, text=True, cwd=work, env=env)
+    assert clash.stdout.strip() == "[]", clash.stdout
     again = subprocess.run([str(py), "-m", "lungedge", "--version"], capture_output=True, text=True, cwd=work, env=env)
     assert again.returncode == 0

@@ -16,11 +16,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from edge_runtime import bench, bench_isolate
+from lungedge.edge_runtime import bench, bench_isolate
 from lungedge import bench_report
-from edge_runtime.errors import ConfigError
-from edge_runtime.metadata import embed_spec
-from edge_runtime.spec import ModelSpec, Preprocessing
+from lungedge.edge_runtime.errors import ConfigError
+from lungedge.edge_runtime.metadata import embed_spec
+from lungedge.edge_runtime.spec import ModelSpec, Preprocessing
 
 RUNS = 4
 
@@ -221,8 +221,8 @@ def test_own_models_with_accuracy(tiny_mobilenet, tmp_path):
     assert f32["status"] == i8["status"] == "ok", (f32["error"], i8["error"])
     assert (f32["variant"], f32["input_dtype"]) == ("float32", "float32")
     assert (i8["variant"], i8["input_dtype"]) == ("int8", "int8")
-    from edge_runtime.classifier import Classifier
-    from edge_runtime.folder_eval import evaluate_classifier
+    from lungedge.edge_runtime.classifier import Classifier
+    from lungedge.edge_runtime.folder_eval import evaluate_classifier
 
     for path, m in zip((tiny_mobilenet["float32"], tiny_mobilenet["int8"]), (f32, i8)):
         acc = m["accuracy"]
@@ -244,7 +244,7 @@ def test_png_is_skipped_with_a_reason_without_matplotlib(tmp_path, monkeypatch):
 
 
 def test_missing_backend_is_a_usage_error(monkeypatch):
-    import edge_runtime.backend as backend_mod
+    import lungedge.edge_runtime.backend as backend_mod
 
     real = backend_mod.importlib.import_module
 

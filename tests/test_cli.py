@@ -86,7 +86,7 @@ def test_evaluate_on_a_labelled_folder(coral_dir, tmp_path):
 
 def test_metrics_match_scikit_learn():
     sk = pytest.importorskip("sklearn.metrics")
-    from edge_runtime.metrics import classification_metrics
+    from lungedge.edge_runtime.metrics import classification_metrics
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 200)

@@ -19,13 +19,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from convert.calibration import calibration_from_folder, stratified_pick
-from convert.judge import decide
-from convert.judge import rechoose_threshold as choose_threshold
-from convert.gate import variant_reasons as gate_reasons
-from convert.variants import VARIANTS, get_variant, parse_variants
-from edge_runtime.errors import ConfigError, ModelError
-from edge_runtime.spec import ModelSpec, Preprocessing, Threshold
+from lungedge.convert.calibration import calibration_from_folder, stratified_pick
+from lungedge.convert.judge import decide
+from lungedge.convert.judge import rechoose_threshold as choose_threshold
+from lungedge.convert.gate import variant_reasons as gate_reasons
+from lungedge.convert.variants import VARIANTS, get_variant, parse_variants
+from lungedge.edge_runtime.errors import ConfigError, ModelError
+from lungedge.edge_runtime.spec import ModelSpec, Preprocessing, Threshold
 
 LABELS = ("normal", "disease")
 SIZE = 96
@@ -78,7 +78,7 @@ def test_empty_calibration_folder_is_one_line(tmp_path):
 
 
 def test_bias_correction_images_spread_over_a_class_sorted_array():
-    from convert.bias_correction import evenly_spaced
+    from lungedge.convert.bias_correction import evenly_spaced
 
     labels = np.asarray([0] * 100 + [1] * 100 + [2] * 100)  # as stratified_pick orders them
     idx = evenly_spaced(300, 64)
@@ -133,7 +133,7 @@ def _image(label: int, seed: int) -> Image.Image:
 def _build_run(root: Path) -> Path:
     import keras
 
-    from edge_runtime.preprocess import preprocess
+    from lungedge.edge_runtime.preprocess import preprocess
 
     keras.utils.set_random_seed(0)
     images = root / "images"
@@ -183,7 +183,7 @@ def tiny_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def converted(tiny_run, tmp_path_factory):
-    from convert.conversion import convert_run
+    from lungedge.convert.conversion import convert_run
 
     out = tmp_path_factory.mktemp("converted")
     # the tiny model is at chance (2 epochs on 16 noise-like images): this fixture checks the file
@@ -197,8 +197,8 @@ def converted(tiny_run, tmp_path_factory):
 @pytest.mark.needs_tf
 @pytest.mark.slow
 def test_every_variant_converts_loads_and_carries_metadata(tiny_run, converted):
-    from edge_runtime.classifier import Classifier
-    from edge_runtime.metadata import read_spec_from_file
+    from lungedge.edge_runtime.classifier import Classifier
+    from lungedge.edge_runtime.metadata import read_spec_from_file
 
     out, report = converted
     train_spec = ModelSpec.from_json((tiny_run / "spec.json").read_text())
@@ -272,14 +272,14 @@ def test_classify_needs_only_the_file(converted, tmp_path):
 @pytest.mark.needs_tf
 @pytest.mark.slow
 def test_failed_conversion_leaves_no_file(tiny_run, tmp_path, monkeypatch):
-    import convert.keras_convert as kc
-    from convert.keras_convert import convert_keras_model, write_tflite
+    import lungedge.convert.keras_convert as kc
+    from lungedge.convert.keras_convert import convert_keras_model, write_tflite
 
     def broken(*args, **kwargs):
         raise ModelError("TFLite conversion to float32 failed: simulated")
 
     monkeypatch.setattr(kc, "tflite_bytes", broken)
-    from convert.conversion import convert_run
+    from lungedge.convert.conversion import convert_run
 
     with pytest.raises(ModelError, match="simulated"):
         convert_run(tiny_run, variants="float32", out_dir=str(tmp_path), progress=False, learning_floor=False)
@@ -306,7 +306,7 @@ def test_failed_conversion_leaves_no_file(tiny_run, tmp_path, monkeypatch):
 def test_bad_inputs_get_one_line(tiny_run, tmp_path):
     import keras
 
-    from convert.keras_convert import convert_keras_model
+    from lungedge.convert.keras_convert import convert_keras_model
     from lungedge.cli import main
 
     runner = CliRunner()
@@ -348,7 +348,7 @@ def test_cli_gate_exit_codes(tiny_run, tmp_path):
     assert res.exit_code == 1, res.output
     assert "error: the model did not learn: test accuracy 0.5000 (8/16" in res.output
     assert not list(tmp_path.glob("*.tflite"))
-    from convert.conversion import convert_run
+    from lungedge.convert.conversion import convert_run
 
     report = convert_run(tiny_run, variants="dynamic", out_dir=str(tmp_path), progress=False, learning_floor=False,
                          bias_correction=False)
@@ -356,19 +356,19 @@ def test_cli_gate_exit_codes(tiny_run, tmp_path):
     assert report["bias_correction"] is False and "bias correction off" in (tmp_path / "quantization_report.md").read_text()
 
     # the same report marked failed: exit 1, or 0 with --no-gate
-    import convert.conversion
+    import lungedge.convert.conversion as conversion_mod
 
     failed = dict(report, passed=False)
     failed["variants"] = [dict(report["variants"][0], gate="failed", gate_reasons=["accuracy 3.00 points below Keras"])]
-    original = convert.conversion.convert_run
+    original = conversion_mod.convert_run
     try:
-        convert.conversion.convert_run = lambda *a, **k: failed
+        conversion_mod.convert_run = lambda *a, **k: failed
         res = runner.invoke(main, args)
         assert res.exit_code == 1 and "gate: FAILED" in res.output
         res = runner.invoke(main, args + ["--no-gate"])
         assert res.exit_code == 0 and "ignored" in res.output
     finally:
-        convert.conversion.convert_run = original
+        conversion_mod.convert_run = original
 
 
 def _tiny_bn_model(seed: int = 0):
@@ -432,8 +432,8 @@ def _logit_means(data: bytes, x: np.ndarray):
 def test_bias_correction_removes_the_mean_shift_layer_by_layer():
     """The int8 model's logits, on the images the correction used, average what the float32
     model's do (the shift left is under half an int8 step), and the file keeps its size."""
-    from convert.bias_correction import correct_biases
-    from convert.keras_convert import tflite_bytes
+    from lungedge.convert.bias_correction import correct_biases
+    from lungedge.convert.keras_convert import tflite_bytes
 
     model = _tiny_bn_model()
     rng = np.random.default_rng(1)
@@ -457,8 +457,8 @@ def test_bias_correction_removes_the_mean_shift_layer_by_layer():
 
 @pytest.mark.needs_tf
 def test_bias_correction_refuses_a_reference_of_another_model():
-    from convert.bias_correction import correct_biases
-    from convert.keras_convert import tflite_bytes
+    from lungedge.convert.bias_correction import correct_biases
+    from lungedge.convert.keras_convert import tflite_bytes
 
     x = np.random.default_rng(0).uniform(-1, 1, (4, SIZE, SIZE, 3)).astype(np.float32)
     import keras

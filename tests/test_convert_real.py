@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.data import list_labelled_folder
-from edge_runtime.spec import ModelSpec, Preprocessing, Threshold
+from lungedge.edge_runtime.data import list_labelled_folder
+from lungedge.edge_runtime.spec import ModelSpec, Preprocessing, Threshold
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 100, 50
 #: int8 (full integer) must give the Keras model's top-1 class on at least this share.
@@ -39,7 +39,7 @@ def _real_run(root: Path, xray_dir: Path, weights: Path) -> Path:
     """A run folder whose model is ImageNet MobileNetV2 + a softmax head fit on cached features."""
     import keras
 
-    from edge_runtime.preprocess import preprocess
+    from lungedge.edge_runtime.preprocess import preprocess
 
     keras.utils.set_random_seed(0)
     files = list_labelled_folder(str(xray_dir))
@@ -77,8 +77,8 @@ def _real_run(root: Path, xray_dir: Path, weights: Path) -> Path:
 @pytest.mark.needs_shared
 @pytest.mark.slow
 def test_int8_agrees_with_keras_on_real_xrays(xray_dir, imagenet_weights, tmp_path):
-    from convert.conversion import convert_run
-    from edge_runtime.metadata import read_spec_from_file
+    from lungedge.convert.conversion import convert_run
+    from lungedge.edge_runtime.metadata import read_spec_from_file
 
     run = _real_run(tmp_path, xray_dir, imagenet_weights)
     report = convert_run(run, variants="float32,float16,int8", calibration_count=100, progress=False,

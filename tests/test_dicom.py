@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 
 from dicom_files import FAKE_PATIENT, make_dicom
-from edge_runtime import dicom as dcm
-from edge_runtime.errors import ImageError
-from edge_runtime.preprocess import load_image, load_pixels
-from edge_runtime.spec import Preprocessing
+from lungedge.edge_runtime import dicom as dcm
+from lungedge.edge_runtime.errors import ImageError
+from lungedge.edge_runtime.preprocess import load_image, load_pixels
+from lungedge.edge_runtime.spec import Preprocessing
 
 pydicom = pytest.importorskip("pydicom", reason="the dicom extra is not installed (pip install 'lungedge[dicom]')")
 from pydicom.uid import JPEG2000Lossless, RLELossless  # noqa: E402
@@ -66,7 +66,7 @@ def test_dicom_gives_the_jpeg_pixels(dicoms, xray, kind):
 
 @pytest.mark.needs_shared
 def test_dicom_predictions_match_the_jpeg_and_keep_no_phi(dicoms, xray, coral_dir, tmp_path):
-    from edge_runtime.classifier import Classifier
+    from lungedge.edge_runtime.classifier import Classifier
 
     clf = Classifier(coral_dir / "mobilenet_v2_1.0_224_quant.tflite", labels=str(coral_dir / "imagenet_labels.txt"))
     ref = clf.classify(str(xray)).probabilities

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_runtime import floor
+from lungedge.edge_runtime import floor
 
 
 @pytest.mark.parametrize("k,n,p", [(0, 10, 0.5), (7, 10, 0.5), (59, 60, 0.5), (330, 600, 0.5), (80, 100, 0.74),
@@ -46,7 +46,7 @@ def _row(name, gate):
 
 
 def test_gate_ships_the_first_passing_integer_variant():
-    from convert.gate import overall
+    from lungedge.convert.gate import overall
 
     v = overall([_row("float32", "passed"), _row("float16", "passed"), _row("int8", "failed"),
                  _row("int8-mixed", "passed")])
@@ -55,14 +55,14 @@ def test_gate_ships_the_first_passing_integer_variant():
 
 
 def test_gate_fails_when_no_integer_variant_passes_but_names_the_best_file():
-    from convert.gate import overall
+    from lungedge.convert.gate import overall
 
     v = overall([_row("float32", "passed"), _row("float16", "passed"), _row("int8", "failed")])
     assert not v.passed and v.ship == "float16" and v.blocking == ["int8"] and v.message.startswith("FAILED")
 
 
 def test_gate_fails_when_a_float_variant_fails_and_ships_nothing_when_nothing_passes():
-    from convert.gate import overall
+    from lungedge.convert.gate import overall
 
     assert not overall([_row("float32", "failed"), _row("int8", "passed")]).passed
     nothing = overall([_row("float32", "failed"), _row("int8", "failed")])
@@ -70,7 +70,7 @@ def test_gate_fails_when_a_float_variant_fails_and_ships_nothing_when_nothing_pa
 
 
 def test_variant_that_did_not_learn_fails_its_gate_even_within_the_accuracy_margin():
-    from convert.gate import variant_reasons
+    from lungedge.convert.gate import variant_reasons
 
     m = {"accuracy": 0.5, "per_class": {"a": {"recall": 1.0}, "b": {"recall": 0.0}}}
     keras = {"accuracy": 0.5, "per_class": {"a": {"recall": 1.0}, "b": {"recall": 0.0}}}
@@ -80,7 +80,7 @@ def test_variant_that_did_not_learn_fails_its_gate_even_within_the_accuracy_marg
 
 
 def test_gate_treats_uint8_as_an_integer_variant_shipped_after_int8():
-    from convert.gate import overall
+    from lungedge.convert.gate import overall
 
     v = overall([_row("float32", "passed"), _row("int8", "failed"), _row("uint8", "passed"), _row("int8-mixed", "passed")])
     assert v.passed and v.ship == "uint8" and not v.blocking

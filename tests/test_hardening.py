@@ -19,16 +19,16 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from edge_runtime import Classifier, ModelSpec, Preprocessing
-from edge_runtime import metadata as meta
-from edge_runtime.errors import ImageError, InputError, ModelError, OutputError, WriteError
-from edge_runtime.guard import trial_load
-from edge_runtime.modelcheck import check_model_structure
+from lungedge.edge_runtime import Classifier, ModelSpec, Preprocessing
+from lungedge.edge_runtime import metadata as meta
+from lungedge.edge_runtime.errors import ImageError, InputError, ModelError, OutputError, WriteError
+from lungedge.edge_runtime.guard import trial_load
+from lungedge.edge_runtime.modelcheck import check_model_structure
 from lungedge.cli import main
 
 from images import gradient
 
-pp = importlib.import_module("edge_runtime.preprocess")  # the package exports a function of that name
+pp = importlib.import_module("lungedge.edge_runtime.preprocess")  # the package exports a function of that name
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import fuzz_device as fz  # noqa: E402  (the harness's model and image builders)
@@ -400,7 +400,7 @@ def _no_partial(folder: Path):
 
 def test_atomic_write_on_a_full_disk_leaves_nothing(full_disk):
     with pytest.raises(WriteError, match="No space left on device"):
-        from edge_runtime.data import atomic_write_bytes
+        from lungedge.edge_runtime.data import atomic_write_bytes
 
         atomic_write_bytes(str(full_disk / "model.tflite"), b"x" * 100_000)
     assert _no_partial(full_disk) == []
@@ -427,7 +427,7 @@ def test_classify_results_on_a_full_disk(full_disk, coral_dir, labels, tmp_path)
 def test_convert_on_a_full_disk(full_disk, tmp_path):
     from test_runtime import _tiny_keras
 
-    from convert.keras_convert import convert_keras_model, write_tflite
+    from lungedge.convert.keras_convert import convert_keras_model, write_tflite
 
     spec = ModelSpec(labels=("a", "b"), preprocessing=Preprocessing(height=32, width=32))
     data = convert_keras_model(_tiny_keras(2, 32), spec, "float32")
@@ -456,8 +456,8 @@ def test_training_checkpoints_on_a_full_disk_leave_no_partial_file(full_disk):
     """train/checkpoint.py writes each checkpoint whole or not at all: one WriteError naming the file."""
     import keras
 
-    from edge_runtime.errors import WriteError
-    from train import checkpoint as ck
+    from lungedge.edge_runtime.errors import WriteError
+    from lungedge.train import checkpoint as ck
 
     model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(256), keras.layers.Dense(2)])
     with pytest.raises(WriteError, match="cannot write checkpoint .*last.weights.h5"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_runtime.spec import ModelSpec, Preprocessing
+from lungedge.edge_runtime.spec import ModelSpec, Preprocessing
 from lungedge.demo_data import synthetic_radiograph
 
 pytestmark = [pytest.mark.needs_tf, pytest.mark.needs_shared, pytest.mark.slow]
@@ -39,8 +39,8 @@ def trained(tmp_path_factory, imagenet_weights):
     features, as the recipes train it): 224 px, so the map is the real 7x7."""
     import keras
 
-    from convert.keras_convert import convert_keras_model
-    from edge_runtime.preprocess import preprocess
+    from lungedge.convert.keras_convert import convert_keras_model
+    from lungedge.edge_runtime.preprocess import preprocess
 
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -88,7 +88,7 @@ def test_default_signature_is_unchanged_and_heatmap_signature_is_there(trained):
 
 
 def test_map_is_the_logit_difference_over_locations_and_probabilities_agree(trained):
-    from edge_runtime.classifier import Classifier
+    from lungedge.edge_runtime.classifier import Classifier
 
     clf = Classifier(trained["paths"]["float32"])
     assert clf.has_heatmap and clf.describe()["heatmap"]
@@ -108,8 +108,8 @@ def test_map_is_the_logit_difference_over_locations_and_probabilities_agree(trai
 
 
 def test_peak_falls_inside_a_synthetic_opacity_and_int8_agrees(trained):
-    from edge_runtime.classifier import Classifier
-    from edge_runtime.heatmap import peak
+    from lungedge.edge_runtime.classifier import Classifier
+    from lungedge.edge_runtime.heatmap import peak
 
     assert trained["acc"] > 0.9, f"the test model did not learn the opacities (accuracy {trained['acc']:.2f})"
     clfs = {v: Classifier(p) for v, p in trained["paths"].items()}

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import ALL_VARIANTS
-from edge_runtime.classifier import Classifier
-from edge_runtime.metadata import (INTEGRITY_NAME, METADATA_NAME, metadata_spans, read_spec, read_standard,
+from lungedge.edge_runtime.classifier import Classifier
+from lungedge.edge_runtime.metadata import (INTEGRITY_NAME, METADATA_NAME, metadata_spans, read_spec, read_standard,
                                    verify_integrity)
-from edge_runtime.tflite_metadata import STANDARD_NAME
+from lungedge.edge_runtime.tflite_metadata import STANDARD_NAME
 
 #: MediaPipe's score vs lungedge's probability of the same class, same pixels. float32, float16
 #: and uint8 differ by float rounding only (measured 1e-5 and 0); a variant that quantises a float
@@ -70,7 +70,7 @@ def test_mediapipe_image_classifier_agrees_with_lungedge(interop_run, fullres_di
     mp = pytest.importorskip("mediapipe", reason="mediapipe not installed (the test extra, Python 3.11)")
     from mediapipe.tasks.python import BaseOptions, vision
 
-    from edge_runtime.preprocess import load_pixels
+    from lungedge.edge_runtime.preprocess import load_pixels
 
     path = interop_run / f"model_{variant}.tflite"
     options = vision.ImageClassifierOptions(base_options=BaseOptions(model_asset_path=str(path)), max_results=2)
@@ -110,9 +110,9 @@ def test_mediapipe_image_classifier_agrees_with_lungedge(interop_run, fullres_di
 def test_uint8_variant_with_bias_correction(interop_run, fullres_dir):
     """The bias correction works on a uint8-input file: every conv and the Dense layer corrected,
     and the corrected file agrees with float32 on the full-resolution X-rays."""
-    from convert.calibration import calibration_from_files
-    from convert.keras_convert import convert_keras_model
-    from train.runfolder import calibration_split, load_run
+    from lungedge.convert.calibration import calibration_from_files
+    from lungedge.convert.keras_convert import convert_keras_model
+    from lungedge.train.runfolder import calibration_split, load_run
 
     run = load_run(interop_run)
     train = calibration_split(run)

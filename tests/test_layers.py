@@ -8,6 +8,11 @@
 
 Checked twice: statically, every import statement in every module (also those inside functions);
 and dynamically, importing every device module in a fresh interpreter loads none of them.
+
+Installed, the three library folders are ``lungedge.train``, ``lungedge.convert`` and
+``lungedge.edge_runtime`` (setup.cfg's ``package_dir``), so a layer is named by the second part of a
+``lungedge.`` import; a bare ``import train`` would work in the checkout and fail in the wheel, and
+is refused everywhere.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+LIBRARIES = ("train", "convert", "edge_runtime")
 FORBIDDEN = {
     "edge_runtime": {"train", "convert", "lungedge", "tensorflow", "keras", "tf_keras"},
     "benchmarks": {"train", "convert", "tensorflow", "keras", "tf_keras"},
@@ -29,15 +35,28 @@ FORBIDDEN = {
 }
 
 
-def _imports(path: Path):
-    """(line, top-level module) of every import in a file; relative imports resolved to the package."""
-    package = path.relative_to(ROOT).parts[0]
+def _layer(module: str) -> str:
+    """The layer an absolute module name belongs to: ``lungedge.train.x`` is ``train``,
+    ``lungedge.cli`` is ``lungedge``, ``numpy.linalg`` is ``numpy``."""
+    parts = module.split(".")
+    if parts[0] == "lungedge" and len(parts) > 1 and parts[1] in LIBRARIES:
+        return parts[1]
+    return parts[0]
+
+
+def _imports(path: Path, raw: bool = False, package: str | None = None):
+    """(line, layer) of every import in a file; relative imports resolved to the file's package
+    (its top folder in the repository unless given). With ``raw``, the top-level name as written."""
+    package = package or path.relative_to(ROOT).parts[0]
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                yield node.lineno, alias.name.split(".")[0]
+                yield node.lineno, alias.name.split(".")[0] if raw else _layer(alias.name)
         elif isinstance(node, ast.ImportFrom):
-            yield node.lineno, package if node.level else (node.module or "").split(".")[0]
+            if node.level:
+                yield node.lineno, "." if raw else package
+            else:
+                yield node.lineno, (node.module or "").split(".")[0] if raw else _layer(node.module or "")
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -49,22 +68,37 @@ def test_no_module_imports_across_the_layer_rules(package):
     assert not bad, "layer rule broken:\n" + "\n".join(bad)
 
 
+def test_no_module_imports_a_library_by_its_folder_name():
+    """``from train.x import y`` runs in the checkout and breaks in the wheel (no top-level ``train``)."""
+    files = [f for d in (*LIBRARIES, "lungedge", "benchmarks", "tests") for f in sorted((ROOT / d).rglob("*.py"))]
+    bad = [f"{f.relative_to(ROOT)}:{line} imports {mod}" for f in files for line, mod in _imports(f, raw=True)
+           if mod in LIBRARIES]
+    assert not bad, "import through lungedge.<library>:\n" + "\n".join(bad)
+
+
 def test_the_static_check_sees_imports_inside_functions(tmp_path):
     p = ROOT / "edge_runtime" / "__init__.py"
     found = {mod for _, mod in _imports(p)}
     assert found, "the parser found no import at all in edge_runtime/__init__.py"
-    code = "def f():\n    import tensorflow as tf\n    from train.recipes import Recipe\n"
-    tree_mods = {n.names[0].name.split(".")[0] if isinstance(n, ast.Import) else n.module.split(".")[0]
-                 for n in ast.walk(ast.parse(code)) if isinstance(n, (ast.Import, ast.ImportFrom))}
-    assert tree_mods == {"tensorflow", "train"}
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    import tensorflow as tf\n    from lungedge.train.recipes import Recipe\n"
+                     "    from lungedge.cli import main\n    from . import spec\n    import train\n")
+    assert {mod for _, mod in _imports(probe, package="edge_runtime")} == {"tensorflow", "train", "lungedge",
+                                                                           "edge_runtime"}
+    assert {mod for _, mod in _imports(probe, package="edge_runtime", raw=True)} == {"tensorflow", "lungedge", ".",
+                                                                                     "train"}
 
 
 def test_importing_every_device_module_loads_no_training_code():
-    modules = sorted(f"edge_runtime.{p.stem}" for p in (ROOT / "edge_runtime").glob("*.py") if p.stem != "__init__")
+    """Importing every device module loads nothing of train, convert, TensorFlow/Keras or the
+    command line; only ``lungedge/__init__.py`` itself (the light parent package) is allowed."""
+    modules = sorted(f"lungedge.edge_runtime.{p.stem}" for p in (ROOT / "edge_runtime").glob("*.py")
+                     if p.stem != "__init__")
     code = ("import importlib, json, sys\n"
             f"for m in {modules!r}: importlib.import_module(m)\n"
-            "print(json.dumps(sorted(k for k in sys.modules if k.split('.')[0] in "
-            "('train', 'convert', 'lungedge', 'tensorflow', 'keras'))))")
+            "print(json.dumps(sorted(k for k in sys.modules if k.split('.')[0] in ('lungedge', 'tensorflow', 'keras'))))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(modules) <= set(loaded), "the check imported nothing"
+    assert [m for m in loaded if m != "lungedge" and _layer(m) != "edge_runtime"] == []

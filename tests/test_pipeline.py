@@ -62,7 +62,7 @@ def scratch_pipeline(tmp_path_factory):
     """The demo's scratch recipe (no pretrained weights) through the whole pipeline, on a small generated set."""
     from lungedge.demo_data import make_demo_dataset
     from lungedge.pipeline import run_pipeline
-    from train.recipes import get_recipe
+    from lungedge.train.recipes import get_recipe
 
     tmp = tmp_path_factory.mktemp("scratch")
     data = make_demo_dataset(tmp / "data", per_class=600, size=64, seed=5, progress=False)
@@ -127,7 +127,7 @@ def test_a_degraded_integer_model_fails_convert_and_the_pipeline_ships_the_next_
 
     from lungedge.cli import main
     from lungedge.pipeline import run_pipeline
-    from train.recipes import get_recipe
+    from lungedge.train.recipes import get_recipe
 
     blank = _blank_folder(tmp_path / "blank")
     run_dir = scratch_pipeline.out_dir / "run"
@@ -156,7 +156,7 @@ def test_a_model_at_chance_fails_train_and_the_pipeline_ships_nothing(tmp_path):
 
     from lungedge.demo_data import make_demo_dataset
     from lungedge.pipeline import run_pipeline
-    from train.recipes import get_recipe
+    from lungedge.train.recipes import get_recipe
 
     made = make_demo_dataset(tmp_path / "made", per_class=120, size=64, seed=7, progress=False)
     files = sorted(made.rglob("*.png"))
@@ -186,7 +186,7 @@ def test_a_model_at_chance_fails_train_and_the_pipeline_ships_nothing(tmp_path):
 def test_pipeline_stops_at_a_failing_stage_and_keeps_earlier_output(tmp_path):
     from lungedge.demo_data import make_demo_dataset
     from lungedge.pipeline import run_pipeline
-    from train.recipes import get_recipe
+    from lungedge.train.recipes import get_recipe
 
     data = make_demo_dataset(tmp_path / "data", per_class=12, size=96, seed=2, progress=False)
     recipe = get_recipe("xray-pneumonia").replace(

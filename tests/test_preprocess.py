@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_runtime.errors import ImageError
-from edge_runtime.preprocess import load_pixels, normalize, preprocess
-from edge_runtime.spec import Preprocessing
+from lungedge.edge_runtime.errors import ImageError
+from lungedge.edge_runtime.preprocess import load_pixels, normalize, preprocess
+from lungedge.edge_runtime.spec import Preprocessing
 
 from images import BAD, GOOD, gradient, write_good_and_bad
 
@@ -68,7 +68,7 @@ def test_missing_file_and_folder(tmp_path):
 def test_max_pixels_guard(monkeypatch, files):
     import sys
 
-    pp = sys.modules["edge_runtime.preprocess"]  # the package exports a function of the same name
+    pp = sys.modules["lungedge.edge_runtime.preprocess"]  # the package exports a function of the same name
 
     monkeypatch.setattr(pp, "MAX_PIXELS", 100)
     with pytest.raises(ImageError, match="too large"):

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from edge_runtime import Classifier, ModelSpec, Preprocessing, Threshold
-from edge_runtime.errors import ConfigError, ImageError, ModelError
-from edge_runtime.tflite_metadata import append_associated_files
-from edge_runtime.metadata import embed_spec, read_metadata_entries, read_spec, read_spec_from_file
+from lungedge.edge_runtime import Classifier, ModelSpec, Preprocessing, Threshold
+from lungedge.edge_runtime.errors import ConfigError, ImageError, ModelError
+from lungedge.edge_runtime.tflite_metadata import append_associated_files
+from lungedge.edge_runtime.metadata import embed_spec, read_metadata_entries, read_spec, read_spec_from_file
 
 from images import gradient
 
@@ -178,7 +178,7 @@ def tiny_models(tmp_path_factory):
 @pytest.mark.needs_tf
 @pytest.mark.parametrize("variant,dtype", [("float32", "float32"), ("int8", "int8")])
 def test_own_models_match_keras_through_the_same_preprocessing(tiny_models, variant, dtype):
-    from edge_runtime.preprocess import preprocess
+    from lungedge.edge_runtime.preprocess import preprocess
 
     model, spec, paths = tiny_models
     clf = Classifier(paths[variant], threads=1)

@@ -166,7 +166,7 @@ def test_bad_uploads_each_get_a_clear_error_and_the_server_stays_up(server, tmp_
 def test_token_is_required_when_set(coral_dir):
     from starlette.testclient import TestClient
 
-    from edge_runtime.classifier import Classifier
+    from lungedge.edge_runtime.classifier import Classifier
     from lungedge.serve import build_app
 
     clf = Classifier(coral_dir / "mobilenet_v2_1.0_224_quant.tflite", labels=str(coral_dir / "imagenet_labels.txt"))

@@ -35,8 +35,8 @@ def test_short_xray_training_beats_chance_and_majority(xray_dir, imagenet_weight
     0.80 is 4 standard deviations above chance. Earlier measurements with the full data put this
     kind of model at 0.95 or more, so the bar leaves room for the small training set.
     """
-    from train.recipes import get_recipe
-    from train.training import train_run
+    from lungedge.train.recipes import get_recipe
+    from lungedge.train.training import train_run
 
     monkeypatch.setenv("LUNGEDGE_IMAGENET_WEIGHTS", str(imagenet_weights))
     data = _subset(xray_dir, tmp_path / "data", PER_CLASS)

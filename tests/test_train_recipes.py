@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_runtime.errors import ConfigError
-from edge_runtime.spec import Preprocessing
-from train import weights as weights_mod
-from train.data import (Dataset, drop_unreadable, kfold_assignments, load_dataset, patient_id, read_manifest,
+from lungedge.edge_runtime.errors import ConfigError
+from lungedge.edge_runtime.spec import Preprocessing
+from lungedge.train import weights as weights_mod
+from lungedge.train.data import (Dataset, drop_unreadable, kfold_assignments, load_dataset, patient_id, read_manifest,
                         split_dataset, write_manifest)
-from train.recipes import RECIPES, Augment, FineTune, Recipe, apply_overrides, get_recipe
-from edge_runtime.decision import apply_threshold
-from edge_runtime.operating_point import operating_point as choose_operating_point
-from edge_runtime.operating_point import recall_threshold as choose_threshold
-from train.labels import resolve_label
+from lungedge.train.recipes import RECIPES, Augment, FineTune, Recipe, apply_overrides, get_recipe
+from lungedge.edge_runtime.decision import apply_threshold
+from lungedge.edge_runtime.operating_point import operating_point as choose_operating_point
+from lungedge.edge_runtime.operating_point import recall_threshold as choose_threshold
+from lungedge.train.labels import resolve_label
 
 
 # ---------------------------------------------------------------- recipes

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_runtime.errors import ConfigError
-from edge_runtime.spec import ModelSpec
+from lungedge.edge_runtime.errors import ConfigError
+from lungedge.edge_runtime.spec import ModelSpec
 
 pytestmark = pytest.mark.needs_tf
 
@@ -65,7 +65,7 @@ def stand_in_weights() -> str:
 
 
 def tiny(name="xray-pneumonia-plus", **kw):
-    from train.recipes import get_recipe
+    from lungedge.train.recipes import get_recipe
 
     # augmentation on: the full input pipeline every epoch (the plus recipe itself now trains its
     # head on cached features, whose epochs are too quick to interrupt or to exercise tf.data)
@@ -83,7 +83,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(data_dir, tmp_path_factory):
     """One complete tiny run: grouped split, augmentation, class weights, fine-tuning, threshold."""
-    from train.training import train_run
+    from lungedge.train.training import train_run
 
     out = tmp_path_factory.mktemp("runs") / "plus"
     # patience 0: keep the last weights (with early stopping, the best could be from before fine-tuning)
@@ -128,8 +128,8 @@ def test_grouped_manifest_keeps_patients_on_one_side(run_dir):
 def test_fine_tuning_trains_only_the_top_blocks(run_dir):
     import keras
 
-    from train.model import build_model
-    from train.recipes import Recipe
+    from lungedge.train.model import build_model
+    from lungedge.train.recipes import Recipe
 
     recipe = Recipe.from_json((run_dir / "recipe.json").read_text())
     keras.utils.set_random_seed(recipe.seed)
@@ -148,7 +148,7 @@ def test_fine_tuning_trains_only_the_top_blocks(run_dir):
 def test_unfreeze_top_leaves_lower_blocks_and_batchnorm_frozen():
     import keras
 
-    from train.model import build_model, unfreeze_top
+    from lungedge.train.model import build_model, unfreeze_top
 
     built = build_model(tiny(), 2)
     assert not built.base.trainable_weights
@@ -162,7 +162,7 @@ def test_threshold_gives_the_target_recall_on_validation(run_dir, data_dir):
     """Re-predict the validation files with the saved model and check the stored operating point."""
     import keras
 
-    from edge_runtime.preprocess import preprocess
+    from lungedge.edge_runtime.preprocess import preprocess
 
     spec = ModelSpec.from_json((run_dir / "spec.json").read_text())
     rows = [r for r in csv.DictReader(open(run_dir / "split_manifest.csv")) if r["split"] == "val"]
@@ -174,7 +174,7 @@ def test_threshold_gives_the_target_recall_on_validation(run_dir, data_dir):
 
 
 def test_evaluate_keras_on_a_run_folder(run_dir, data_dir):
-    from train.keras_eval import evaluate_keras
+    from lungedge.train.keras_eval import evaluate_keras
 
     m = evaluate_keras(str(run_dir), str(data_dir))
     assert m["n"] == 48 and len(m["failures"]) == 1 and m["decision"] == "threshold"
@@ -191,9 +191,9 @@ def test_evaluate_keras_on_a_run_folder(run_dir, data_dir):
 
 
 def test_pipeline_matches_the_shared_preprocessing(data_dir):
-    from edge_runtime.preprocess import load_pixels, preprocess
-    from edge_runtime.spec import Preprocessing
-    from train.input_data import image_dataset
+    from lungedge.edge_runtime.preprocess import load_pixels, preprocess
+    from lungedge.edge_runtime.spec import Preprocessing
+    from lungedge.train.input_data import image_dataset
 
     prep = Preprocessing(height=40, width=40)
     paths = sorted(str(p) for p in (data_dir / "PNEUMONIA").glob("*.jpeg"))[:5]
@@ -205,7 +205,7 @@ def test_pipeline_matches_the_shared_preprocessing(data_dir):
 
 def test_paper_recipe_trains_the_head_on_cached_features_and_cv_table(data_dir, tmp_path):
     """ct-lung-cancer (frozen base, no augmentation): features once, then k-fold with mean ± population std."""
-    from train.training import cv_run
+    from lungedge.train.training import cv_run
 
     recipe = tiny("ct-lung-cancer", fine_tune={"epochs": 0}, epochs=3, augment=False)
     out = cv_run(recipe, str(data_dir), str(tmp_path / "cv"), 3, verbose=0, learning_floor=False)
@@ -227,7 +227,7 @@ def test_paper_recipe_trains_the_head_on_cached_features_and_cv_table(data_dir, 
 
 
 def test_refuses_a_non_empty_out_and_unknown_strategy(run_dir, data_dir):
-    from train.training import train_run
+    from lungedge.train.training import train_run
 
     with pytest.raises(ConfigError, match="not empty"):
         train_run(tiny(), str(data_dir), str(run_dir), verbose=0, learning_floor=False)
@@ -256,8 +256,8 @@ def _run_py(code: str, *args, env=None, **kw):
 
 _TRAIN = """
 import sys, json
-from train.recipes import Recipe
-from train.training import train_run
+from lungedge.train.recipes import Recipe
+from lungedge.train.training import train_run
 recipe = Recipe.from_json(open(sys.argv[1]).read())
 train_run(recipe, sys.argv[2], sys.argv[3], resume=sys.argv[4] == "1", strategy=sys.argv[5], verbose=2, learning_floor=False)
 """
@@ -298,8 +298,8 @@ _MIRRORED = """
 import sys, json, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from train.recipes import Recipe
-from train.training import train_run
+from lungedge.train.recipes import Recipe
+from lungedge.train.training import train_run
 out = train_run(Recipe.from_json(open(sys.argv[1]).read()), sys.argv[2], sys.argv[3], strategy="mirrored", verbose=0, learning_floor=False)
 print("DEVICE", json.load(open(out / "metrics.json"))["device"])
 """

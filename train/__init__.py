@@ -2,7 +2,7 @@
 
 Public surface::
 
-    from train import get_recipe, train_run, cv_run, evaluate_keras
+    from lungedge.train import get_recipe, train_run, cv_run, evaluate_keras
     run_dir = train_run(get_recipe("ct-lung-cancer"), data_dir, "runs/ct")
 
 Modules: ``recipes`` (named, frozen recipes), ``data`` (layouts, patient ids, splits, manifest),

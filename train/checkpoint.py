@@ -16,8 +16,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from edge_runtime.data import atomic_write_text
-from edge_runtime.errors import ConfigError, WriteError, first_line
+from lungedge.edge_runtime.data import atomic_write_text
+from lungedge.edge_runtime.errors import ConfigError, WriteError, first_line
 
 STATE = "state.json"
 LAST_WEIGHTS = "last.weights.h5"

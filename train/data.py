@@ -15,9 +15,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from edge_runtime.data import list_labelled_folder
-from edge_runtime.errors import ConfigError
-from edge_runtime.spec import Preprocessing
+from lungedge.edge_runtime.data import list_labelled_folder
+from lungedge.edge_runtime.errors import ConfigError
+from lungedge.edge_runtime.spec import Preprocessing
 
 
 # Kermany chest X-ray: personNNN_bacteria_MMM / personNNN_virus_MMM (pneumonia),
@@ -119,7 +119,7 @@ def _has_class_folders(p: Path) -> bool:
 
 def find_unreadable(paths: Sequence[str], prep: Preprocessing, workers: int = 0, progress: bool = True) -> List[Dict[str, str]]:
     """``[{"path": ..., "error": ...}]`` for each file the shared preprocessing cannot read, in input order."""
-    from edge_runtime.scan import unreadable
+    from lungedge.edge_runtime.scan import unreadable
 
     return [{"path": p, "error": e} for p, e in unreadable(paths, prep, workers, progress)]
 

@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from edge_runtime.preprocess import load_pixels
-from edge_runtime.spec import Preprocessing
+from lungedge.edge_runtime.preprocess import load_pixels
+from lungedge.edge_runtime.spec import Preprocessing
 
 from .recipes import Augment
 

@@ -7,13 +7,13 @@ from typing import Optional
 
 import numpy as np
 
-from edge_runtime.data import list_labelled_folder
-from edge_runtime.errors import ModelError
-from edge_runtime.metrics import classification_metrics
-from edge_runtime.spec import ModelSpec, Preprocessing
+from lungedge.edge_runtime.data import list_labelled_folder
+from lungedge.edge_runtime.errors import ModelError
+from lungedge.edge_runtime.metrics import classification_metrics
+from lungedge.edge_runtime.spec import ModelSpec, Preprocessing
 
 from .data import find_unreadable
-from edge_runtime.decision import apply_threshold
+from lungedge.edge_runtime.decision import apply_threshold
 
 
 def load_run_model(model_or_run_dir: str):

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from edge_runtime.data import label_key as key
-from edge_runtime.errors import ConfigError
+from lungedge.edge_runtime.data import label_key as key
+from lungedge.edge_runtime.errors import ConfigError
 
 
 def resolve_label(name: Optional[str], labels: Sequence[str]) -> Optional[str]:

@@ -22,8 +22,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple, Union
 
-from edge_runtime.errors import ConfigError
-from edge_runtime.spec import COLOR_MODES, dataclass_from_dict, json_object
+from lungedge.edge_runtime.errors import ConfigError
+from lungedge.edge_runtime.spec import COLOR_MODES, dataclass_from_dict, json_object
 
 SPLITS = ("random", "grouped")
 MONITORS = ("val_accuracy", "val_loss")

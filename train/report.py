@@ -9,7 +9,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from edge_runtime.data import atomic_write_bytes, atomic_write_text
+from lungedge.edge_runtime.data import atomic_write_bytes, atomic_write_text
 
 PAPERS = {
     "xray-pneumonia": "accuracy 95.40 %, precision 95.62 %, recall 95.40 %, F1 95.46 % (75/15/10 random split)",

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from edge_runtime.data import atomic_write_text, list_labelled_folder
-from edge_runtime.errors import ConfigError, ModelError
-from edge_runtime.spec import ModelSpec
+from lungedge.edge_runtime.data import atomic_write_text, list_labelled_folder
+from lungedge.edge_runtime.errors import ConfigError, ModelError
+from lungedge.edge_runtime.spec import ModelSpec
 
 
 MODEL = "model.keras"

@@ -12,7 +12,7 @@ import io
 import os
 import sys
 
-from edge_runtime.errors import MissingDependencyError, ModelError, first_line
+from lungedge.edge_runtime.errors import MissingDependencyError, ModelError, first_line
 
 VERBOSE_ENV = "LUNGEDGE_VERBOSE"
 

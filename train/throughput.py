@@ -1,7 +1,7 @@
 """Measure the input pipeline: training images/s with the tf.data pipeline vs. the same model fitted
 on in-memory arrays (the upper bound: no decoding at all).
 
-    python -m train.throughput --data ../shared/data/chest_xray/train --images 512 --epochs 3
+    python -m lungedge.train.throughput --data ../shared/data/chest_xray/train --images 512 --epochs 3
 
 The first epoch of each is a warm-up (tracing; for the pipeline also decoding into the cache) and
 is not counted; images/s is the median over the remaining epochs. The base is frozen, as in the
@@ -18,8 +18,8 @@ from typing import Optional
 
 import numpy as np
 
-from edge_runtime.data import atomic_write_text
-from edge_runtime.preprocess import preprocess
+from lungedge.edge_runtime.data import atomic_write_text
+from lungedge.edge_runtime.preprocess import preprocess
 
 
 def measure(data_dir: str, images: int = 512, epochs: int = 3, recipe_name: str = "xray-pneumonia",

@@ -19,14 +19,14 @@ from typing import Optional, Union
 
 import numpy as np
 
-from edge_runtime import floor
-from edge_runtime.data import atomic_write_text
-from edge_runtime.decision import apply_threshold
-from edge_runtime.errors import ConfigError, ModelError
-from edge_runtime.metrics import classification_metrics, format_report
-from edge_runtime.operating_point import operating_point
-from edge_runtime.spec import ModelSpec, Preprocessing, Threshold
-from edge_runtime.version import package_version
+from lungedge.edge_runtime import floor
+from lungedge.edge_runtime.data import atomic_write_text
+from lungedge.edge_runtime.decision import apply_threshold
+from lungedge.edge_runtime.errors import ConfigError, ModelError
+from lungedge.edge_runtime.metrics import classification_metrics, format_report
+from lungedge.edge_runtime.operating_point import operating_point
+from lungedge.edge_runtime.spec import ModelSpec, Preprocessing, Threshold
+from lungedge.edge_runtime.version import package_version
 
 from . import checkpoint as ck
 from .data import (Dataset, class_weights, drop_unreadable, fingerprint, kfold_assignments, load_dataset,

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import List, Optional
 
-from edge_runtime.errors import ConfigError, first_line
+from lungedge.edge_runtime.errors import ConfigError, first_line
 
 ENV_VAR = "LUNGEDGE_IMAGENET_WEIGHTS"
 #: Where Keras downloads its MobileNetV2 weights from (keras.src.applications.mobilenet_v2).

@@ -15,6 +15,8 @@ Measured per model and thread count:
   model's size (normalise + quantise + invoke + postprocess);
 - ``preprocess``: decode + preprocess of the image files (``load_pixels`` + ``normalize``);
 - ``end_to_end``: ``Classifier.classify(path)``: decode + preprocess + invoke + postprocess;
+- ``pipelined_ips``: images/s of ``Classifier.classify_many`` over the same files with its default
+  decoding workers (what ``lungedge classify FOLDER`` gets), beside the sequential ``throughput_ips``;
 
 each as raw timings with mean/std/p50/p90/p99, plus throughput, peak RSS, model size and
 SHA-256, backend and version, delegate (XNNPACK) node count and, with ``data_dir``, accuracy.
@@ -141,6 +143,14 @@ def _bench_threads(path, sources, threads, runs, warmup, backend, labels, mean, 
         "end_to_end": time_calls(lambda: clf.classify(cycle()), runs, warmup).to_dict(),
     }
     rec["throughput_ips"] = 1e3 / rec["end_to_end"]["mean_ms"]
+    # the folder path as `lungedge classify` runs it: decoding on a worker pool overlapping invoke
+    from .classifier import Failure, default_workers
+
+    batch = [cycle() for _ in range(max(runs, 2 * default_workers()))]
+    t0 = now()
+    done = sum(1 for r in clf.classify_many(batch) if not isinstance(r, Failure))
+    rec["workers"] = default_workers()
+    rec["pipelined_ips"] = done / (now() - t0) if done else None
     rec["invoke_throughput_ips"] = 1e3 / rec["invoke"]["mean_ms"]
     del clf, interpreter
     return facts, rec
@@ -153,13 +163,15 @@ def _accuracy(path, data_dir, threads, backend, labels, mean, std) -> dict:
     clf = Classifier(path, threads=threads, backend=backend, labels=_labels_for(path, backend, labels),
                      mean=mean, std=std)
     try:
-        m = evaluate_classifier(clf, data_dir, progress=False)
+        m = evaluate_classifier(clf, data_dir, progress=False, keep_predictions=True)
     except ConfigError as exc:  # labels and folders do not match: say so, keep the timings
         msg = str(exc)
         return {"data": str(data_dir), "error": msg if len(msg) <= 300 else msg[:297] + "..."}
     return {"data": str(data_dir), "accuracy": m["accuracy"], "n": int(np.sum(m["confusion_matrix"])),
             "failures": len(m["failures"]), "decision": m["decision"],
-            "macro_f1": m.get("macro", {}).get("f1")}
+            "macro_f1": m.get("macro", {}).get("f1"),
+            # per image, in folder order: the agreement between variants is computed from these
+            "predictions": m["predictions"]}
 
 
 def _labels_for(path, backend, labels):

@@ -237,7 +237,10 @@ def _image_pixels(img: Image.Image, spec: Preprocessing, name: str) -> np.ndarra
         img = ImageOps.exif_transpose(img)
     img = _to_mode(img, spec.color_mode, name)
     if img.size != spec.size:
+        # a grayscale file for an RGB model is resized as one channel and copied to three after
+        # (_rgb): the same pixels as converting first (Pillow resizes channels independently), a third of the work
         img = img.resize(spec.size, _RESAMPLE[spec.resize])
+    img = _rgb(img, spec)
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -255,7 +258,7 @@ def _check_budget(img: Image.Image, name: str) -> None:
 
 
 def _to_mode(img: Image.Image, color_mode: str, name: str) -> Image.Image:
-    """Bring any Pillow mode to 8-bit L or RGB."""
+    """Bring any Pillow mode to 8-bit L or RGB (an RGB model's grayscale image stays L: see _rgb)."""
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         img = _high_bit_depth_to_l(img)
@@ -265,9 +268,13 @@ def _to_mode(img: Image.Image, color_mode: str, name: str) -> Image.Image:
         # composite on black: transparent areas are background, like the film outside the body
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img.convert("RGBA"))
-    if color_mode == "rgb":
-        return img if img.mode == "RGB" else img.convert("RGB")
+    if color_mode == "rgb":  # L stays L here: _rgb() after the resize
+        return img if img.mode in ("RGB", "L") else img.convert("RGB")
     return img if img.mode == "L" else img.convert("L")
+
+
+def _rgb(img: Image.Image, spec: Preprocessing) -> Image.Image:
+    return img.convert("RGB") if spec.color_mode == "rgb" and img.mode == "L" else img
 
 
 def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:

@@ -90,6 +90,45 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+#: CPU features that decide integer (int8) inference speed, as /proc/cpuinfo names them, and why.
+INT8_FEATURES = {
+    "x86_64": {
+        "avx2": "AVX2: 256-bit integer SIMD (the baseline int8 path)",
+        "avx512f": "AVX-512: 512-bit SIMD",
+        "avx512_vnni": "AVX-512 VNNI: int8 multiply-accumulate in one instruction (VPDPBUSD)",
+        "avx_vnni": "AVX-VNNI: the same on 256-bit registers",
+        "amx_int8": "AMX-INT8: int8 tile matrix multiply",
+        "avx512_bf16": "AVX-512 BF16",
+    },
+    "aarch64": {
+        "asimd": "NEON (Advanced SIMD)",
+        "asimddp": "NEON dot product (SDOT/UDOT): 4 int8 products per lane per instruction",
+        "i8mm": "Int8 matrix multiply (SMMLA)",
+        "sve": "SVE",
+        "fphp": "half-precision float arithmetic (float16 kernels)",
+    },
+}
+
+
+def cpu_features() -> dict:
+    """Which of ``INT8_FEATURES`` this CPU has, from /proc/cpuinfo's ``flags`` (x86) or
+    ``Features`` (ARM) line: ``{"arch": ..., "present": [...], "absent": [...], "notes": {...}}``."""
+    arch = platform.machine().lower()
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
+    known = INT8_FEATURES.get(arch, {})
+    flags: set = set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith(("flags", "features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return {"arch": arch, "read": bool(flags), "present": [f for f in known if f in flags],
+            "absent": [f for f in known if f not in flags], "notes": known}
+
+
 def machine_info() -> dict:
     """What the numbers were measured on."""
     import os
@@ -102,4 +141,5 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "hostname": platform.node(),
+        "cpu_features": cpu_features(),
     }

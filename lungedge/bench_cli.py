@@ -79,7 +79,7 @@ def bench_cmd(models, images, threads, runs, warmup, backend, data, labels, out,
 
 
 def _echo_paths(paths: dict) -> None:
-    click.echo("wrote " + ", ".join(paths[k] for k in ("json", "md", "png") if paths.get(k)))
+    click.echo("wrote " + ", ".join(paths[k] for k in ("json", "md", "png", "tradeoff_png") if paths.get(k)))
     if paths.get("png_skipped"):
         click.echo(paths["png_skipped"], err=True)
 

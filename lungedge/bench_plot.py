@@ -69,3 +69,48 @@ def plot_rows(rows: List[dict], path: str, title: str = "") -> str:
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def plot_tradeoff(rows: List[dict], path: str, title: str = "", note: str = "") -> str:
+    """Accuracy against p50 invoke latency, one marker per variant, its area by file size.
+
+    Args:
+        rows: ``bench_report.tradeoff_rows`` output.
+        path: the PNG to write (atomically).
+        note: a line under the chart (the CPU features).
+    """
+    import io
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lungedge.edge_runtime.data import atomic_write_bytes
+
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    biggest = max(r["size_mb"] for r in rows) or 1.0
+    for r in rows:
+        x, y = r["invoke_p50_ms"], 100 * r["accuracy"]
+        ax.scatter([x], [y], s=60 + 1400 * r["size_mb"] / biggest, alpha=0.55, edgecolors="black")
+        agree = "" if r["agreement"] is None else f", agrees {100 * r['agreement']:.1f}%"
+        ax.annotate(f"{r['variant'] or r['model']}\n{r['size_mb']:.2f} MB{agree}", (x, y), fontsize=8,
+                    xytext=(8, 6), textcoords="offset points")
+    ys = [100 * r["accuracy"] for r in rows]
+    lo, hi = min(ys), max(ys)
+    ax.set_ylim(max(0.0, lo - max(2.0, (hi - lo))), min(100.5, hi + max(1.5, 0.5 * (hi - lo))))
+    xs = [r["invoke_p50_ms"] for r in rows]
+    ax.set_xlim(0, max(xs) * 1.35)
+    ax.set_xlabel(f"invoke p50 latency (ms, {rows[0]['threads']} thread(s)); lower is better")
+    ax.set_ylabel(f"test accuracy (%, {rows[0]['n']} images)")
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)
+    ax.grid(alpha=0.3)
+    if note:
+        fig.text(0.01, 0.01, textwrap.fill(note + " Marker area: file size.", 130), fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.08 if note else 0, 1, 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path

@@ -36,6 +36,12 @@ def write_report(report: dict, out_dir: str, name: str = REPORT_NAME) -> dict:
 
         plot_rows(rows, str(out / f"{name}.png"), title=_title(report))
         paths["png"] = str(out / f"{name}.png")
+        trade = tradeoff_rows(report) if report.get("kind") != "comparison" else []
+        if trade:
+            from .bench_plot import plot_tradeoff
+
+            paths["tradeoff_png"] = plot_tradeoff(trade, str(out / "bench_tradeoff.png"),
+                                                  title=_title(report), note=cpu_features_text(report.get("machine", {})))
     except ImportError as exc:
         paths["png_skipped"] = f"matplotlib not installed ({exc.name or exc}); PNG chart skipped"
     return paths
@@ -111,8 +117,66 @@ def report_rows(report: dict) -> List[dict]:
                          "first_classify_ms": r.get("first_classify_ms"),
                          "invoke": r.get("invoke"), "end_to_end": r.get("end_to_end"),
                          "classify_decoded": r.get("classify_decoded"), "preprocess": r.get("preprocess"),
-                         "throughput_ips": r.get("throughput_ips")})
+                         "throughput_ips": r.get("throughput_ips"), "pipelined_ips": r.get("pipelined_ips"),
+                         "workers": r.get("workers")})
     return rows
+
+
+def tradeoff_rows(report: dict) -> List[dict]:
+    """Per model that ran with accuracy measured (``--data``): accuracy, agreement with the
+    reference model's labels image by image (the float32 variant, else the largest file), size,
+    and p50 latencies at the lowest thread count. Empty without accuracy."""
+    models = [m for m in report.get("models", []) if m.get("status") == "ok"
+              and (m.get("accuracy") or {}).get("accuracy") is not None and m.get("runs")]
+    if not models:
+        return []
+    ref = next((m for m in models if m.get("variant") == "float32"), None) or max(models, key=lambda m: m.get("size_bytes") or 0)
+    ref_pred = ref["accuracy"].get("predictions")
+    rows = []
+    for m in models:
+        run = min(m["runs"], key=lambda r: r["threads"])
+        pred = m["accuracy"].get("predictions")
+        agree = None
+        if pred and ref_pred and len(pred) == len(ref_pred):
+            pairs = [(a, b) for a, b in zip(pred, ref_pred) if a is not None and b is not None]
+            agree = sum(a == b for a, b in pairs) / len(pairs) if pairs else None
+        rows.append({"model": m.get("name"), "variant": m.get("variant"), "accuracy": m["accuracy"]["accuracy"],
+                     "n": m["accuracy"].get("n"), "agreement": agree, "reference": ref.get("name"),
+                     "size_mb": (m.get("size_bytes") or 0) / 1e6, "threads": run["threads"],
+                     "invoke_p50_ms": (run.get("invoke") or {}).get("p50_ms"),
+                     "e2e_p50_ms": (run.get("end_to_end") or {}).get("p50_ms")})
+    return sorted(rows, key=lambda r: (r["invoke_p50_ms"] or 0))
+
+
+def cpu_features_text(machine: dict) -> str:
+    """One line: the CPU features that decide int8 speed, present and absent, as read."""
+    f = machine.get("cpu_features") or {}
+    if not f or not f.get("read"):
+        return "CPU features: not readable on this system (no /proc/cpuinfo flags)"
+    notes = f.get("notes", {})
+    have = "; ".join(notes.get(k, k) for k in f.get("present", [])) or "none of them"
+    lack = ", ".join(f.get("absent", [])) or "none"
+    return f"int8-relevant CPU features ({f.get('arch')}): {have}. Absent: {lack}."
+
+
+def format_tradeoff(report: dict) -> List[str]:
+    rows = tradeoff_rows(report)
+    if not rows:
+        return []
+    lines = ["", "## Trade-off: accuracy, agreement, size and latency per variant", "",
+             f"Agreement: the share of images given the same label as `{rows[0]['reference']}`. Latency at "
+             f"{rows[0]['threads']} thread(s). Chart: `bench_tradeoff.png`.", "",
+             "| model | variant | accuracy | images | agreement | size MB | invoke p50 ms | e2e p50 ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['variant'] or ''} | {_f(r['accuracy'], '{:.2%}')} | {r['n']} | "
+                     f"{_f(r['agreement'], '{:.2%}')} | {r['size_mb']:.2f} | {_f(r['invoke_p50_ms'])} | "
+                     f"{_f(r['e2e_p50_ms'])} |")
+    lines += ["", cpu_features_text(report.get("machine", {})),
+              "Integer kernels gain most where the CPU multiplies int8 in one instruction (VNNI/AMX on x86, "
+              "the dot-product and i8mm extensions on ARM); without them int8 can be slower than float32 "
+              "at the same thread count, even though the file is a quarter of the size."]
+    return lines
 
 
 def _f(x, fmt="{:.2f}") -> str:
@@ -133,13 +197,15 @@ def format_markdown(report: dict) -> str:
                      f"{(r.get('load_avg') or {}).get('before')} / {(r.get('load_avg') or {}).get('after')}; "
                      f"{s.get('runs')} runs after {s.get('warmup')} warm-up; images: {_images_text(s)}; "
                      f"created {r.get('created')}")
+        lines.append(f"  {cpu_features_text(m)}")
     lines += ["", "Times in ms (p50 / p90 / p99 of raw timings). invoke = `interpreter.invoke()` alone; "
-              "e2e = `Classifier.classify(path)`: decode + preprocess + invoke + postprocess. "
+              "e2e = `Classifier.classify(path)`: decode + preprocess + invoke + postprocess, one image at a time; "
+              "img/s (folder) = `lungedge classify FOLDER`'s path: decoding on N worker threads overlapping invoke. "
               "Delegate nodes: graph nodes taken by XNNPACK (0 = none: every op on the reference kernels).", ""]
     with_accuracy = any(r.get("accuracy") is not None for r in rows)  # only with --data
     head = (["machine"] if comparison else []) + [
         "model", "variant", "backend", "threads", "delegate nodes", "invoke p50 / p90 / p99", "e2e p50 / p90 / p99",
-        "img/s (e2e)", "start-up", "1st invoke", "1st image", "peak RSS MB", "size MB", "sha256"] + (
+        "img/s (e2e)", "img/s (folder, N workers)", "start-up", "1st invoke", "1st image", "peak RSS MB", "size MB", "sha256"] + (
         ["accuracy"] if with_accuracy else []) + ["status"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
@@ -152,6 +218,7 @@ def format_markdown(report: dict) -> str:
             str(r.get("model")), str(r.get("variant") or ""),
             f"{r.get('backend') or ''} {r.get('backend_version') or ''}".strip(), _f(r.get("threads"), "{}"),
             _f(r.get("delegate_nodes"), "{}"), _triple(inv), _triple(e2e), _f(r.get("throughput_ips"), "{:.1f}"),
+            "" if r.get("pipelined_ips") is None else f"{r['pipelined_ips']:.1f} ({r.get('workers')})",
             _f(r.get("startup_ms"), "{:.1f}"), _f(r.get("first_invoke_ms"), "{:.1f}"),
             _f(r.get("first_classify_ms"), "{:.1f}"), _f(r.get("peak_rss_mb"), "{:.0f}"), _f(r.get("size_mb")),
             r.get("sha256") or ""] + ([_f(r.get("accuracy"), "{:.3f}")] if with_accuracy else []) + [status]
@@ -160,6 +227,8 @@ def format_markdown(report: dict) -> str:
                   if (m.get("accuracy") or {}).get("error")]
     if acc_errors:
         lines += ["", "Accuracy not measured:", ""] + [f"- {name}: {err}" for name, err in acc_errors]
+    if not comparison:
+        lines += format_tradeoff(report)
     bad = [(m.get("name"), f) for r in sources for m in r.get("models", [])
            for f in (m.get("images") or {}).get("failures", [])]
     if bad:

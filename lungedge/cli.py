@@ -75,6 +75,12 @@ def _model_options(f):
     return f
 
 
+def _workers_option(f):
+    return click.option("--workers", type=click.IntRange(min=0), default=None,
+                        help="Threads that decode and preprocess images ahead of the interpreter (default: the "
+                             "usable cores, at most 4; 0: one image at a time). Results stay in input order.")(f)
+
+
 def _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard=False):
     from lungedge.edge_runtime.classifier import Classifier
 
@@ -98,9 +104,10 @@ def _build_classifier(model, threads, backend, labels, mean, std, no_threshold, 
               help="Write report.html, results.csv and images/ (thumbnails, heat maps) into this folder.")
 @click.option("--keep-phi", is_flag=True,
               help="Include DICOM patient identifiers (name, ID, dates...) in --json and the report; off by default.")
+@_workers_option
 @handle_errors
 def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no_guard, top_k, as_json, out, progress,
-             heatmap_dir, report_dir, keep_phi):
+             heatmap_dir, report_dir, keep_phi, workers):
     """Classify image files or folders (folders are searched recursively); JPEG, PNG... and DICOM.
 
     \b
@@ -136,7 +143,7 @@ def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no
     failed = 0
     width = min(max([len(escape_text(p)) for p, _ in items] + [4]), 60)
     sources = [p for p, _ in items]
-    results = clf.classify_many(sources, progress=progress, heatmap=want_maps)
+    results = clf.classify_many(sources, progress=progress, heatmap=want_maps, workers=workers)
     for src, res in zip(sources, results):  # one result per source, in order
         if not isinstance(res, Failure) and (heatmap_dir or report_dir):
             res = _draw(res, src, len(entries), heatmap_dir, report_dir, entries)
@@ -227,8 +234,9 @@ def _draw(res, src, index, heatmap_dir, report_dir, entries):
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the metrics JSON here.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images (quick checks).")
+@_workers_option
 @handle_errors
-def evaluate(model, data, threads, backend, labels, mean, std, no_threshold, no_guard, as_json, out, limit):
+def evaluate(model, data, threads, backend, labels, mean, std, no_threshold, no_guard, as_json, out, limit, workers):
     """Accuracy, per-class precision/recall/F1/specificity and the confusion matrix.
 
     \b
@@ -262,7 +270,7 @@ def evaluate(model, data, threads, backend, labels, mean, std, no_threshold, no_
 
         clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard)
         try:
-            metrics = evaluate_classifier(clf, data, progress=sys.stderr.isatty(), limit=limit)
+            metrics = evaluate_classifier(clf, data, progress=sys.stderr.isatty(), limit=limit, workers=workers)
         except ConfigError as exc:  # the data folder does not fit the model: an input, not the command line
             raise InputError(str(exc)) from None
     if out:

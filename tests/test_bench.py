@@ -232,6 +232,23 @@ def test_own_models_with_accuracy(tiny_mobilenet, tmp_path):
     md = bench_report.format_markdown(report)
     assert "| model_int8.tflite | int8 |" in md
 
+    # the trade-off: accuracy, agreement with float32 image by image, size, latency; chart; CPU features
+    preds = {v: evaluate_classifier(Classifier(tiny_mobilenet[v]), str(data), keep_predictions=True)["predictions"]
+             for v in ("float32", "int8")}
+    want = sum(a == b for a, b in zip(preds["float32"], preds["int8"])) / 6
+    trade = {r["variant"]: r for r in bench_report.tradeoff_rows(report)}
+    assert trade["float32"]["agreement"] == 1.0 and trade["int8"]["agreement"] == pytest.approx(want)
+    assert trade["int8"]["size_mb"] == pytest.approx(Path(tiny_mobilenet["int8"]).stat().st_size / 1e6)
+    assert trade["int8"]["invoke_p50_ms"] == i8["runs"][0]["invoke"]["p50_ms"]
+    assert "## Trade-off" in md and "int8-relevant CPU features" in md
+    flags = next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo") if ln.lower().startswith(("flags", "features"))), [])
+    feats = report["machine"]["cpu_features"]
+    assert feats["read"] == bool(flags) and all(f in flags for f in feats["present"])
+    assert not any(f in flags for f in feats["absent"])
+    paths = bench_report.write_report(report, tmp_path / "out")
+    png = Path(paths["tradeoff_png"])
+    assert png.read_bytes()[:4] == b"\x89PNG" and Image.open(png).size[0] > 400
+
 
 def test_png_is_skipped_with_a_reason_without_matplotlib(tmp_path, monkeypatch):
     report = {"schema": bench.SCHEMA, "machine": {"hostname": "h", "arch": "x"}, "settings": {},

@@ -455,6 +455,79 @@ def test_bias_correction_removes_the_mean_shift_layer_by_layer():
     assert after.mean() < before.mean(), (before, after)
 
 
+def _in_memory_bias_correction(quantized: bytes, reference: bytes, x: np.ndarray) -> list:
+    """The oracle: the correction as first written (every float output held in memory, the
+    interpreters with ``experimental_preserve_all_tensors``, no XNNPACK); the corrected biases."""
+    import warnings
+
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.interpreter import Interpreter
+
+    from lungedge.convert.bias_correction import _LINEAR_RANGE, _correctable_ops, _feed
+
+    def interp(data):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            it = Interpreter(model_content=bytes(data), experimental_preserve_all_tensors=True)
+        it.allocate_tensors()
+        return it
+
+    data = bytearray(quantized)
+    model = schema.Model.GetRootAs(data, 0)
+    ops = _correctable_ops(model, schema)
+    ref = interp(reference)
+    by_name = {t["name"]: t["index"] for t in ref.get_tensor_details()}
+    expected = {op.name: [] for op in ops}
+    for i in range(len(x)):
+        _feed(ref, x[i:i + 1])
+        for op in ops:
+            expected[op.name].append(ref.get_tensor(by_name[op.name]).astype(np.float16))
+    biases = []
+    for op in ops:
+        it = interp(data)
+        scale, zero = it._get_tensor_details(op.output, 0)["quantization"]
+        got = []
+        for i in range(len(x)):
+            _feed(it, x[i:i + 1])
+            got.append(it.get_tensor(op.output).copy())
+        q, f = np.concatenate(got).astype(np.int32), np.concatenate(expected[op.name]).astype(np.float64)
+        lo, hi = _LINEAR_RANGE.get(op.activation, (-np.inf, np.inf))
+        keep = (q > -128) & (q < 127) & (f > lo) & (f < hi)
+        c = f.shape[-1]
+        shift = np.where(keep, (q - zero) * scale - f, 0.0).reshape(-1, c).sum(0) / np.maximum(keep.reshape(-1, c).sum(0), 1)
+        bias_scale = np.asarray(it._get_tensor_details(op.bias, 0)["quantization_parameters"]["scales"], np.float64)
+        view = model.Buffers(op.buffer).DataAsNumpy().view(np.int32)
+        view[:] = (view.astype(np.int64) - np.rint(shift / bias_scale).astype(np.int64)).astype(np.int32)
+        biases.append(view.copy())
+    return biases
+
+
+@pytest.mark.needs_tf
+@pytest.mark.parametrize("variant", ["int8", "uint8", "int8-float-io"])
+def test_streamed_bias_correction_gives_the_in_memory_biases(variant):
+    """Streaming the float outputs through disk and measuring with XNNPACK on a copy that outputs
+    every op changes no bias by more than one int32 step from the in-memory algorithm."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    from lungedge.convert.bias_correction import _correctable_ops, correct_biases
+    from lungedge.convert.keras_convert import tflite_bytes
+
+    model = _tiny_bn_model()
+    x = np.random.default_rng(2).uniform(-1, 1, (24, SIZE, SIZE, 3)).astype(np.float32)
+    quantized, reference = tflite_bytes(model, get_variant(variant), x), tflite_bytes(model, get_variant("float32"))
+    want = _in_memory_bias_correction(quantized, reference, x)
+    corrected, record = correct_biases(quantized, reference, x, max_images=24)
+    m = schema.Model.GetRootAs(corrected, 0)
+    got = [m.Buffers(op.buffer).DataAsNumpy().view(np.int32) for op in _correctable_ops(m, schema)]
+    assert len(got) == len(want) == record["layers"] >= 3
+    before = schema.Model.GetRootAs(quantized, 0)
+    assert any((g != before.Buffers(op.buffer).DataAsNumpy().view(np.int32)).any()
+               for g, op in zip(got, _correctable_ops(before, schema)))  # it did correct something
+    worst = max(int(np.abs(g.astype(np.int64) - w).max()) for g, w in zip(got, want))
+    assert worst <= 1, worst
+    assert len(corrected) == len(quantized)
+
+
 @pytest.mark.needs_tf
 def test_bias_correction_refuses_a_reference_of_another_model():
     from lungedge.convert.bias_correction import correct_biases

@@ -10,6 +10,7 @@ import pytest
 from lungedge.edge_runtime import Classifier, ModelSpec, Preprocessing, Threshold
 from lungedge.edge_runtime.errors import ConfigError, ImageError, ModelError
 from lungedge.edge_runtime.tflite_metadata import append_associated_files
+from lungedge.edge_runtime.preprocess import load_pixels
 from lungedge.edge_runtime.metadata import embed_spec, read_metadata_entries, read_spec, read_spec_from_file
 
 from images import gradient
@@ -254,6 +255,72 @@ def test_batch_reports_each_bad_file_and_goes_on(tiny_models, tmp_path):
     bad = [r for r in results if hasattr(r, "error")]
     assert len(ok) == len(GOOD) and len(bad) == len(BAD) + 1
     assert all("\n" not in r.error and r.source for r in bad)
+
+
+@pytest.mark.needs_tf
+@pytest.mark.parametrize("variant", ["float32", "int8"])
+def test_pipelined_folder_run_gives_the_sequential_results_in_order(tiny_models, tmp_path, variant):
+    """Decoding on worker threads changes nothing: the same results, in input order, a bad file
+    still one failure in its place, for every worker count; an abandoned run stops cleanly."""
+    from images import BAD, GOOD, write_good_and_bad
+
+    _, _, paths = tiny_models
+    files = write_good_and_bad(tmp_path / "imgs")
+    order = [str(files[k]) for k in GOOD + BAD] * 3 + [str(tmp_path / "missing.png")]
+    rng = np.random.default_rng(0)
+    order = [order[i] for i in rng.permutation(len(order))]
+    with Classifier(paths[variant]) as clf:
+        def run(workers):
+            return [(r.source, r.error) if hasattr(r, "error") else (r.source, r.label, r.probabilities)
+                    for r in clf.classify_many(order, workers=workers)]
+
+        sequential = run(0)
+        assert [r[0] for r in sequential] == order and sum(len(r) == 2 for r in sequential) == 3 * len(BAD) + 1
+        for workers in (1, 2, 5):
+            assert run(workers) == sequential, workers
+        first = next(iter(clf.classify_many(order, workers=2)))  # abandoned after one result
+        assert first.source == order[0]
+
+
+@pytest.mark.needs_tf
+def test_classify_command_workers_change_nothing_but_speed(tiny_models, tmp_path):
+    from click.testing import CliRunner
+
+    from images import write_good_and_bad
+    from lungedge.cli import main
+
+    _, _, paths = tiny_models
+    folder = tmp_path / "imgs"
+    write_good_and_bad(folder)
+    outs = {}
+    for workers in ("0", "3"):
+        r = CliRunner().invoke(main, ["-q", "classify", "--json", "--workers", workers, "-m", str(paths["int8"]),
+                                      str(folder)])
+        assert r.exit_code == 1  # the bad files
+        rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+        for row in rows:
+            row.pop("timing_ms", None)
+        outs[workers] = rows
+    assert outs["0"] == outs["3"] and len(outs["0"]) > 5 and any("error" in row for row in outs["0"])
+
+
+@pytest.mark.parametrize("resize", ["bilinear", "bicubic", "nearest"])
+def test_grayscale_file_for_an_rgb_model_is_resized_before_the_colour_copy(tmp_path, resize):
+    """The one-channel resize the runtime does for speed gives the pixels of convert-then-resize."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (301, 257), dtype=np.uint8), "L")
+    for fmt in ("PNG", "JPEG"):
+        f = tmp_path / f"gray.{fmt.lower()}"
+        img.save(f, fmt)
+        spec = Preprocessing(color_mode="rgb", resize=resize)
+        got = load_pixels(str(f), spec)
+        with Image.open(f) as im:
+            if fmt == "JPEG":
+                im.draft("L", (224, 224))
+            want = np.asarray(im.convert("RGB").resize((224, 224), getattr(Image.Resampling, resize.upper())))
+        assert got.shape == (224, 224, 3) and np.array_equal(got, want), fmt
 
 
 @pytest.mark.needs_tf

@@ -48,11 +48,14 @@ def _recipe_options(f):
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last epoch checkpoint.")
 @click.option("--strategy", type=click.Choice(["default", "mirrored", "multi-worker"]), default="default",
               show_default=True, help="tf.distribute strategy (mirrored: all GPUs; multi-worker: TF_CONFIG).")
+@click.option("--cache-mb", type=click.IntRange(min=0), default=None,
+              help="Memory for decoded images, MB (default: LUNGEDGE_CACHE_MB or 2048); splits beyond it are "
+                   "cached on disk in the run folder while training.")
 @click.option("--list-recipes", is_flag=True, help="Print the named recipes (resolved, as JSON) and exit.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @handle_errors
 def train_cmd(recipe_name, data_dir, out_dir, augment, class_weights, fine_tune_epochs, fine_tune_blocks, fine_tune_lr,
-              sets, cv, resume, strategy, list_recipes, quiet, **overrides):
+              sets, cv, resume, strategy, cache_mb, list_recipes, quiet, **overrides):
     """Fine-tune MobileNetV2 on lung images and write a run folder.
 
     \b
@@ -93,11 +96,12 @@ def train_cmd(recipe_name, data_dir, out_dir, augment, class_weights, fine_tune_
             raise ConfigError("--resume is not supported with --cv; rerun the cross-validation into a new folder")
         from lungedge.train.training import cv_run
 
-        out = cv_run(recipe, data_dir, out_dir, cv, strategy=strategy, verbose=verbose)
+        out = cv_run(recipe, data_dir, out_dir, cv, strategy=strategy, verbose=verbose, cache_mb=cache_mb)
         click.echo(f"cross-validation written to {out}")
     else:
         from lungedge.train.training import train_run
 
-        out = train_run(recipe, data_dir, out_dir, resume=resume, strategy=strategy, verbose=verbose)
+        out = train_run(recipe, data_dir, out_dir, resume=resume, strategy=strategy, verbose=verbose,
+                        cache_mb=cache_mb)
         click.echo(f"run folder: {out}")
 

@@ -110,6 +110,46 @@ def test_run_folder_has_every_contract_file(run_dir):
     assert "Intended use" in card and "Limitations" in card and "patient-grouped" in card
 
 
+def test_images_beyond_the_cache_budget_are_cached_on_disk_and_removed(run_dir, data_dir, tmp_path):
+    """Budget 0: every split goes to the tf.data file cache in the run folder; training is
+    otherwise the same run, and the cache is gone afterwards. The default budget keeps this small
+    set in memory."""
+    from lungedge.train.training import train_run
+
+    m = json.loads((run_dir / "metrics.json").read_text())
+    n_train = m["counts"]["train"]
+    assert m["image_cache"] == {"budget_mb": 2048, "splits": {"train": "memory", "val": "memory", "test": "memory"},
+                                "shuffle_buffer": sum(n_train.values())}
+    out = train_run(tiny(epochs=1, fine_tune={"epochs": 0}), str(data_dir), str(tmp_path / "disk"), verbose=0,
+                    learning_floor=False, cache_mb=0)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["image_cache"] == {"budget_mb": 0, "splits": {"train": "disk", "val": "disk", "test": "disk"},
+                                "shuffle_buffer": sum(m["counts"]["train"].values())}  # under 1,000 images: all
+    assert not (out / ".image-cache").exists() and m["counts"]["test"]
+
+
+def test_cache_budget_and_shuffle_buffer_rules(monkeypatch):
+    from lungedge.edge_runtime.errors import ConfigError
+    from lungedge.edge_runtime.spec import Preprocessing
+    from lungedge.train.input_data import DEFAULT_CACHE_MB, cache_budget_mb, shuffle_buffer
+
+    monkeypatch.delenv("LUNGEDGE_CACHE_MB", raising=False)
+    assert cache_budget_mb() == DEFAULT_CACHE_MB and cache_budget_mb(10) == 10
+    monkeypatch.setenv("LUNGEDGE_CACHE_MB", "300")
+    assert cache_budget_mb() == 300 and cache_budget_mb(5) == 5
+    monkeypatch.setenv("LUNGEDGE_CACHE_MB", "lots")
+    with pytest.raises(ConfigError, match="LUNGEDGE_CACHE_MB"):
+        cache_budget_mb()
+    p224, p64 = Preprocessing(), Preprocessing(height=64, width=64)
+    # cached in memory: the whole split up to 10,000 images, as before the budget
+    assert shuffle_buffer(500, p224) == 500 and shuffle_buffer(112_000, p224) == 10_000
+    # cached on disk: an eighth of the budget, at least 1,000 images: the same for 5,000 and 20,000
+    budget = 2048 * 2**20
+    assert shuffle_buffer(20_000, p224, True, budget) == shuffle_buffer(112_000, p224, True, budget) == budget // 8 // (224 * 224 * 3)
+    assert shuffle_buffer(5_000, p64, True, 32 * 2**20) == shuffle_buffer(20_000, p64, True, 32 * 2**20) == 1000
+    assert shuffle_buffer(600, p64, True, 0) == 600
+
+
 def test_corrupt_file_is_reported_and_not_in_the_manifest(run_dir):
     m = json.loads((run_dir / "metrics.json").read_text())
     assert [Path(f["path"]).name for f in m["failures"]] == ["IM-9999-0001.jpeg"]

@@ -9,14 +9,53 @@ model, not the input, is the bottleneck.
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import numpy as np
 
+from lungedge.edge_runtime.errors import ConfigError
 from lungedge.edge_runtime.preprocess import load_pixels
 from lungedge.edge_runtime.spec import Preprocessing
 
 from .recipes import Augment
+
+
+#: Memory for decoded training images (MB). Splits that fit are cached in memory, in the order
+#: train, val, test; the rest on disk (tf.data file cache in the run folder, removed at the end).
+#: 2 GB holds 13,900 images at 224x224 RGB. Overridden by ``--cache-mb`` or LUNGEDGE_CACHE_MB.
+DEFAULT_CACHE_MB = 2048
+#: The training shuffle buffer: the whole split up to 10,000 images when the split is cached in
+#: memory (as before the budget existed); when it is cached on disk, an eighth of the budget and
+#: at least 1,000 images, so memory stays flat however large the data set.
+MAX_SHUFFLE = 10000
+MIN_DISK_SHUFFLE = 1000
+
+
+def cache_budget_mb(value: Optional[int] = None) -> int:
+    """The decoded-image cache budget: ``value``, else LUNGEDGE_CACHE_MB, else ``DEFAULT_CACHE_MB``."""
+    if value is None:
+        raw = os.environ.get("LUNGEDGE_CACHE_MB", "").strip()
+        if not raw:
+            return DEFAULT_CACHE_MB
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"LUNGEDGE_CACHE_MB must be a whole number of MB, got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"the image cache budget must be 0 MB or more, got {value}")
+    return value
+
+
+def image_bytes(prep: Preprocessing) -> int:
+    return prep.height * prep.width * prep.channels
+
+
+def shuffle_buffer(n: int, prep: Preprocessing, on_disk: bool = False, cache_bytes: int = 0) -> int:
+    """Images in the training shuffle buffer (see ``MAX_SHUFFLE``)."""
+    if not on_disk:
+        return max(1, min(n, MAX_SHUFFLE))
+    return max(1, min(n, MAX_SHUFFLE, max(MIN_DISK_SHUFFLE, cache_bytes // 8 // image_bytes(prep))))
 
 
 def decode_dataset(paths: Sequence[str], prep: Preprocessing):
@@ -77,6 +116,7 @@ def image_dataset(
     seed: int = 0,
     cache: str = "",
     decoded=None,
+    shuffle_size: Optional[int] = None,
 ):
     """Batched (images, labels) or images-only dataset for fit/predict.
 
@@ -90,6 +130,7 @@ def image_dataset(
         seed: shuffle/augmentation seed.
         cache: "" caches decoded images in memory, a path caches them in files, None disables.
         decoded: an already decoded (and cached) uint8 dataset to reuse instead of ``paths``.
+        shuffle_size: the training shuffle buffer in images (default ``shuffle_buffer(len(paths))``).
     """
     import tensorflow as tf
 
@@ -98,7 +139,7 @@ def image_dataset(
         images = images.cache(cache)
     ds = images if labels is None else tf.data.Dataset.zip((images, tf.data.Dataset.from_tensor_slices(np.asarray(labels, dtype=np.int64))))
     if training:
-        ds = ds.shuffle(min(len(paths), 10000), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(shuffle_size or shuffle_buffer(len(paths), prep), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     augmenter = build_augmenter(augment, seed) if (training and augment is not None) else None
 

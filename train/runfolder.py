@@ -29,6 +29,8 @@ METRICS = "metrics.json"
 CARD = "model_card.md"
 PLOTS = "plots"
 CHECKPOINTS = "checkpoints"
+#: decoded images beyond the memory budget (tf.data file cache), removed when training ends
+IMAGE_CACHE = ".image-cache"
 #: Every file a finished run has.
 CONTRACT = (MODEL, SPEC, RECIPE, MANIFEST, HISTORY, METRICS, CARD)
 SPLITS = ("train", "val", "test")

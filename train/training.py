@@ -10,6 +10,7 @@ for each fold of a stratified k-fold and writes the per-fold table with mean and
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import sys
 import time
@@ -33,7 +34,7 @@ from .data import (Dataset, class_weights, drop_unreadable, fingerprint, kfold_a
                    read_manifest, split_dataset, write_manifest)
 from .recipes import Recipe, get_recipe
 from .labels import resolve_label
-from .runfolder import CARD, CHECKPOINTS, HISTORY, MANIFEST, METRICS, MODEL, PLOTS, RECIPE, SPEC
+from .runfolder import CARD, CHECKPOINTS, HISTORY, IMAGE_CACHE, MANIFEST, METRICS, MODEL, PLOTS, RECIPE, SPEC
 from .tfimport import import_tf
 
 STRATEGIES = ("default", "mirrored", "multi-worker")
@@ -115,7 +116,8 @@ def _prepare_out(out: Path, recipe: Optional[Recipe], resume: bool) -> Recipe:
 
 
 def train_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, *, resume: bool = False,
-              strategy: str = "default", verbose: int = 1, learning_floor: bool = True) -> Path:
+              strategy: str = "default", verbose: int = 1, learning_floor: bool = True,
+              cache_mb: Optional[int] = None) -> Path:
     """Train one model and write a complete run folder.
 
     Args:
@@ -127,6 +129,8 @@ def train_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, *, 
         verbose: 0 silent, 1 Keras progress bars and messages, 2 one line per epoch.
         learning_floor: raise when the model did not learn (``edge_runtime.floor``); False only
             records the verdict (tests of the run-folder contract on tiny untrained models).
+        cache_mb: memory for decoded images, MB (``train.input_data.cache_budget_mb``: default
+            LUNGEDGE_CACHE_MB or 2048); splits beyond it are cached on disk in the run folder.
 
     Returns:
         The run folder.
@@ -147,15 +151,15 @@ def train_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, *, 
 
         scratch = tempfile.mkdtemp(prefix="lungedge-worker-")
         try:
-            _train_into(Path(scratch), recipe, data_dir, False, strategy, verbose, learning_floor)
+            _train_into(Path(scratch), recipe, data_dir, False, strategy, verbose, learning_floor, cache_mb)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return Path(out_dir)
-    return _train_into(Path(out_dir), recipe, data_dir, resume, strategy, verbose, learning_floor)
+    return _train_into(Path(out_dir), recipe, data_dir, resume, strategy, verbose, learning_floor, cache_mb)
 
 
 def _train_into(out: Path, recipe: Optional[Recipe], data_dir: str, resume: bool, strategy: str, verbose: int,
-                learning_floor: bool) -> Path:
+                learning_floor: bool, cache_mb: Optional[int] = None) -> Path:
     recipe = _prepare_out(out, recipe, resume)
     if resume and (out / MODEL).is_file() and (out / METRICS).is_file() and not (out / CHECKPOINTS).exists():
         _log(verbose, f"run in {out} is already complete")
@@ -167,7 +171,7 @@ def _train_into(out: Path, recipe: Optional[Recipe], data_dir: str, resume: bool
     else:
         assignment = split_dataset(ds, recipe.fractions, recipe.split, recipe.seed)
         write_manifest(manifest, ds, assignment)
-    ctx = _Context(strategy, verbose)
+    ctx = _Context(strategy, verbose, cache_mb)
     try:
         _fit_and_report(recipe, ds, assignment, out, ctx, learning_floor=learning_floor)
     finally:
@@ -176,7 +180,7 @@ def _train_into(out: Path, recipe: Optional[Recipe], data_dir: str, resume: bool
 
 
 def cv_run(recipe: Union[Recipe, str], data_dir: str, out_dir: str, k: int, *, strategy: str = "default",
-           verbose: int = 1, learning_floor: bool = True) -> Path:
+           verbose: int = 1, learning_floor: bool = True, cache_mb: Optional[int] = None) -> Path:
     """Stratified k-fold cross-validation (patient-grouped when the recipe's split is "grouped").
 
     Each fold is a complete run folder ``out_dir/fold_<i>`` (test = that fold; validation carved,
@@ -197,7 +201,7 @@ def cv_run(recipe: Union[Recipe, str], data_dir: str, out_dir: str, k: int, *, s
     ds = _checked_dataset(recipe, data_dir, verbose)
     train_f, val_f, _ = recipe.fractions
     folds = kfold_assignments(ds, k, val_f / (train_f + val_f), recipe.split, recipe.seed)
-    ctx = _Context(strategy, verbose)
+    ctx = _Context(strategy, verbose, cache_mb)
     try:
         rows = _cv_folds(recipe, ds, folds, out, ctx, learning_floor)
     finally:
@@ -275,9 +279,12 @@ class _Context:
     On a GPU the global Keras policy becomes mixed_float16 for training; ``close()`` puts it back
     (the pipeline converts in the same process, and conversion must see float32)."""
 
-    def __init__(self, strategy: str, verbose: int):
+    def __init__(self, strategy: str, verbose: int, cache_mb: Optional[int] = None):
+        from .input_data import cache_budget_mb
+
         tf, keras = import_tf()
         self.tf, self.keras, self.verbose = tf, keras, verbose
+        self.cache_bytes = cache_budget_mb(cache_mb) * 2**20
         self.gpu = bool(tf.config.list_physical_devices("GPU"))
         self._previous_policy = keras.mixed_precision.global_policy().name
         if self.gpu:
@@ -319,23 +326,48 @@ class _Splits:
     y: dict
     paths: dict
     decoded: dict = field(default_factory=dict)
+    cache_left: int = 0              # bytes of the memory budget not yet given to a split
+    cache_dir: Optional[Path] = None
+    cached_in: dict = field(default_factory=dict)  # split -> "memory" or "disk"
+    shuffle_size: Optional[int] = None              # the training shuffle buffer, images
 
     @classmethod
-    def of(cls, ds: Dataset, assignment: np.ndarray, recipe: Recipe) -> "_Splits":
+    def of(cls, ds: Dataset, assignment: np.ndarray, recipe: Recipe, cache_bytes: int = 0,
+           cache_dir: Optional[Path] = None) -> "_Splits":
+        from .input_data import image_bytes, shuffle_buffer
+
         index = {s: np.flatnonzero(assignment == s) for s in ("train", "val", "test")}
         for s, idx in index.items():
             if len(idx) == 0:
                 raise ConfigError(f"the {s} split is empty ({len(ds)} images); use more data or other fractions")
-        return cls(list(ds.class_names), preprocessing_for(recipe), index,
+        prep = preprocessing_for(recipe)
+        n = len(index["train"])
+        train_on_disk = cache_dir is not None and n * image_bytes(prep) > cache_bytes  # train is placed first
+        shuffle = shuffle_buffer(n, prep, train_on_disk, cache_bytes)
+        if shuffle < n:
+            # the shuffle buffer holds part of the split: put the files in a random order once, so
+            # the buffer's window is not one class (the folders list them class by class)
+            index["train"] = np.random.default_rng(recipe.seed).permutation(index["train"])
+        return cls(list(ds.class_names), prep, index,
                    {s: ds.labels[idx] for s, idx in index.items()},
-                   {s: [ds.paths[i] for i in idx] for s, idx in index.items()})
+                   {s: [ds.paths[i] for i in idx] for s, idx in index.items()},
+                   cache_left=cache_bytes, cache_dir=cache_dir, shuffle_size=shuffle)
 
     def images(self, s: str):
-        """Decoded uint8 images of split ``s``, cached in memory, shared by all phases."""
-        from .input_data import decode_dataset
+        """Decoded uint8 images of split ``s``, cached, shared by all phases: in memory while the
+        budget lasts (train first), else in a tf.data file cache under ``cache_dir``."""
+        from .input_data import decode_dataset, image_bytes
 
         if s not in self.decoded:
-            self.decoded[s] = decode_dataset(self.paths[s], self.prep).cache()
+            need = len(self.paths[s]) * image_bytes(self.prep)
+            if need <= self.cache_left or self.cache_dir is None:
+                self.cache_left -= need
+                self.cached_in[s] = "memory"
+                self.decoded[s] = decode_dataset(self.paths[s], self.prep).cache()
+            else:
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                self.cached_in[s] = "disk"
+                self.decoded[s] = decode_dataset(self.paths[s], self.prep).cache(str(self.cache_dir / s))
         return self.decoded[s]
 
     def counts(self) -> dict:
@@ -346,7 +378,17 @@ def _fit_and_report(recipe: Recipe, ds: Dataset, assignment: np.ndarray, out: Pa
                     features: Optional[np.ndarray] = None, learning_floor: bool = True) -> dict:
     """Train on ``assignment``'s train split, choose the threshold on val, evaluate on test, write everything."""
     t_start = time.perf_counter()
-    sp = _Splits.of(ds, assignment, recipe)
+    image_cache = out / IMAGE_CACHE
+    shutil.rmtree(image_cache, ignore_errors=True)  # a killed run's partial cache is not reusable
+    sp = _Splits.of(ds, assignment, recipe, ctx.cache_bytes, image_cache)
+    try:
+        return _fit_and_report_splits(recipe, ds, assignment, out, ctx, sp, features, learning_floor, t_start)
+    finally:
+        shutil.rmtree(image_cache, ignore_errors=True)
+
+
+def _fit_and_report_splits(recipe: Recipe, ds: Dataset, assignment: np.ndarray, out: Path, ctx: _Context,
+                           sp: "_Splits", features: Optional[np.ndarray], learning_floor: bool, t_start: float) -> dict:
     positive = (resolve_label(recipe.positive_label, sp.names) if recipe.target_recall
                 else _soft_label(recipe.positive_label, sp.names))
     built = ctx.build(recipe, len(sp.names))
@@ -440,6 +482,7 @@ def _fit_phase(recipe: Recipe, built, sp: _Splits, state, ctx: _Context, feature
                           validation_data=(features[sp.index["val"]], sp.y["val"]), **common)
         else:
             train_ds = image_dataset(sp.paths["train"], sp.y["train"], sp.prep, recipe.batch_size, training=True,
+                                     shuffle_size=sp.shuffle_size,
                                      augment=recipe.augmentation, seed=recipe.seed + len(state.history),
                                      decoded=sp.images("train"))
             val_ds = image_dataset(sp.paths["val"], sp.y["val"], sp.prep, recipe.batch_size, decoded=sp.images("val"))
@@ -507,6 +550,8 @@ def _write_run(out: Path, recipe: Recipe, built, spec: ModelSpec, sp: _Splits, p
         "argmax": evaluation["argmax"], "validation": evaluation["validation"], "counts": sp.counts(),
         "failures": ds.failures, "epochs_run": len(state.history), "train_seconds": round(seconds, 1),
         "epoch_seconds_total": round(state.seconds, 1), "device": ctx.device,
+        "image_cache": {"budget_mb": ctx.cache_bytes // 2**20, "splits": dict(sp.cached_in),
+                        "shuffle_buffer": sp.shuffle_size},
         "recipe": recipe.name, "data": str(ds.root), "learning_floor": verdict.to_dict(),
     })
     atomic_write_text(str(out / METRICS), json.dumps(metrics, indent=2))

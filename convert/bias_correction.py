@@ -185,10 +185,11 @@ def correct_biases(quantized: bytes, reference: bytes, images: np.ndarray, max_i
     from ai_edge_litert import schema_py_generated as schema
     from tqdm import tqdm
 
-    images = np.asarray(images, np.float32)
+    if not hasattr(images, "ndim"):
+        images = np.asarray(images, np.float32)
     if images.ndim != 4 or len(images) == 0:
         raise ModelError("bias correction needs calibration images (N, H, W, C)")
-    x = images[evenly_spaced(len(images), max_images)]
+    x = np.asarray(images[evenly_spaced(len(images), max_images)], np.float32)
     data = bytearray(quantized)
     model = schema.Model.GetRootAs(data, 0)
     ops = _correctable_ops(model, schema)

@@ -11,10 +11,42 @@ import numpy as np
 
 from lungedge.edge_runtime.data import list_labelled_folder
 from lungedge.edge_runtime.errors import ConfigError, ImageError
-from lungedge.edge_runtime.preprocess import preprocess
+from lungedge.edge_runtime.preprocess import load_pixels, normalize
 from lungedge.edge_runtime.spec import Preprocessing
 
 DEFAULT_COUNT = 300
+
+
+class NormalizedImages:
+    """Images kept as uint8 pixels (N, H, W, C) that read as the model's float32 input.
+
+    Indexing (an int, a slice or an index array) returns normalised float32 arrays, so the
+    images held during a conversion take a quarter of the memory (MobileNetV2 224, 522 test
+    images: 79 MB instead of 314 MB) and only the images in use are ever float.
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, pixels: np.ndarray, spec: Preprocessing):
+        self.pixels, self.spec = pixels, spec
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    @property
+    def shape(self) -> tuple:
+        return self.pixels.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.pixels.ndim
+
+    def __getitem__(self, index) -> np.ndarray:
+        return normalize(self.pixels[index], self.spec)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        x = normalize(self.pixels, self.spec)
+        return x if dtype is None else x.astype(dtype, copy=False)
 
 
 def stratified_pick(labels: Sequence[int], count: int, seed: int = 0) -> List[int]:
@@ -47,27 +79,24 @@ def stratified_pick(labels: Sequence[int], count: int, seed: int = 0) -> List[in
 
 
 def load_images(paths: Sequence[str], spec: Preprocessing, progress: bool = False,
-                desc: str = "preprocess") -> Tuple[np.ndarray, List[int], List[Tuple[str, str]]]:
-    """Preprocess images into one float32 array (N, H, W, C).
+                desc: str = "preprocess") -> Tuple[NormalizedImages, List[int], List[Tuple[str, str]]]:
+    """Decode and resize images through the shared preprocessing, kept as uint8.
 
     Returns:
-        (array, kept indices into ``paths``, failures as (path, reason)). Unreadable images
-        are skipped and reported, not fatal.
+        (images that read as the normalised float32 input, kept indices into ``paths``, failures
+        as (path, reason)). Unreadable images are skipped and reported, not fatal.
     """
     from tqdm import tqdm
 
-    arrays, kept, failures = [], [], []
+    pixels = np.empty((len(paths), spec.height, spec.width, spec.channels), np.uint8)
+    kept, failures = [], []
     for i, p in enumerate(tqdm(paths, desc=desc, unit="img", disable=not progress, leave=False)):
         try:
-            arrays.append(preprocess(p, spec))
+            pixels[len(kept)] = load_pixels(p, spec)
             kept.append(i)
         except ImageError as exc:
             failures.append((str(p), str(exc)))
-    if arrays:
-        x = np.stack(arrays).astype(np.float32, copy=False)
-    else:
-        x = np.zeros((0, spec.height, spec.width, spec.channels), np.float32)
-    return x, kept, failures
+    return NormalizedImages(pixels[: len(kept)], spec), kept, failures
 
 
 def calibration_from_files(paths: Sequence[str], labels: Sequence[int], spec: Preprocessing,

@@ -17,11 +17,14 @@ from lungedge.edge_runtime.spec import ModelSpec, Threshold
 
 
 def keras_probabilities(model, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Keras outputs for preprocessed images (N, H, W, C), as float64 probabilities."""
+    """Keras outputs for preprocessed images (N, H, W, C; an array or ``NormalizedImages``), as
+    float64 probabilities."""
     if len(x) == 0:
         return np.zeros((0, int(model.outputs[0].shape[-1])))
-    y = model.predict(x, batch_size=batch_size, verbose=0)
-    return np.asarray(y, np.float64)
+    # batch by batch: ``predict`` on the whole array would copy it into one tensor first
+    rows = [np.asarray(model.predict_on_batch(np.asarray(x[i:i + batch_size], np.float32)), np.float64)
+            for i in range(0, len(x), batch_size)]
+    return np.concatenate(rows)
 
 
 def tflite_probabilities(clf, x: np.ndarray, progress: bool = False, desc: str = "evaluate") -> np.ndarray:

@@ -97,6 +97,14 @@ def converter_versions() -> dict:
     return out
 
 
+def _float_images(images):
+    """Calibration images as the converter reads them: ``NormalizedImages`` as they are (normalised
+    one image at a time), anything else as a float32 array."""
+    from .calibration import NormalizedImages
+
+    return images if isinstance(images, NormalizedImages) else np.asarray(images, np.float32)
+
+
 def _representative(calibration: np.ndarray):
     def gen():
         for i in range(len(calibration)):
@@ -132,7 +140,7 @@ def tflite_bytes(model, variant: Variant, calibration: Optional[np.ndarray] = No
     if variant.float16_weights:
         conv.target_spec.supported_types = [tf.float16]
     if variant.calibrated:
-        conv.representative_dataset = _representative(np.asarray(calibration, np.float32))
+        conv.representative_dataset = _representative(_float_images(calibration))
     if variant.integer_only:
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     if variant.io_dtype in ("int8", "uint8"):
@@ -163,7 +171,7 @@ def _selective(tf, conv, model, variant: Variant, calibration: np.ndarray) -> by
     nodes = [it._get_tensor_details(op["outputs"][0], 0)["name"] for op in ops[: variant.float_stem_ops]]
     again = tf.lite.TFLiteConverter.from_keras_model(model)
     again.optimizations = [tf.lite.Optimize.DEFAULT]
-    again.representative_dataset = _representative(np.asarray(calibration, np.float32))
+    again.representative_dataset = _representative(_float_images(calibration))
     options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=nodes)
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=again, debug_dataset=_representative(np.asarray(calibration[:1], np.float32)),
@@ -218,7 +226,7 @@ def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Unio
     model = load_keras_model(model_or_path)
     check_classifier(model, spec)
     if calibration is not None:
-        calibration = np.asarray(calibration, np.float32)
+        calibration = _float_images(calibration)
         p = spec.preprocessing
         if calibration.ndim != 4 or calibration.shape[1:] != (p.height, p.width, p.channels):
             raise ConfigError(f"calibration must be an array (N, {p.height}, {p.width}, {p.channels}), "

@@ -91,12 +91,18 @@ def plot_tradeoff(rows: List[dict], path: str, title: str = "", note: str = "") 
 
     fig, ax = plt.subplots(figsize=(8, 5.2))
     biggest = max(r["size_mb"] for r in rows) or 1.0
-    for r in rows:
+    # names beside the markers, alternately above and below along the latency axis (neighbours
+    # are often a few hundredths of a ms apart); the full line per variant is in the legend
+    for k, r in enumerate(sorted(rows, key=lambda r: r["invoke_p50_ms"])):
         x, y = r["invoke_p50_ms"], 100 * r["accuracy"]
-        ax.scatter([x], [y], s=60 + 1400 * r["size_mb"] / biggest, alpha=0.55, edgecolors="black")
         agree = "" if r["agreement"] is None else f", agrees {100 * r['agreement']:.1f}%"
-        ax.annotate(f"{r['variant'] or r['model']}\n{r['size_mb']:.2f} MB{agree}", (x, y), fontsize=8,
-                    xytext=(8, 6), textcoords="offset points")
+        name = r["variant"] or r["model"]
+        ax.scatter([x], [y], s=60 + 1400 * r["size_mb"] / biggest, alpha=0.55, edgecolors="black",
+                   label=f"{name}: {100 * r['accuracy']:.2f}%, {r['size_mb']:.2f} MB, {x:.2f} ms{agree}")
+        ax.annotate(name, (x, y), fontsize=8, xytext=(10, 10 if k % 2 == 0 else -16), textcoords="offset points")
+    legend = ax.legend(fontsize=7, loc="upper right", markerscale=0.35, title="variant: accuracy, size, invoke p50",
+                       title_fontsize=7)
+    legend.get_frame().set_alpha(0.9)
     ys = [100 * r["accuracy"] for r in rows]
     lo, hi = min(ys), max(ys)
     ax.set_ylim(max(0.0, lo - max(2.0, (hi - lo))), min(100.5, hi + max(1.5, 0.5 * (hi - lo))))

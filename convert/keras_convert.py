@@ -157,14 +157,20 @@ def tflite_bytes(model, variant: Variant, calibration: Optional[np.ndarray] = No
         raise ModelError(f"TFLite conversion to {variant.name} failed: {first_line(exc, 300)}") from None
 
 
+#: calibration images of the conversion that only names the stem ops of a mixed variant
+NAMING_IMAGES = 4
+
+
 def _selective(tf, conv, model, variant: Variant, calibration: np.ndarray) -> bytes:
     """Quantise all but the first ``variant.float_stem_ops`` compute ops (left in float).
 
     The ops are found by converting once fully and reading the output tensor names of the
-    first compute ops; the debugger's denylist then keeps them in float.
+    first compute ops; the debugger's denylist then keeps them in float. That first conversion
+    only names the ops, so it calibrates on a few images (the names do not depend on them).
     """
     from ai_edge_litert.interpreter import Interpreter
 
+    conv.representative_dataset = _representative(np.asarray(calibration[:NAMING_IMAGES], np.float32))
     full = conv.convert()
     it = Interpreter(model_content=full)
     ops = [op for op in it._get_ops_details() if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE")]

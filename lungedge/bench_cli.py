@@ -44,11 +44,13 @@ def _default_out(models) -> str:
 @click.option("--no-isolate", is_flag=True, help="Run all models in this process (peak RSS is then shared).")
 @handle_errors
 def bench_cmd(models, images, threads, runs, warmup, backend, data, labels, out, compare, no_isolate):
-    """Benchmark TFLite models: start-up, first inference, latency percentiles, throughput,
-    peak RSS, delegate coverage and (with --data) accuracy.
+    """Benchmark TFLite models: start-up, first inference, latency percentiles, throughput
+    (one image at a time and pipelined), peak RSS, delegate coverage and (with --data) accuracy.
 
     Writes bench_report.json (schema lungedge.bench/1, raw timings included), bench_report.md
-    and bench_report.png. Each model runs in its own process; a model that fails to load, or
+    and bench_report.png; with --data also the trade-off (accuracy, agreement with float32,
+    size, latency per variant) in the Markdown and bench_tradeoff.png. The report names the CPU
+    features that decide int8 speed (VNNI/AMX on x86, dot product/i8mm on ARM). Each model runs in its own process; a model that fails to load, or
     unreadable images, are reported in the table and the other models still run.
 
     \b

@@ -146,10 +146,11 @@ def _bench_threads(path, sources, threads, runs, warmup, backend, labels, mean, 
     # the folder path as `lungedge classify` runs it: decoding on a worker pool overlapping invoke
     from .classifier import Failure, default_workers
 
-    batch = [cycle() for _ in range(max(runs, 2 * default_workers()))]
+    workers = default_workers()
+    batch = [cycle() for _ in range(max(runs, 2 * workers))]
     t0 = now()
-    done = sum(1 for r in clf.classify_many(batch) if not isinstance(r, Failure))
-    rec["workers"] = default_workers()
+    done = sum(1 for r in clf.classify_many(batch, workers=workers) if not isinstance(r, Failure))
+    rec["workers"] = workers
     rec["pipelined_ips"] = done / (now() - t0) if done else None
     rec["invoke_throughput_ips"] = 1e3 / rec["invoke"]["mean_ms"]
     del clf, interpreter
@@ -170,6 +171,9 @@ def _accuracy(path, data_dir, threads, backend, labels, mean, std) -> dict:
     return {"data": str(data_dir), "accuracy": m["accuracy"], "n": int(np.sum(m["confusion_matrix"])),
             "failures": len(m["failures"]), "decision": m["decision"],
             "macro_f1": m.get("macro", {}).get("f1"),
+            # what always answering the most frequent class would score on these images
+            "majority_rate": (float(np.max(np.sum(m["confusion_matrix"], axis=1)) / np.sum(m["confusion_matrix"]))
+                              if np.sum(m["confusion_matrix"]) else None),
             # per image, in folder order: the agreement between variants is computed from these
             "predictions": m["predictions"]}
 

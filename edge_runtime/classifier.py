@@ -631,10 +631,9 @@ def _prepare_ahead(prepare, items: Sequence, workers: int) -> Iterator:
     from concurrent.futures import ThreadPoolExecutor
 
     window: deque = deque()
-    pending = iter(items)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lungedge-decode") as pool:
         try:
-            for src, problem in pending:
+            for src, problem in items:
                 window.append(pool.submit(one, src, problem))
                 if len(window) >= 2 * workers:
                     yield window.popleft().result()

@@ -7,7 +7,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from .errors import ConfigError
 
@@ -79,15 +79,20 @@ def peak_rss_mb() -> float:
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 
 
-def cpu_model() -> str:
+def _cpuinfo(prefixes: tuple) -> Optional[str]:
+    """The value of the first /proc/cpuinfo line whose key starts with one of ``prefixes``."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                if line.lower().startswith(prefixes):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo(("model name", "hardware", "cpu model")) or platform.processor() or "unknown"
 
 
 #: CPU features that decide integer (int8) inference speed, as /proc/cpuinfo names them, and why.
@@ -116,15 +121,7 @@ def cpu_features() -> dict:
     arch = platform.machine().lower()
     arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
     known = INT8_FEATURES.get(arch, {})
-    flags: set = set()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith(("flags", "features")):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
+    flags = set((_cpuinfo(("flags", "features")) or "").split())
     return {"arch": arch, "read": bool(flags), "present": [f for f in known if f in flags],
             "absent": [f for f in known if f not in flags], "notes": known}
 

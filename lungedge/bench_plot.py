@@ -100,7 +100,7 @@ def plot_tradeoff(rows: List[dict], path: str, title: str = "", note: str = "") 
         ax.scatter([x], [y], s=60 + 1400 * r["size_mb"] / biggest, alpha=0.55, edgecolors="black",
                    label=f"{name}: {100 * r['accuracy']:.2f}%, {r['size_mb']:.2f} MB, {x:.2f} ms{agree}")
         ax.annotate(name, (x, y), fontsize=8, xytext=(10, 10 if k % 2 == 0 else -16), textcoords="offset points")
-    legend = ax.legend(fontsize=7, loc="upper right", markerscale=0.35, title="variant: accuracy, size, invoke p50",
+    legend = ax.legend(fontsize=7, loc="lower right", markerscale=0.35, title="variant: accuracy, size, invoke p50",
                        title_fontsize=7)
     legend.get_frame().set_alpha(0.9)
     ys = [100 * r["accuracy"] for r in rows]
@@ -110,10 +110,19 @@ def plot_tradeoff(rows: List[dict], path: str, title: str = "", note: str = "") 
     ax.set_xlim(0, max(xs) * 1.35)
     ax.set_xlabel(f"invoke p50 latency (ms, {rows[0]['threads']} thread(s)); lower is better")
     ax.set_ylabel(f"test accuracy (%, {rows[0]['n']} images)")
+    if rows[0].get("majority_rate") is not None:  # the floor any accuracy is read against
+        m = 100 * rows[0]["majority_rate"]
+        ax.axhline(m, color="grey", linestyle=":", linewidth=1)
+        ax.annotate(f"majority-class rate {m:.1f}%", (0, m), xytext=(4, 3), textcoords="offset points",
+                    fontsize=7, color="grey")
+        bottom, top = ax.get_ylim()
+        ax.set_ylim(min(bottom, m - 2), top)
     ax.set_title(textwrap.fill(title, 90), fontsize=9)
     ax.grid(alpha=0.3)
     if note:
-        fig.text(0.01, 0.01, textwrap.fill(note + " Marker area: file size.", 130), fontsize=7, va="bottom")
+        majority = ("" if rows[0].get("majority_rate") is None else
+                    f" Majority-class rate {100 * rows[0]['majority_rate']:.2f}% (always the most frequent class).")
+        fig.text(0.01, 0.01, textwrap.fill(note + " Marker area: file size." + majority, 130), fontsize=7, va="bottom")
     fig.tight_layout(rect=(0, 0.08 if note else 0, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -141,11 +141,16 @@ def tradeoff_rows(report: dict) -> List[dict]:
             pairs = [(a, b) for a, b in zip(pred, ref_pred) if a is not None and b is not None]
             agree = sum(a == b for a, b in pairs) / len(pairs) if pairs else None
         rows.append({"model": m.get("name"), "variant": m.get("variant"), "accuracy": m["accuracy"]["accuracy"],
+                     "majority_rate": m["accuracy"].get("majority_rate"),
                      "n": m["accuracy"].get("n"), "agreement": agree, "reference": ref.get("name"),
                      "size_mb": (m.get("size_bytes") or 0) / 1e6, "threads": run["threads"],
                      "invoke_p50_ms": (run.get("invoke") or {}).get("p50_ms"),
                      "e2e_p50_ms": (run.get("end_to_end") or {}).get("p50_ms")})
     return sorted(rows, key=lambda r: (r["invoke_p50_ms"] or 0))
+
+
+def _data_name(report: dict) -> str:
+    return next((m["accuracy"].get("data") for m in report.get("models", []) if m.get("accuracy")), "?")
 
 
 def cpu_features_text(machine: dict) -> str:
@@ -164,8 +169,10 @@ def format_tradeoff(report: dict) -> List[str]:
     if not rows:
         return []
     lines = ["", "## Trade-off: accuracy, agreement, size and latency per variant", "",
-             f"Agreement: the share of images given the same label as `{rows[0]['reference']}`. Latency at "
-             f"{rows[0]['threads']} thread(s). Chart: `bench_tradeoff.png`.", "",
+             f"Accuracy on `{_data_name(report)}` ({rows[0]['n']} images; always answering the most frequent "
+             f"class would score {_f(rows[0]['majority_rate'], '{:.2%}')}). Agreement: the share of images given "
+             f"the same label as `{rows[0]['reference']}`. Latency at {rows[0]['threads']} thread(s). "
+             "Chart: `bench_tradeoff.png`.", "",
              "| model | variant | accuracy | images | agreement | size MB | invoke p50 ms | e2e p50 ms |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

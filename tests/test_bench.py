@@ -238,6 +238,8 @@ def test_own_models_with_accuracy(tiny_mobilenet, tmp_path):
     want = sum(a == b for a, b in zip(preds["float32"], preds["int8"])) / 6
     trade = {r["variant"]: r for r in bench_report.tradeoff_rows(report)}
     assert trade["float32"]["agreement"] == 1.0 and trade["int8"]["agreement"] == pytest.approx(want)
+    assert trade["int8"]["majority_rate"] == pytest.approx(0.5)  # 3 images per class
+    assert "would score 50.00%" in md
     assert trade["int8"]["size_mb"] == pytest.approx(Path(tiny_mobilenet["int8"]).stat().st_size / 1e6)
     assert trade["int8"]["invoke_p50_ms"] == i8["runs"][0]["invoke"]["p50_ms"]
     assert "## Trade-off" in md and "int8-relevant CPU features" in md

@@ -87,6 +87,7 @@ class _ReferenceOutputs:
     def __init__(self, reference: bytes, names: List[str], x: np.ndarray, folder: str):
         ref = _interpreter(reference)
         by_name = {t["name"]: t["index"] for t in ref.get_tensor_details()}
+        by_name[MODEL_OUTPUT] = ref.get_output_details()[0]["index"]
         missing = [n for n in names if n not in by_name]
         if missing:
             raise ModelError(f"bias correction: the float32 reference has no tensor {missing[0][:80]!r}")
@@ -115,6 +116,30 @@ class _ReferenceOutputs:
         shape = self._shapes[k]
         count = int(np.prod(shape))
         return np.fromfile(self._files[k], np.float16, count=count, offset=i * count * 2).reshape(shape)
+
+
+#: The key of the model's output in ``_ReferenceOutputs``: an op whose output is the model's output
+#: (a logits classifier's last Dense) has the converter's renamed output tensor there, whatever
+#: its name in the float32 reference.
+MODEL_OUTPUT = "<model output>"
+
+
+def _reference_names(model, ops) -> List[str]:
+    """The reference tensor of each op: its output's name, or ``MODEL_OUTPUT`` for the graph's output,
+    directly or through one DEQUANTIZE (a float-output integer model)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    graph = model.Subgraphs(0)
+    outputs = set(graph.OutputsAsNumpy().tolist())
+    codes = [max(model.OperatorCodes(i).BuiltinCode(), model.OperatorCodes(i).DeprecatedBuiltinCode())
+             for i in range(model.OperatorCodesLength())]
+    dequantized = set()
+    for i in range(graph.OperatorsLength()):
+        op = graph.Operators(i)
+        if (codes[op.OpcodeIndex()] == schema.BuiltinOperator.DEQUANTIZE and op.OutputsLength()
+                and op.Outputs(0) in outputs):
+            dequantized.add(op.Inputs(0))
+    return [MODEL_OUTPUT if op.output in outputs or op.output in dequantized else op.name for op in ops]
 
 
 def _correctable_ops(model, schema) -> List[_Op]:
@@ -200,7 +225,7 @@ def correct_biases(quantized: bytes, reference: bytes, images: np.ndarray, max_i
     probe = _with_outputs(data, [op.output for op in ops])
     probe_model = schema.Model.GetRootAs(probe, 0)
     with tempfile.TemporaryDirectory(prefix="lungedge-bias-") as folder:
-        expected = _ReferenceOutputs(reference, [op.name for op in ops], x, folder)
+        expected = _ReferenceOutputs(reference, _reference_names(model, ops), x, folder)
         changes = []
         for k, op in enumerate(tqdm(ops, desc="bias correction", unit="layer", disable=not progress, leave=False)):
             it = _interpreter(probe)

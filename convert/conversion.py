@@ -16,8 +16,8 @@ from lungedge.edge_runtime.errors import ConfigError, ModelError
 from . import gate
 from .calibration import DEFAULT_COUNT, calibration_from_files, calibration_from_folder, load_images
 from .judge import compare, decide, keras_probabilities, rechoose_threshold, summarize, tflite_probabilities
-from .keras_convert import (check_classifier, convert_keras_model, converter_versions, load_keras_model,
-                            model_sha256, tflite_bytes, write_tflite)
+from .keras_convert import (check_classifier, convert_keras_model, converter_versions, integer_source,
+                            load_keras_model, model_sha256, tflite_bytes, write_tflite)
 from .report import report_paths, write_report
 from lungedge.train.runfolder import calibration_split, class_counts, eval_split, load_run, tflite_name
 from .variants import DEFAULT_VARIANTS, get_variant, parse_variants
@@ -93,7 +93,7 @@ def convert_run(
     val = _validation(run, progress) if rethreshold and spec.threshold is not None else None
     limits = (max_accuracy_drop, max_recall_drop)
     # the bias correction's float32 reference: converted once for all integer variants
-    reference = (tflite_bytes(model, get_variant("float32"), heatmap=heatmap)
+    reference = (tflite_bytes(integer_source(model, spec)[0], get_variant("float32"), heatmap=heatmap)
                  if calibration is not None and bias_correction else None)
     rows = []
     for v in chosen:

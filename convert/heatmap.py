@@ -64,7 +64,8 @@ def head_layers(model) -> Optional[Tuple[object, object, list]]:
 
 def heatmap_model(model):
     """The Keras model ``image -> [probabilities, heatmap]`` for ``model``, or None when its head
-    is not Dense(ReLU)* -> Dense -> softmax after global average pooling.
+    is not Dense(ReLU)* -> Dense -> softmax after global average pooling. For a logits model
+    (head ending in a linear Dense) the first output is its logits, as the default signature's.
 
     The probabilities path reuses ``model``'s own layers, so it is the same computation.
     """
@@ -76,18 +77,18 @@ def heatmap_model(model):
         return None
     base, pool, head = parts
     head = [l for l in head if not isinstance(l, keras.layers.Dropout)]
-    if head and _is_softmax(head[-1]):
+    if head and is_softmax(head[-1]):
         body = head[:-1]
-        if not body or _activation(body[-1]) != "linear":
+        if not body or activation_name(body[-1]) != "linear":
             return None
-    elif head and isinstance(head[-1], keras.layers.Dense) and _activation(head[-1]) == "softmax":
-        body = head
+    elif head and isinstance(head[-1], keras.layers.Dense) and activation_name(head[-1]) in ("softmax", "linear"):
+        body = head  # softmax inside the last Dense, or a logits model (``keras_convert.centred_logits_model``)
     else:
         return None
     if not all(isinstance(l, keras.layers.Dense) for l in body):
         return None
     hidden, out = body[:-1], body[-1]
-    if any(_activation(l) != "relu" for l in hidden):
+    if any(activation_name(l) != "relu" for l in hidden):
         return None
     image = keras.Input(tuple(model.input.shape[1:]), name="image")
     features = base(image, training=False)
@@ -120,15 +121,15 @@ def _fixed_dense(kernel: np.ndarray, name: str):
     return layer
 
 
-def _activation(layer) -> str:
+def activation_name(layer) -> str:
     act = getattr(layer, "activation", None)
     return getattr(act, "__name__", str(act))
 
 
-def _is_softmax(layer) -> bool:
+def is_softmax(layer) -> bool:
     import keras
 
-    return (isinstance(layer, keras.layers.Activation) and _activation(layer) == "softmax") or \
+    return (isinstance(layer, keras.layers.Activation) and activation_name(layer) == "softmax") or \
         isinstance(layer, keras.layers.Softmax)
 
 

@@ -60,10 +60,9 @@ def compare(keras_probs: np.ndarray, probs: np.ndarray, keras_pred: np.ndarray, 
 
 def rechoose_threshold(probs: np.ndarray, y_true: Sequence[int], labels: Sequence[str],
                        old: Threshold, chosen_on: str) -> Threshold:
-    """Re-choose a threshold for a quantised model by the training rule
-    (``edge_runtime.operating_point``): under the recall target (if any), the best
-    balanced accuracy, ties to the lower value. Used on the validation split only.
+    """Re-choose a threshold for a quantised model by the training rule recorded in ``old``
+    (``edge_runtime.operating_point``). Used on the validation split only.
     """
     value = operating_point(np.asarray(probs, np.float64), y_true, list(labels).index(old.label),
-                                   old.target_recall)
-    return Threshold(old.label, value, old.target_recall, chosen_on)
+                            old.target_recall, old.rule)
+    return Threshold(old.label, value, old.target_recall, chosen_on, old.rule)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 
 import hashlib
+import weakref
 
 import os
 from typing import Any, Optional, Union
@@ -81,6 +82,72 @@ def check_classifier(model, spec: ModelSpec) -> None:
         if not (np.all(y >= -1e-6) and np.allclose(y.sum(axis=1), 1.0, atol=1e-3)):
             raise ModelError("not a classifier: its outputs are not probabilities (no softmax at the end?); "
                              "set the spec's output to 'logits' if that is intended")
+
+
+def centred_logits_model(model):
+    """``model`` without its final softmax, its last Dense layer centred (the mean over classes
+    subtracted from its weights and bias, which softmax ignores), or None when the model does not
+    end in Dense -> softmax (a softmax activation layer, or a Dense layer with softmax activation),
+    at the top level or at the end of a nested Sequential head.
+
+    An integer variant quantises its output tensor to 256 levels: as probabilities, every confident
+    image lands on the same top level and the ranking (AUC) among them is lost; as logits the levels
+    span the evidence, and the device applies the softmax in float. Centred, two-class logits are
+    +-half the log-odds, which lets readers of the standard record get the same probabilities from
+    a per-class sigmoid (``edge_runtime.metadata.score_calibration_text``). The layers before the
+    last are shared with ``model``.
+    """
+    from .heatmap import activation_name, is_softmax
+
+    _, keras = import_tf()
+    last = model.layers[-1]
+    if isinstance(last, keras.Sequential):  # a nested head: rebuild it from its layers
+        chain = [l for l in last.layers if not isinstance(l, keras.layers.InputLayer)]
+        if len(chain) >= 2 and is_softmax(chain[-1]) and isinstance(chain[-2], keras.layers.Dense) \
+                and activation_name(chain[-2]) == "linear":
+            dense, prefix = chain[-2], chain[:-2]
+        elif isinstance(chain[-1], keras.layers.Dense) and activation_name(chain[-1]) == "softmax":
+            dense, prefix = chain[-1], chain[:-1]
+        else:
+            return None
+        x = last.input
+        for layer in prefix:
+            x = layer(x)
+    elif is_softmax(last):  # Dense -> Activation("softmax") at the top level
+        producer = getattr(last.input, "_keras_history", None)
+        dense = producer[0] if producer else None
+        if not isinstance(dense, keras.layers.Dense) or activation_name(dense) != "linear":
+            return None
+        x = dense.input
+    elif isinstance(last, keras.layers.Dense) and activation_name(last) == "softmax":
+        dense, x = last, last.input
+    else:
+        return None
+    weights = dense.get_weights()
+    kernel = weights[0] - weights[0].mean(axis=1, keepdims=True)
+    centred = keras.layers.Dense(dense.units, name="centred_logits", use_bias=dense.use_bias, dtype="float32")
+    centred.build((None, kernel.shape[0]))
+    centred.set_weights([kernel] + ([weights[1] - weights[1].mean()] if dense.use_bias else []))
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs  # one input stays a tensor, not a list
+    return keras.Model(inputs, centred(x), name=f"{model.name}_logits")
+
+
+#: model -> its centred-logits model: one per model, so that every conversion of it (the integer
+#: variants and their float32 reference for the bias correction) has the same tensor names
+_LOGITS_MODELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def integer_source(model, spec: ModelSpec):
+    """(Keras model, spec) that the integer variants are converted from: the centred-logits model
+    and ``output="logits"`` for a softmax classifier (``centred_logits_model``), else as given."""
+    if spec.output != "probabilities":
+        return model, spec
+    if model not in _LOGITS_MODELS:
+        _LOGITS_MODELS[model] = centred_logits_model(model)
+    logits = _LOGITS_MODELS[model]
+    if logits is None:
+        return model, spec
+    return logits, spec.replace(output="logits")
 
 
 def converter_versions() -> dict:
@@ -215,11 +282,15 @@ def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Unio
             int32 bias, in graph order, so its mean output on the calibration images matches
             the float32 model's (``convert.bias_correction``); recorded in the metadata.
         progress: a progress bar for the bias correction on stderr.
-        reference: the float32 ``.tflite`` of the same model for the bias correction (default:
-            converted here); pass it when converting several integer variants of one model
-            (with the same ``heatmap`` setting).
+        reference: the float32 ``.tflite`` of the model the integer variants are converted from
+            (``integer_source``) for the bias correction (default: converted here); pass it when
+            converting several integer variants of one model (with the same ``heatmap`` setting).
         heatmap: add the ``heatmap`` signature (class activation maps on the device); such a file
             has two subgraphs, which MediaPipe's ImageClassifier refuses.
+
+    The integer variants of a softmax classifier output centred logits (``integer_source``;
+    the record says ``output: logits`` and ``conversion.logits: centred``): the device applies the
+    softmax in float, so the quantised output keeps the float model's ranking.
 
     Returns:
         The ``.tflite`` file's bytes; the record is checked to read back.
@@ -241,6 +312,10 @@ def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Unio
     extra = dict(extra or {})
     if v.calibrated:
         extra.setdefault("calibration_images", int(len(calibration)) if calibration is not None else 0)
+        source, source_spec = integer_source(model, spec)
+        if source is not model:
+            model, spec = source, source_spec
+            extra["logits"] = "centred"
     data = tflite_bytes(model, v, calibration, heatmap=heatmap)
     if v.io_dtype == "uint8":
         data = pin_uint8_input(data, spec)

@@ -12,7 +12,7 @@ import numpy as np
 from .backend import Backend, load_backend
 from .data import expand_inputs
 from .dicom import DicomInfo, check_modality, expected_modalities
-from .decision import apply_threshold
+from .decision import apply_threshold, output_probabilities
 from .errors import (ConfigError, ImageError, InputError, LungedgeError, MissingDependencyError, ModelError,
                      OutputError)
 from .files import read_regular_file
@@ -548,7 +548,8 @@ class Classifier:
     def _run_heatmap(self, runner, inp: np.ndarray):
         _, run, pq, hq = runner
         out = run(image=inp)
-        probs, cams = _dequantize(out["probabilities"][0], pq), _dequantize(out["heatmap"][0], hq)
+        probs = output_probabilities(_dequantize(out["probabilities"][0], pq), self.spec.output, self.spec.temperature)
+        cams = _dequantize(out["heatmap"][0], hq)
         del out  # the runner's outputs are views into the interpreter
         return probs, cams
 
@@ -578,12 +579,7 @@ class Classifier:
         y = self._interpreter.get_tensor(self._out_index)[0]
         if self._out_q is not None:
             y = dequantize(y, *self._out_q)
-        else:
-            y = y.astype(np.float32)
-        if self.spec.output == "logits":
-            e = np.exp(y - y.max())
-            y = e / e.sum()
-        return y
+        return output_probabilities(y, self.spec.output, self.spec.temperature)
 
     def _decide(self, probs: np.ndarray):
         if self.use_threshold:

@@ -13,6 +13,27 @@ import numpy as np
 from .spec import Threshold
 
 
+#: Probabilities below this are clipped before their log is taken (temperature scaling of a
+#: probability output, whose quantised zero has no logarithm).
+_MIN_PROBABILITY = 1e-12
+
+
+def output_probabilities(y: np.ndarray, output: str = "probabilities", temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities from a model's output rows ``y`` (classes,) or (N, classes).
+
+    ``output`` "logits": softmax(y / temperature); "probabilities": y as it is at temperature 1,
+    else softmax(log(y) / temperature) (the same as scaling the logits the softmax saw).
+    """
+    y = np.asarray(y, dtype=np.float64)
+    if output == "probabilities":
+        if temperature == 1.0:
+            return y.astype(np.float32)
+        y = np.log(np.clip(y, _MIN_PROBABILITY, None))
+    z = y / float(temperature)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
 def apply_threshold(probs: np.ndarray, positive_index: Optional[int], value: Optional[float]) -> np.ndarray:
     """Predicted class per row of ``probs`` (N, classes); plain argmax when ``positive_index``
     or ``value`` is None."""

@@ -16,7 +16,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 from .errors import ConfigError, ModelError
 from .files import read_regular_file
 from .spec import ModelSpec
-from .tflite_metadata import (LABELS_FILE, STANDARD_NAME, StandardMetadata, append_associated_files,
+from .tflite_metadata import (CALIBRATION_FILE, LABELS_FILE, STANDARD_NAME, StandardMetadata, append_associated_files,
                               build_standard_metadata, parse_standard_metadata)
 
 METADATA_NAME = "lungedge"
@@ -291,7 +291,11 @@ def embed_spec(data: bytes, spec: ModelSpec) -> bytes:
     builder.CreateNumpyVector(placeholder)
     builder.Finish(model.Pack(builder), file_identifier=_TFLITE_IDENTIFIER)
     labels_txt = ("\n".join(spec.labels) + "\n").encode("utf-8")
-    out = bytearray(append_associated_files(bytes(builder.Output()), {LABELS_FILE: labels_txt}))
+    packed = {LABELS_FILE: labels_txt}
+    calibration = score_calibration_text(spec)
+    if calibration is not None:
+        packed[CALIBRATION_FILE] = calibration.encode("ascii")
+    out = bytearray(append_associated_files(bytes(builder.Output()), packed))
     a, b = metadata_spans(out, (INTEGRITY_NAME,))[INTEGRITY_NAME]
     view = memoryview(out)
     h = hashlib.sha256(view[:a])
@@ -344,7 +348,25 @@ def _standard_record(spec: ModelSpec, model, schema) -> bytes:
         color_space="RGB" if p.color_mode == "rgb" else "GRAYSCALE",
         mean=p.mean, std=p.std, input_range=input_range,
         output_range=(0.0, 1.0) if spec.output == "probabilities" else None,
+        score_calibration=score_calibration_text(spec) is not None,
     )
+
+
+def score_calibration_text(spec: ModelSpec) -> Optional[str]:
+    """The standard record's score calibration file for a two-class file whose output is centred
+    logits (``extra["conversion"]["logits"] == "centred"``, written by ``convert``), else None.
+
+    Centred, the two logits are +d/2 and -d/2 with d the log-odds, so each class's probability,
+    softmax(z / T), is the sigmoid of its own score alone: ``1 / (1 + exp(-(2 / T) * z_c))``, one
+    line ``scale,slope,offset`` = ``1,2/T,0`` per class. MediaPipe Tasks and the Task Library then
+    report the probabilities lungedge computes, temperature (site recalibration) included.
+    """
+    conversion = spec.extra.get("conversion") if isinstance(spec.extra, dict) else None
+    if (spec.output != "logits" or spec.num_classes != 2 or not isinstance(conversion, dict)
+            or conversion.get("logits") != "centred"):
+        return None
+    # one line per class and no trailing newline: MediaPipe counts an empty last line as a class
+    return "\n".join(f"1.0,{2.0 / spec.temperature!r},0.0" for _ in spec.labels)
 
 
 def read_standard(data: bytes, name: str = "<bytes>") -> Optional[StandardMetadata]:

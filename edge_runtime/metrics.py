@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -35,6 +35,32 @@ def binary_auc(positive_scores: Sequence[float], is_positive: Sequence[bool]) ->
     avg = first + (counts + 1) / 2.0
     ranks[order] = np.repeat(avg, counts)
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def bootstrap_auc(positive_scores: Sequence[float], is_positive: Sequence[bool], resamples: int = 2000,
+                  seed: int = 0, confidence: float = 0.95) -> Optional[Tuple[float, float]]:
+    """Percentile bootstrap interval of ``binary_auc``, resampling within each class (class counts
+    fixed); None if one class is absent. O(images) per resample: scores are ranked once, and each
+    resample only re-weights the ranked groups."""
+    s = np.asarray(positive_scores, dtype=np.float64)
+    y = np.asarray(is_positive, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    uniq, group = np.unique(s, return_inverse=True)
+    u = len(uniq)
+    rng = np.random.default_rng(seed)
+    rows = np.arange(resamples)[:, None] * u
+
+    def weights(members):  # (resamples, u): how often each score group is drawn
+        drawn = members[rng.integers(0, len(members), (resamples, len(members)))]
+        return np.bincount((drawn + rows).ravel(), minlength=resamples * u).reshape(resamples, u).astype(np.float64)
+
+    wp, wn = weights(group[y]), weights(group[~y])
+    below = np.cumsum(wn, axis=1) - wn
+    aucs = (wp * (below + 0.5 * wn)).sum(axis=1) / (n_pos * n_neg)
+    lo, hi = np.percentile(aucs, [(1 - confidence) / 2 * 100, (1 + confidence) / 2 * 100])
+    return float(lo), float(hi)
 
 
 def classification_metrics(
@@ -87,6 +113,8 @@ def classification_metrics(
         aucs = {name: binary_auc(probs[:, i], truth == i) for i, name in enumerate(class_names)}
         valid = [a for a in aucs.values() if a is not None]
         out["auc"] = {"per_class": aucs, "macro": float(np.mean(valid)) if valid else None}
+        if n == 2 and valid:  # two classes: one AUC, with its bootstrap interval (class 1 as positive)
+            out["auc"]["ci95"] = bootstrap_auc(probs[:, 1], truth == 1)
     return out
 
 
@@ -109,8 +137,10 @@ def format_report(m: dict) -> str:
         a = m[avg]
         lines.append(f"{avg + ' avg':<{w}}{a['precision']:>10.4f}{a['recall']:>10.4f}{a['f1']:>10.4f}{a['specificity']:>10.4f}{m['n']:>9d}")
     if m.get("auc") and m["auc"].get("macro") is not None:
+        ci = m["auc"].get("ci95")
         lines.append(f"\nROC AUC (one-vs-rest) macro {m['auc']['macro']:.4f}: " + ", ".join(
-            f"{k} {v:.4f}" for k, v in m["auc"]["per_class"].items() if v is not None))
+            f"{k} {v:.4f}" for k, v in m["auc"]["per_class"].items() if v is not None)
+            + (f" (bootstrap 95 % CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else ""))
     lines += ["", "confusion matrix (rows: true, columns: predicted)"]
     cw = max(8, *(len(n) for n in names)) + 2
     lines.append(" " * w + "".join(f"{n:>{cw}}" for n in names))

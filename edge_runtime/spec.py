@@ -21,6 +21,10 @@ SCHEMA = "lungedge.model/1"
 COLOR_MODES = ("rgb", "grayscale")
 RESIZE_METHODS = ("bilinear", "bicubic", "nearest", "lanczos", "box")
 OUTPUT_KINDS = ("probabilities", "logits")
+#: How a threshold is chosen under the recall target (``edge_runtime.operating_point``): "balanced"
+#: (the best balanced accuracy among the thresholds that meet it) or "fewest-false-positives"
+#: (the highest threshold that meets it).
+THRESHOLD_RULES = ("balanced", "fewest-false-positives")
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class Threshold:
     value: float
     target_recall: Optional[float] = None
     chosen_on: str = "validation"
+    rule: str = "balanced"
 
     def __post_init__(self) -> None:
         if not isinstance(self.label, str) or not self.label:
@@ -91,6 +96,8 @@ class Threshold:
             raise ConfigError(f"threshold target_recall must be in [0, 1] or null, got {_short(self.target_recall)}")
         if not isinstance(self.chosen_on, str):
             raise ConfigError(f"threshold chosen_on must be text, got {_short(self.chosen_on)}")
+        if self.rule not in THRESHOLD_RULES:
+            raise ConfigError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}, got {_short(self.rule)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -102,7 +109,11 @@ class Threshold:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything a runtime needs to use a classifier correctly."""
+    """Everything a runtime needs to use a classifier correctly.
+
+    ``temperature`` divides the logits before the softmax (for a probability output: the log
+    probabilities), as set by site recalibration (``edge_runtime.recalibration``); 1 changes nothing.
+    """
 
     labels: Tuple[str, ...]
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
@@ -115,6 +126,7 @@ class ModelSpec:
     training_fingerprint: Optional[str] = None
     source_model_sha256: Optional[str] = None
     extra: dict = field(default_factory=dict)
+    temperature: float = 1.0
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:
@@ -140,6 +152,9 @@ class ModelSpec:
         for name in ("versions", "extra"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name} must be an object, got {_short(getattr(self, name))}")
+        if not _is_number(self.temperature) or not 0.01 <= float(self.temperature) <= 100.0:
+            raise ConfigError(f"temperature must be a number from 0.01 to 100, got {_short(self.temperature)}")
+        object.__setattr__(self, "temperature", float(self.temperature))
         if not isinstance(self.output, str) or self.output not in OUTPUT_KINDS:
             raise ConfigError(f"output must be one of {', '.join(OUTPUT_KINDS)}, got {self.output!r}")
         for name, value in (("positive_label", self.positive_label),

@@ -28,6 +28,8 @@ STANDARD_NAME = "TFLITE_METADATA"
 FILE_IDENTIFIER = b"M001"
 MIN_PARSER_VERSION = "1.0.0"
 LABELS_FILE = "labels.txt"
+#: The score calibration parameters of a binary logits output (``TENSOR_AXIS_SCORE_CALIBRATION``).
+CALIBRATION_FILE = "score_calibration.txt"
 #: Refuse a standard metadata buffer or an associated labels file larger than this.
 MAX_STANDARD_BYTES = 4 * 2**20
 MAX_LABELS = 100_000
@@ -38,7 +40,9 @@ _FILE_TYPES = {0: "UNKNOWN", 1: "DESCRIPTIONS", 2: "TENSOR_AXIS_LABELS", 3: "TEN
                4: "TENSOR_AXIS_SCORE_CALIBRATION", 5: "VOCABULARY", 6: "SCANN_INDEX_FILE"}
 _TENSOR_AXIS_LABELS = 2
 _CONTENT_FEATURE, _CONTENT_IMAGE = 1, 2
-_UNIT_NORMALIZATION = 1
+_UNIT_NORMALIZATION, _UNIT_SCORE_CALIBRATION = 1, 2
+_TENSOR_AXIS_SCORE_CALIBRATION = 4
+_SCORE_IDENTITY = 0
 
 # field slots (declaration order in metadata_schema.fbs)
 _MM_NAME, _MM_DESCRIPTION, _MM_VERSION, _MM_SUBGRAPHS, _MM_AUTHOR, _MM_LICENSE, _MM_FILES, _MM_MIN_PARSER = range(8)
@@ -103,7 +107,7 @@ def build_standard_metadata(*, name: str, description: str, version: str, author
                             color_space: str, mean: Sequence[float], std: Sequence[float],
                             input_range: Tuple[float, float], output_range: Optional[Tuple[float, float]],
                             labels_file: str = LABELS_FILE, input_name: str = "image",
-                            output_name: str = "probability") -> bytes:
+                            output_name: str = "probability", score_calibration: bool = False) -> bytes:
     """A ``ModelMetadata`` flatbuffer (identifier ``M001``) for a one-input image classifier.
 
     Args:
@@ -113,6 +117,11 @@ def build_standard_metadata(*, name: str, description: str, version: str, author
             output of logits).
         labels_file: name of the ``TENSOR_AXIS_LABELS`` file of the output (packed separately
             with ``append_associated_files``).
+        score_calibration: the output is a score that readers turn into a probability with the
+            ``ScoreCalibrationOptions`` process unit (identity transform) and the per-class
+            ``scale,slope,offset`` lines of ``CALIBRATION_FILE`` (``TENSOR_AXIS_SCORE_CALIBRATION``,
+            packed separately): MediaPipe Tasks and the Task Library then report
+            ``scale / (1 + exp(-(slope * score + offset)))``.
     """
     import flatbuffers
 
@@ -183,12 +192,33 @@ def build_standard_metadata(*, name: str, description: str, version: str, author
     b.PrependUOffsetTRelativeSlot(_AF_DESCRIPTION, f_desc, 0)
     b.PrependInt8Slot(_AF_TYPE, _TENSOR_AXIS_LABELS, 0)
     label_file = b.EndObject()
-    files = tables([label_file])
-    out_name, out_desc = string(output_name), string("Probabilities of the labels respectively.")
+    out_files, out_units = [label_file], None
+    if score_calibration:
+        c_name, c_desc = string(CALIBRATION_FILE), string("Per class scale,slope,offset: the sigmoid that turns "
+                                                          "the output score into the class probability.")
+        b.StartObject(5)
+        b.PrependUOffsetTRelativeSlot(_AF_NAME, c_name, 0)
+        b.PrependUOffsetTRelativeSlot(_AF_DESCRIPTION, c_desc, 0)
+        b.PrependInt8Slot(_AF_TYPE, _TENSOR_AXIS_SCORE_CALIBRATION, 0)
+        out_files.append(b.EndObject())
+        b.StartObject(2)  # ScoreCalibrationOptions
+        b.PrependInt8Slot(0, _SCORE_IDENTITY, 0)
+        b.PrependFloat32Slot(1, 0.0, 0.0)
+        calibration = b.EndObject()
+        b.StartObject(2)  # ProcessUnit
+        b.PrependUint8Slot(_PU_TYPE, _UNIT_SCORE_CALIBRATION, 0)
+        b.PrependUOffsetTRelativeSlot(_PU_OPTIONS, calibration, 0)
+        out_units = tables([b.EndObject()])
+    files = tables(out_files)
+    out_name = string(output_name)
+    out_desc = string("Scores of the labels (centred logits); the score calibration turns them into probabilities."
+                      if score_calibration else "Probabilities of the labels respectively.")
     b.StartObject(7)
     b.PrependUOffsetTRelativeSlot(_TM_NAME, out_name, 0)
     b.PrependUOffsetTRelativeSlot(_TM_DESCRIPTION, out_desc, 0)
     b.PrependUOffsetTRelativeSlot(_TM_CONTENT, out_content, 0)
+    if out_units is not None:
+        b.PrependUOffsetTRelativeSlot(_TM_UNITS, out_units, 0)
     if out_stats is not None:
         b.PrependUOffsetTRelativeSlot(_TM_STATS, out_stats, 0)
     b.PrependUOffsetTRelativeSlot(_TM_FILES, files, 0)

@@ -293,6 +293,55 @@ def evaluate(model, data, threads, backend, labels, mean, std, no_threshold, no_
 
 
 @main.command()
+@click.option("--model", "-m", required=True, type=click.Path(dir_okay=False),
+              help="A lungedge .tflite model (its metadata is rewritten into the new file).")
+@click.option("--data", "-d", required=True, type=click.Path(file_okay=False),
+              help="The site's labelled images: DATA/<class>/<image>, folder names as the model's labels.")
+@click.option("--target-recall", required=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Recall of the disease class the new threshold must reach on these images, e.g. 0.95.")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="The new .tflite file.")
+@click.option("--positive-label", default=None, help="The disease class (default: the model's own).")
+@click.option("--temperature/--no-temperature", default=True, show_default=True,
+              help="Also fit a temperature (probabilities that match this site's frequencies; ranking unchanged).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Reliability diagram PNG (default: OUT with .reliability.png).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole record as JSON.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Interpreter threads.")
+@_workers_option
+@handle_errors
+def recalibrate(model, data, target_recall, out, positive_label, temperature, plot, as_json, threads, workers):
+    """Re-choose the decision threshold (and a temperature) on a site's own labelled images.
+
+    \b
+    Example:
+      lungedge recalibrate --model model_int8.tflite --data site_images --target-recall 0.95 --out site_int8.tflite
+
+    On the device, without TensorFlow. Prints sensitivity and specificity with bootstrap 95 %
+    intervals at the old and new thresholds. Refuses when the folder has too few disease images
+    to show the target: with n disease images all detected the one-sided 95 % lower bound of the
+    recall is 0.05^(1/n), so a target R needs n >= ln(0.05)/ln(R) (59 for 0.95). The new file's
+    metadata records the calibration set (count per class, content hash, date) next to the old
+    threshold. Unreadable images are listed with error: lines and left out (exit code 1).
+    """
+    from lungedge.edge_runtime.recalibration import format_recalibration, recalibrate_file
+
+    plot = plot or str(Path(out).with_suffix("")) + ".reliability.png"
+    done = recalibrate_file(model, data, target_recall, out, positive_label=positive_label, temperature=temperature,
+                            plot=plot, workers=workers, threads=threads, progress=sys.stderr.isatty())
+    sink = ResultSink()
+    if as_json:
+        sink.line(dumps_strict({"out": done.out, "plot": done.plot, "calibration_set": done.calibration_set,
+                                **done.result.to_dict(), "failures": list(done.failures)}, indent=2))
+    else:
+        for ln in format_recalibration(done):
+            sink.line(escape_text(ln))
+    sink.close()
+    for f in done.failures:
+        click.echo(f"error: {escape_text(f['error'])}", err=True)
+    sys.exit(EXIT_FAILED if done.failures else EXIT_OK)
+
+
+@main.command()
 @click.option("--model", "-m", required=True, help="A .tflite model (with lungedge metadata, or give --labels).")
 @_model_options
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
@@ -397,6 +446,16 @@ def _inspect_text(info: dict) -> list:
         lines.append(f"lungedge record: variant {spec.get('variant')}, recipe {spec.get('recipe')}, "
                      f"labels {spec['labels']}, decision "
                      + (f"{th['label']} if p >= {th['value']:.4f}" if th else "most probable class"))
+        if th:
+            lines.append(f"  threshold chosen on {th.get('chosen_on')} (target recall {th.get('target_recall')}, "
+                         f"rule {th.get('rule', 'balanced')})")
+        lines.append(f"  output {spec.get('output')}, softmax temperature {spec.get('temperature', 1.0):g}")
+        recal = (spec.get("extra") or {}).get("recalibration")
+        if isinstance(recal, dict):
+            cs, before = recal.get("calibration_set", {}), (recal.get("threshold") or {}).get("before")
+            lines.append(f"  recalibrated on {cs.get('images')} images {cs.get('per_class')} (sha256 "
+                         f"{str(cs.get('sha256'))[:16]}, {cs.get('date')}); threshold before: "
+                         + (f"{before['value']:.4f} ({before.get('chosen_on')})" if before else "none"))
     else:
         lines.append("lungedge record: none")
     sm = info["standard_metadata"]

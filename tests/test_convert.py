@@ -225,6 +225,10 @@ def test_every_variant_converts_loads_and_carries_metadata(tiny_run, converted):
         if VARIANTS[name].calibrated:
             assert spec.extra["conversion"]["calibration_images"] == 16
             assert spec.extra["conversion"]["bias_correction"]["layers"] >= 1
+            # integer files output centred logits (the device applies the softmax in float)
+            assert spec.output == "logits" and spec.extra["conversion"]["logits"] == "centred"
+        else:
+            assert spec.output == "probabilities" and "logits" not in spec.extra["conversion"]
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
 
 

@@ -90,6 +90,10 @@ def test_int8_agrees_with_keras_on_real_xrays(xray_dir, imagenet_weights, tmp_pa
           f"(bytes, x float32, accuracy, agreement, max|dp|): {summary}")
     assert report["test"]["n"] == 2 * TEST_PER_CLASS
     assert rows["int8"]["top1_agreement"] >= MIN_INT8_AGREEMENT, summary
+    # the int8 file outputs logits: it keeps the float model's ranking (issue 11: AUC within 0.01)
+    aucs = {k: rows[k]["metrics"]["auc"]["macro"] for k in ("float32", "int8")}
+    print(f"AUC on the test images: {aucs}")
+    assert abs(aucs["int8"] - aucs["float32"]) <= 0.01, aucs
     record = read_spec_from_file(rows["int8"]["file"]).extra["conversion"]
     # every op corrected: MobileNetV2's 52 convolutions and the head's Dense layer
     assert record["bias_correction"]["layers"] == 53 and record["calibration_images"] == 100

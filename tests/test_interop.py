@@ -6,6 +6,7 @@ with only standard metadata (Coral) need no flags.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,7 +41,12 @@ def test_every_variant_carries_both_records(interop_run, variant):
     spec, standard = read_spec(data), read_standard(data)
     assert spec.variant == variant and standard is not None
     assert standard.labels == spec.labels == ("NORMAL", "PNEUMONIA")
-    assert standard.packed_files == ("labels.txt",) and standard.min_parser_version == "1.0.0"
+    # integer files output centred logits: the standard record carries the sigmoid that gives
+    # third-party readers the same probabilities (checked with MediaPipe below)
+    calibrated = spec.output == "logits"
+    assert calibrated == (variant in ("int8", "uint8", "int8-float-io", "int8-mixed"))
+    assert standard.packed_files == (("labels.txt", "score_calibration.txt") if calibrated else ("labels.txt",))
+    assert standard.min_parser_version == "1.0.0"
     assert "NOT A MEDICAL DEVICE" in standard.license and variant in standard.version
     assert standard.inputs[0].color_space == "RGB"
     # stored as float32 in the standard record
@@ -167,3 +173,42 @@ def test_inspect_shows_both_records_tensors_and_operators(coral_dir):
     ops = {r["op"]: r for r in info["operators"]}
     assert ops["CONV_2D"]["count"] == 36 and 0 <= ops["CONV_2D"]["delegated"] <= 36
     assert sum(r["count"] for r in info["operators"]) == info["structure"]["operators"]
+
+
+@pytest.mark.needs_tf
+@pytest.mark.needs_shared
+def test_mediapipe_reads_a_recalibrated_file_as_lungedge_does(interop_run, xray_dir, fullres_dir, tmp_path):
+    """``lungedge recalibrate`` on the uint8 file (temperature and threshold re-chosen on 80 real
+    X-rays): MediaPipe's scores, through the standard record's score calibration (slope 2/T), are the
+    probabilities lungedge computes with the new temperature."""
+    mp = pytest.importorskip("mediapipe")
+    from mediapipe.tasks import python as mp_python
+    from mediapipe.tasks.python import vision
+
+    from lungedge.edge_runtime.data import list_labelled_folder
+    from lungedge.edge_runtime.metadata import read_spec, score_calibration_text
+    from lungedge.edge_runtime.preprocess import load_pixels
+    from lungedge.edge_runtime.recalibration import recalibrate_file
+
+    files = list_labelled_folder(str(xray_dir))
+    site = tmp_path / "site"
+    for c, name in enumerate(files.class_names):
+        (site / name).mkdir(parents=True)
+        for p in [p for p, y in zip(files.paths, files.labels) if y == c][-40:]:  # not the fixture's images
+            (site / name / Path(p).name).symlink_to(p)
+    out = tmp_path / "site_uint8.tflite"
+    done = recalibrate_file(str(interop_run / "model_uint8.tflite"), str(site), 0.9, str(out))
+    spec = read_spec(out.read_bytes())
+    assert spec.temperature == pytest.approx(done.result.temperature) and spec.temperature != 1.0
+    assert score_calibration_text(spec).startswith(f"1.0,{2.0 / spec.temperature!r},0.0")
+    clf = Classifier(out)
+    options = vision.ImageClassifierOptions(base_options=mp_python.BaseOptions(model_asset_path=str(out)), max_results=2)
+    worst = 0.0
+    with vision.ImageClassifier.create_from_options(options) as mpc:
+        for image in _fullres(fullres_dir):
+            ours = clf.classify(image)
+            pixels = load_pixels(image, clf.spec.preprocessing)
+            result = mpc.classify(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(pixels)))
+            for cat in result.classifications[0].categories:
+                worst = max(worst, abs(cat.score - ours.probabilities[cat.category_name]))
+    assert worst <= DEFAULT_SCORE_TOLERANCE, worst

@@ -305,3 +305,41 @@ def test_real_kermany_grouped_split_has_no_patient_on_two_sides(xray_dir):
     for g, s in zip(groups, r):
         mixed.setdefault(g, set()).add(s)
     assert sum(len(v) > 1 for v in mixed.values()) > 100
+
+
+def test_each_training_phase_early_stops_on_its_own(tmp_path):
+    """A new phase starts without a best value: fine-tuning keeps its own best epoch even when the
+    head phase had a lower validation loss (the checkpoint restores within the phase)."""
+    from lungedge.train.checkpoint import TrainState
+
+    s = TrainState(tmp_path)
+    assert s.start_phase("head") == 0
+    s.best, s.wait, s.epoch = 0.05, 3, 7
+    s.finish_phase()
+    assert s.start_phase("fine_tune") == 0 and s.best is None and s.wait == 0
+    s.best, s.epoch = 0.08, 2
+    s.save()
+    again = TrainState.load(tmp_path)  # a resumed run continues the phase with its own best
+    assert again.start_phase("fine_tune") == 2 and again.best == 0.08
+
+
+def test_site_shift_augmentation_and_its_phases():
+    import tensorflow as tf
+
+    from lungedge.train.input_data import build_augmenter, intensity_jitter
+
+    r = get_recipe("xray-pneumonia-plus").replace(augment={"gamma": 0.3, "blur": 1.0, "noise": 0.03, "crop": 0.1},
+                                                   augment_phases="fine_tune")
+    assert r.augmentation_in("head") is None and r.augmentation_in("fine_tune").gamma == 0.3
+    with pytest.raises(ConfigError, match="augment_phases"):
+        r.replace(augment_phases="sometimes")
+    with pytest.raises(ConfigError, match="augment.gamma"):
+        Augment(gamma=2.0)
+    a = r.augmentation
+    x = tf.constant(np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32"))
+    y = intensity_jitter(build_augmenter(a, 1)(x, training=True), a, 1)
+    assert y.shape == x.shape and float(tf.reduce_min(y)) >= 0.0 and float(tf.reduce_max(y)) <= 255.0
+    assert float(tf.reduce_mean(tf.abs(y - x))) > 1.0  # it changed the pixels
+    flat = tf.fill((2, 32, 32, 3), 64.0)  # gamma alone: a flat image stays flat, its level moves
+    g = intensity_jitter(flat, Augment(rotation=0, shift=0, zoom=0, brightness=0, contrast=0, gamma=0.5), 2)
+    assert float(tf.math.reduce_std(g[0])) < 1e-3 and abs(float(g[0, 0, 0, 0]) - 64.0) > 0.1

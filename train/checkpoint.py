@@ -62,9 +62,14 @@ class TrainState:
             "best": self.best, "wait": self.wait, "stopped": self.stopped, "seconds": self.seconds}, indent=1))
 
     def start_phase(self, name: str) -> int:
-        """Begin (or continue) phase ``name``; returns the epochs already completed in it."""
+        """Begin (or continue) phase ``name``; returns the epochs already completed in it.
+
+        Each phase early-stops on its own: a new phase starts without a best value, so its best
+        epoch is kept even when an earlier phase scored better on the monitored value (fine-tuning
+        with augmentation has a higher in-folder validation loss than the head trained on cached
+        features, yet generalises better; measured on the external dev set, train/README.md)."""
         if self.phase != name:
-            self.phase, self.epoch, self.wait, self.stopped = name, 0, 0, False
+            self.phase, self.epoch, self.wait, self.stopped, self.best = name, 0, 0, False, None
             self.save()
         return self.epoch
 

@@ -8,37 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from lungedge.edge_runtime.data import list_labelled_folder
+from lungedge.edge_runtime.data import list_labelled_folder, patient_id  # noqa: F401 - patient_id re-exported
 from lungedge.edge_runtime.errors import ConfigError
 from lungedge.edge_runtime.spec import Preprocessing
-
-
-# Kermany chest X-ray: personNNN_bacteria_MMM / personNNN_virus_MMM (pneumonia),
-# IM-PPPP-SSSS and NORMAL2-IM-PPPP-SSSS (normal). IM-PPPP and NORMAL2-IM-PPPP share one
-# numbering space here on purpose: 211 numbers occur with both prefixes, and whether they are
-# the same child is not documented, so they are treated as one patient (merging can only make
-# groups bigger, never leak a patient across splits).
-_PATIENT_PATTERNS = (
-    (re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+", re.IGNORECASE), lambda m: m.group(1).lower()),
-    (re.compile(r"^(?:NORMAL2-)?IM-(\d+)-\d+", re.IGNORECASE), lambda m: f"im-{int(m.group(1)):04d}"),
-)
-
-
-def patient_id(path: str) -> Optional[str]:
-    """The patient named in a Kermany file name, or None if the name carries none."""
-    name = Path(path).name
-    for pattern, make in _PATIENT_PATTERNS:
-        m = pattern.match(name)
-        if m:
-            return make(m)
-    return None
 
 
 @dataclass

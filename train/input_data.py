@@ -102,7 +102,27 @@ def build_augmenter(aug: Augment, seed: int):
         layers.append(keras.layers.RandomContrast(aug.contrast, value_range=(0.0, 255.0), seed=seed + 4))
     if aug.horizontal_flip:
         layers.append(keras.layers.RandomFlip("horizontal", seed=seed + 5))
+    if aug.crop > 0:  # at least (1 - crop) of each side, resized back: RandomZoom's zoom-in only
+        layers.append(keras.layers.RandomZoom((-aug.crop, 0.0), None, fill_mode="constant", seed=seed + 6))
+    if aug.blur > 0:
+        layers.append(keras.layers.RandomGaussianBlur(factor=1.0, kernel_size=max(3, 2 * int(np.ceil(2 * aug.blur)) + 1),
+                                                      sigma=(0.0, aug.blur), value_range=(0.0, 255.0), seed=seed + 7))
     return keras.Sequential(layers, name="augment") if layers else None
+
+
+def intensity_jitter(x, aug: Augment, seed: int):
+    """Per-image gamma and Gaussian noise (``Augment.gamma``, ``Augment.noise``) on float pixels
+    (B, H, W, C) in 0..255, clipped to that range."""
+    import tensorflow as tf
+
+    batch = tf.shape(x)[0]
+    if aug.gamma > 0:
+        g = tf.exp(tf.random.uniform((batch, 1, 1, 1), -aug.gamma, aug.gamma, seed=seed + 8))
+        x = 255.0 * tf.pow(tf.clip_by_value(x, 0.0, 255.0) / 255.0, g)
+    if aug.noise > 0:
+        sd = tf.random.uniform((batch, 1, 1, 1), 0.0, aug.noise * 255.0, seed=seed + 9)
+        x = x + sd * tf.random.normal(tf.shape(x), seed=seed + 10)
+    return tf.clip_by_value(x, 0.0, 255.0)
 
 
 def image_dataset(
@@ -147,6 +167,8 @@ def image_dataset(
         x = tf.cast(x, tf.float32)
         if augmenter is not None:
             x = tf.clip_by_value(augmenter(x, training=True), 0.0, 255.0)
+        if training and augment is not None and (augment.gamma > 0 or augment.noise > 0):
+            x = intensity_jitter(x, augment, seed)
         return normalize_tf(x, prep)
 
     if labels is None:

@@ -132,9 +132,12 @@ def _card_model(recipe, spec, seconds: float, device: str) -> List[str]:
                 + (f", early stopping on {recipe.monitor} (patience {recipe.patience}, best weights restored)"
                    if recipe.patience else "")
                 + (", class weights (balanced)" if recipe.class_weights else "")
-                + (", augmentation " + str(recipe.augmentation.__dict__) if recipe.augmentation else ", no augmentation")
-                + (f"; then {recipe.fine_tune.epochs} epochs fine-tuning the top {recipe.fine_tune.blocks} blocks at "
-                   f"{recipe.fine_tune.learning_rate}" if recipe.fine_tune.enabled else "")
+                + ((", augmentation" + (" (fine-tuning only) " if recipe.augment_phases == "fine_tune" else " ")
+                    + str(recipe.augmentation.__dict__)) if recipe.augmentation else ", no augmentation")
+                + (f"; then {recipe.fine_tune.epochs} epochs fine-tuning the top {recipe.fine_tune.blocks} blocks "
+                   f"(of 16; BatchNorm frozen) at {recipe.fine_tune.learning_rate}"
+                   + (" with cosine decay" if recipe.fine_tune.lr_schedule == "cosine" else "")
+                   + ("" if recipe.fine_tune.early_stopping else ", last epoch kept") if recipe.fine_tune.enabled else "")
                 + f". Took {seconds / 60:.1f} min on {device}.")
     return [
         "## Model",
@@ -146,7 +149,7 @@ def _card_model(recipe, spec, seconds: float, device: str) -> List[str]:
         f"- Output classes (in order): {', '.join(names)}.",
         training,
         "- Decision: " + (f"`{th.label}` when its probability >= {th.value:.4f} (chosen on the validation split for "
-                          f"recall >= {th.target_recall}), otherwise the most probable other class."
+                          f"recall >= {th.target_recall}, rule {th.rule}), otherwise the most probable other class."
                           if th else "the most probable class (argmax)."),
         "",
     ]
@@ -176,16 +179,16 @@ def _card_metrics(recipe, spec, metrics, argmax_metrics, val_metrics, verdict) -
     lines = ["", "## Test metrics", "",
              "Measured on this run's own test split: images from the same folder as the training images "
              "(in-folder), not from another hospital or time.", "",
-             "| decision | accuracy | macro precision | macro recall | macro F1 | weighted F1 | AUC (macro) |",
+             "| decision | accuracy | macro precision | macro recall | macro F1 | weighted F1 | AUC (macro; 95 % CI for two classes) |",
              "|---|---|---|---|---|---|---|"]
     for label, m in (("threshold" if th else "argmax", metrics), ("argmax", argmax_metrics if th else None),
                      ("validation (" + ("threshold" if th else "argmax") + ")", val_metrics)):
         if m is None:
             continue
-        auc = (m.get("auc") or {}).get("macro")
+        auc, ci = (m.get("auc") or {}).get("macro"), (m.get("auc") or {}).get("ci95")
         lines.append(f"| {label} | {m['accuracy']:.4f} | {m['macro']['precision']:.4f} | {m['macro']['recall']:.4f} | "
                      f"{m['macro']['f1']:.4f} | {m['weighted']['f1']:.4f} | "
-                     + (f"{auc:.4f} |" if auc is not None else "n/a |"))
+                     + (f"{auc:.4f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "") + " |" if auc is not None else "n/a |"))
     if verdict is not None:
         lines += ["", f"Learning floor ({verdict.status}): {verdict.sentence()}."]
     paper = next((v for k, v in PAPERS.items() if recipe.name.startswith(k)), None)
@@ -228,7 +231,9 @@ def _card_limitations(recipe, spec, is_ct: bool) -> List[str]:
     if not is_ct and not synthetic:
         lines.append(
             "- Validation scores on this data are an optimistic guide: earlier measurements on the patient-disjoint "
-            "official Kermany test split gave 0.75-0.90 accuracy for this kind of model (it over-calls pneumonia).")
+            "official Kermany test split gave 0.75-0.90 accuracy for this kind of model (it over-calls pneumonia). "
+            "Judge it on an external set (`python benchmarks/external_dev.py`) and recalibrate for a site "
+            "(`lungedge recalibrate`); the external X-ray dev set in ../shared is one hospital's images.")
     if spec.threshold:
         lines.append("- The threshold trades specificity for recall of the disease class; it was chosen on the "
                      "validation split, whose distribution may differ from deployment data.")

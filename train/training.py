@@ -298,8 +298,8 @@ class _Context:
 
     @staticmethod
     def feature_mode(recipe: Recipe) -> bool:
-        """Base frozen and no augmentation: the base's output is fixed, so compute it once."""
-        return recipe.augmentation is None and not recipe.from_scratch
+        """Base frozen and no augmentation in the head phase: the base's output is fixed, so compute it once."""
+        return recipe.augmentation_in("head") is None and not recipe.from_scratch
 
     def build(self, recipe: Recipe, num_classes: int):
         from .model import build_model
@@ -431,7 +431,7 @@ def _phases(recipe: Recipe) -> list:
     """(name, epochs, learning rate, schedule) of each training phase."""
     phases = [("head", recipe.epochs, recipe.learning_rate, recipe.lr_schedule)]
     if recipe.fine_tune.enabled:
-        phases.append(("fine_tune", recipe.fine_tune.epochs, recipe.fine_tune.learning_rate, "constant"))
+        phases.append(("fine_tune", recipe.fine_tune.epochs, recipe.fine_tune.learning_rate, recipe.fine_tune.lr_schedule))
     return phases
 
 
@@ -471,8 +471,9 @@ def _fit_phase(recipe: Recipe, built, sp: _Splits, state, ctx: _Context, feature
         _load_weights(fit_model, state.path(ck.LAST_WEIGHTS))
         ok = ck.load_optimizer(fit_model.optimizer, fit_model.trainable_variables, state.path(ck.LAST_OPTIMIZER))
         _log(ctx.verbose, f"resuming phase {phase} after epoch {start}" + ("" if ok else " (optimizer state not restored)"))
+    patience = recipe.patience if (phase != "fine_tune" or recipe.fine_tune.early_stopping) else 0
     if not state.stopped and start < epochs:
-        callback = ck.make_callback(state, built.model, recipe.monitor, recipe.patience, offset, ctx.verbose)
+        callback = ck.make_callback(state, built.model, recipe.monitor, patience, offset, ctx.verbose)
         n_trainable = sum(int(np.prod(v.shape)) for v in fit_model.trainable_variables)
         _log(ctx.verbose, f"phase {phase}: up to {epochs} epochs at lr {lr}, {n_trainable:,} trainable parameters"
                           + (" (head on cached base features)" if features is not None else ""))
@@ -483,11 +484,11 @@ def _fit_phase(recipe: Recipe, built, sp: _Splits, state, ctx: _Context, feature
         else:
             train_ds = image_dataset(sp.paths["train"], sp.y["train"], sp.prep, recipe.batch_size, training=True,
                                      shuffle_size=sp.shuffle_size,
-                                     augment=recipe.augmentation, seed=recipe.seed + len(state.history),
+                                     augment=recipe.augmentation_in(phase), seed=recipe.seed + len(state.history),
                                      decoded=sp.images("train"))
             val_ds = image_dataset(sp.paths["val"], sp.y["val"], sp.prep, recipe.batch_size, decoded=sp.images("val"))
             fit_model.fit(train_ds, validation_data=val_ds, shuffle=False, **common)
-    if recipe.patience and state.path(ck.BEST_WEIGHTS).is_file():
+    if patience and state.path(ck.BEST_WEIGHTS).is_file():
         _load_weights(built.model, state.path(ck.BEST_WEIGHTS))
         _log(ctx.verbose, f"restored the best weights ({recipe.monitor} {state.best:.4f})")
     ck.save_weights_atomic(built.model, state.path(f"phase_{phase}.weights.h5"))
@@ -508,9 +509,10 @@ def _choose_threshold(recipe: Recipe, positive, sp: _Splits, p_val: np.ndarray, 
     """The operating point on the validation split (``edge_runtime.operating_point``), if the recipe asks."""
     if not (recipe.target_recall and positive):
         return None
-    value = operating_point(p_val, sp.y["val"], sp.names.index(positive), recipe.target_recall)
-    _log(verbose, f"threshold: {positive} when p >= {value:.4f} (validation recall >= {recipe.target_recall})")
-    return Threshold(positive, value, recipe.target_recall, "validation")
+    value = operating_point(p_val, sp.y["val"], sp.names.index(positive), recipe.target_recall, recipe.threshold_rule)
+    _log(verbose, f"threshold: {positive} when p >= {value:.4f} (validation recall >= {recipe.target_recall}, "
+                  f"rule {recipe.threshold_rule})")
+    return Threshold(positive, value, recipe.target_recall, "validation", recipe.threshold_rule)
 
 
 def _evaluate(sp: _Splits, probs: dict, positive, threshold: Optional[Threshold]) -> dict:

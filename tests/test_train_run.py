@@ -67,10 +67,10 @@ def stand_in_weights() -> str:
 def tiny(name="xray-pneumonia-plus", **kw):
     from lungedge.train.recipes import get_recipe
 
-    # augmentation on: the full input pipeline every epoch (the plus recipe itself now trains its
-    # head on cached features, whose epochs are too quick to interrupt or to exercise tf.data)
+    # augmentation on in every phase: the full input pipeline every epoch (the plus recipe itself
+    # trains its head on cached features, whose epochs are too quick to interrupt or to exercise tf.data)
     base = dict(alpha=0.35, image_size=96, weights=stand_in_weights(), batch_size=8, epochs=2, patience=2,
-                fractions=(0.6, 0.2, 0.2), fine_tune={"epochs": 1, "blocks": 2}, augment=True)
+                fractions=(0.6, 0.2, 0.2), fine_tune={"epochs": 1, "blocks": 2}, augment=True, augment_phases="all")
     base.update(kw)
     return get_recipe(name, **base)
 

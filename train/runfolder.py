@@ -174,7 +174,7 @@ def eval_split(run: RunFolder, data_dir: Optional[str] = None) -> Tuple[Split, s
         return Split(files.paths, files.labels, f"--data {data_dir}"), f"labelled folder {data_dir}"
     test = run.split("test")
     if len(test):
-        return test, "test split of the run's split_manifest.csv"
+        return test, "test split of the run's split_manifest.csv (in-folder: the training images' folder, not another site)"
     val = run.split("val")
     if len(val):
         return val, "NO test split in the run's manifest: validation split used instead (optimistic)"

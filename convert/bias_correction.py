@@ -126,18 +126,19 @@ MODEL_OUTPUT = "<model output>"
 
 def _reference_names(model, ops) -> List[str]:
     """The reference tensor of each op: its output's name, or ``MODEL_OUTPUT`` for the graph's output,
-    directly or through one DEQUANTIZE (a float-output integer model)."""
+    directly or through one output adapter (DEQUANTIZE for a float output, QUANTIZE for uint8)."""
     from ai_edge_litert import schema_py_generated as schema
 
     graph = model.Subgraphs(0)
     outputs = set(graph.OutputsAsNumpy().tolist())
     codes = [max(model.OperatorCodes(i).BuiltinCode(), model.OperatorCodes(i).DeprecatedBuiltinCode())
              for i in range(model.OperatorCodesLength())]
+    # the converter's output adapters: int8 -> float (DEQUANTIZE) or int8 -> uint8 (QUANTIZE)
+    adapters = (schema.BuiltinOperator.DEQUANTIZE, schema.BuiltinOperator.QUANTIZE)
     dequantized = set()
     for i in range(graph.OperatorsLength()):
         op = graph.Operators(i)
-        if (codes[op.OpcodeIndex()] == schema.BuiltinOperator.DEQUANTIZE and op.OutputsLength()
-                and op.Outputs(0) in outputs):
+        if (codes[op.OpcodeIndex()] in adapters and op.OutputsLength() and op.Outputs(0) in outputs):
             dequantized.add(op.Inputs(0))
     return [MODEL_OUTPUT if op.output in outputs or op.output in dequantized else op.name for op in ops]
 

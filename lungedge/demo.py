@@ -41,15 +41,18 @@ def plan_demo(out: Path, images_per_class: Optional[int], epochs: Optional[int],
     except WeightsUnavailable as exc:
         log(f"note: {exc}")
         recipe = get_recipe("demo-scratch")
-        weights = ("none: ImageNet weights were not available (see the note above), so a small MobileNetV2 "
-                   f"(alpha {recipe.alpha}, {recipe.image_size} px) was trained whole from random initialisation.")
-        facts = {"imagenet_weights": False}
+        scratch = (f"so a small MobileNetV2 (alpha {recipe.alpha}, {recipe.image_size} px) was trained whole from "
+                   "random initialisation.")
+        weights = f"none: ImageNet weights were not available (see the note above), {scratch}"
+        # the report has no note above it: it says why, and how to provide the file, itself
+        facts = {"imagenet_weights": False, "weights_report": f"none: {exc}; {scratch}"}
     log(f"weights: {weights}")
     recipe = recipe.replace(seed=seed, **({"epochs": epochs} if epochs else {}))
     per_class = images_per_class or IMAGES_PER_CLASS[recipe.name]
     size = IMAGE_SIZE[recipe.name]
     data = make_demo_dataset(out / "data", per_class=per_class, size=size, seed=seed, progress=progress)
-    facts.update({"weights_sentence": weights, "images_per_class": per_class, "image_size": size})
+    facts.update({"weights_sentence": facts.pop("weights_report", weights), "images_per_class": per_class,
+                  "image_size": size})
     notes = [f"Data: {2 * per_class} procedurally generated {size}x{size} radiograph-like images (seed {seed}) in "
              f"`{data}`; they show that the pipeline works and say nothing about real radiographs.",
              f"Recipe `{recipe.name}`: {recipe.description}"]

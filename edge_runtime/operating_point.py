@@ -16,9 +16,6 @@ from .errors import ConfigError
 from .spec import THRESHOLD_RULES
 
 
-RULES = THRESHOLD_RULES
-
-
 def operating_point(probs: np.ndarray, y_true: Sequence[int], positive_index: int,
                            target_recall: Optional[float], rule: str = "balanced") -> float:
     """The threshold, among those whose recall of the positive class on these data is >= ``target_recall``,
@@ -38,8 +35,8 @@ def operating_point(probs: np.ndarray, y_true: Sequence[int], positive_index: in
     Raises:
         ConfigError: no positive example, or target out of range.
     """
-    if rule not in RULES:
-        raise ConfigError(f"threshold rule must be one of {', '.join(RULES)}, got {rule!r}")
+    if rule not in THRESHOLD_RULES:
+        raise ConfigError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}, got {rule!r}")
     probs = np.asarray(probs, dtype=np.float64)
     y = np.asarray(y_true)
     is_pos = y == positive_index

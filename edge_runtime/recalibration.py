@@ -35,7 +35,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from .decision import apply_threshold, output_probabilities
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, ModelError
 from .operating_point import operating_point
 from .spec import ModelSpec, Threshold
 
@@ -324,10 +324,10 @@ def recalibrate_file(model: str, data_dir: str, target_recall: float, out: str, 
     to ``plot`` when given.
 
     Raises:
-        ConfigError: a file without lungedge metadata, ``out`` the same file as ``model``, or a
-            folder that does not fit the model's labels.
-        InputError: too few disease images (see the module's rule) or no readable image.
-        ModelError: the model cannot be loaded.
+        ConfigError: ``out`` the same file as ``model``.
+        InputError: too few disease images (see the module's rule), no readable image, or a folder
+            that does not fit the model's labels.
+        ModelError: the model cannot be loaded, or has no lungedge metadata.
     """
     from .classifier import Classifier
     from .data import atomic_write_bytes
@@ -339,7 +339,7 @@ def recalibrate_file(model: str, data_dir: str, target_recall: float, out: str, 
     data = read_model_bytes(model)
     spec = read_spec(data, name=model)
     if spec is None:
-        raise ConfigError(f"{model!r} has no lungedge metadata: recalibration rewrites that record")
+        raise ModelError(f"{model!r} has no lungedge metadata: recalibration rewrites that record")
     clf = Classifier(model, threads=threads)
     try:
         outputs = labelled_outputs(clf, data_dir, progress=progress, workers=workers)

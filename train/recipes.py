@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple, Union
 
 from lungedge.edge_runtime.errors import ConfigError
-from lungedge.edge_runtime.operating_point import RULES
-from lungedge.edge_runtime.spec import COLOR_MODES, dataclass_from_dict, json_object
+from lungedge.edge_runtime.spec import COLOR_MODES, THRESHOLD_RULES, dataclass_from_dict, json_object
 
 SPLITS = ("random", "grouped")
 MONITORS = ("val_accuracy", "val_loss")
@@ -197,8 +196,8 @@ class Recipe:
             object.__setattr__(self, "target_recall", float(self.target_recall))
             if not self.positive_label:
                 raise ConfigError("target_recall needs positive_label (the disease class whose recall is targeted)")
-        if self.threshold_rule not in RULES:
-            raise ConfigError(f"threshold_rule must be one of {', '.join(RULES)}, got {self.threshold_rule!r}")
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise ConfigError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, got {self.threshold_rule!r}")
         if self.weights is None:
             object.__setattr__(self, "weights", "none")
         if not isinstance(self.weights, str) or not self.weights:

@@ -68,9 +68,11 @@ def tiny(name="xray-pneumonia-plus", **kw):
     from lungedge.train.recipes import get_recipe
 
     # augmentation on in every phase: the full input pipeline every epoch (the plus recipe itself
-    # trains its head on cached features, whose epochs are too quick to interrupt or to exercise tf.data)
+    # trains its head on cached features, whose epochs are too quick to interrupt or to exercise tf.data);
+    # label smoothing on, so the smoothed loss runs in a real fit with class weights
     base = dict(alpha=0.35, image_size=96, weights=stand_in_weights(), batch_size=8, epochs=2, patience=2,
-                fractions=(0.6, 0.2, 0.2), fine_tune={"epochs": 1, "blocks": 2}, augment=True, augment_phases="all")
+                fractions=(0.6, 0.2, 0.2), fine_tune={"epochs": 1, "blocks": 2}, augment=True, augment_phases="all",
+                label_smoothing=0.05)
     base.update(kw)
     return get_recipe(name, **base)
 
@@ -197,6 +199,38 @@ def test_unfreeze_top_leaves_lower_blocks_and_batchnorm_frozen():
     assert names and all(n.startswith(("block_15", "block_16", "Conv_1")) for n in names), names
     assert not any(isinstance(l, keras.layers.BatchNormalization) and l.trainable for l in built.base.layers)
 
+
+
+def test_label_smoothing_loss_is_kerass_smoothed_crossentropy():
+    import keras
+
+    from lungedge.train.model import smoothed_loss
+
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(3), size=8).astype("float32")
+    y = rng.integers(0, 3, size=8)
+    plain = keras.losses.SparseCategoricalCrossentropy(reduction=None)(y, p)
+    np.testing.assert_allclose(smoothed_loss(0.0, reduction=None)(y, p), plain, rtol=1e-6)
+    onehot = np.eye(3, dtype="float32")[y]
+    want = keras.losses.CategoricalCrossentropy(label_smoothing=0.1, reduction=None)(onehot, p)
+    got = smoothed_loss(0.1, reduction=None)(y.reshape(-1, 1), p)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # by hand: (1 - e) * -log p_y + e / K * sum_c -log p_c
+    hand = 0.9 * -np.log(p[np.arange(8), y]) + 0.1 / 3 * -np.log(p).sum(axis=1)
+    np.testing.assert_allclose(got, hand, rtol=1e-5)
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        tiny().replace(label_smoothing=0.7)
+
+
+def test_a_run_trained_with_label_smoothing_loads_in_a_fresh_process(run_dir):
+    # the run_dir recipe smooths labels, so model.keras names the project's loss; a new process
+    # (convert, evaluate) must load it without having trained
+    code = ("import sys; from lungedge.train.tfimport import load_keras_model; "
+            "m = load_keras_model(sys.argv[1]); print(m.output_shape)")
+    r = subprocess.run([sys.executable, "-c", code, str(run_dir / "model.keras")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(None, 2)" in r.stdout
 
 def test_threshold_gives_the_target_recall_on_validation(run_dir, data_dir):
     """Re-predict the validation files with the saved model and check the stored operating point."""

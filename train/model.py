@@ -7,6 +7,7 @@ inside) and outputs softmax probabilities over the classes (also for two classes
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,13 +93,49 @@ def unfreeze_top(base, blocks: int) -> int:
     return len(base.trainable_weights)
 
 
-def compile_model(model, learning_rate: float, schedule: str = "constant", total_steps: int = 0) -> None:
-    """Adam at ``learning_rate``; with ``schedule="cosine"`` decayed to 0 over ``total_steps``."""
+def smoothed_loss(label_smoothing: float, **kwargs):
+    """The training loss: cross-entropy on integer labels; with ``label_smoothing`` e > 0, Keras's
+    categorical cross-entropy against one-hot targets smoothed to (1 - e) * onehot + e / classes
+    (Keras's sparse loss has no smoothing option). ``kwargs`` go to the Keras loss (``reduction``)."""
+    import keras
+
+    if not label_smoothing:
+        return keras.losses.SparseCategoricalCrossentropy(**kwargs)
+    return register_custom_objects()(label_smoothing, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def register_custom_objects():
+    """Define and register (with Keras's serialisation registry) the project's custom loss, so a
+    saved ``model.keras`` that names it can be loaded; returns its class. Keras is imported here,
+    not when this module is."""
+    import keras
+
+    @keras.saving.register_keras_serializable(package="lungedge")
+    class SmoothedSparseCrossentropy(keras.losses.Loss):
+        def __init__(self, label_smoothing: float = 0.0, name: str = "smoothed_sparse_crossentropy", **kwargs):
+            super().__init__(name=name, **kwargs)
+            self.label_smoothing = float(label_smoothing)
+
+        def call(self, y_true, y_pred):
+            classes = keras.ops.shape(y_pred)[-1]
+            onehot = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), classes)
+            return keras.losses.categorical_crossentropy(onehot, y_pred, label_smoothing=self.label_smoothing)
+
+        def get_config(self):
+            return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+    return SmoothedSparseCrossentropy
+
+
+def compile_model(model, learning_rate: float, schedule: str = "constant", total_steps: int = 0,
+                  label_smoothing: float = 0.0) -> None:
+    """Adam at ``learning_rate``; with ``schedule="cosine"`` decayed to 0 over ``total_steps``;
+    the loss of ``smoothed_loss``."""
     import keras
 
     lr = learning_rate
     if schedule == "cosine" and total_steps > 0:
         lr = keras.optimizers.schedules.CosineDecay(learning_rate, total_steps)
-    model.compile(optimizer=keras.optimizers.Adam(lr),
-                  loss=keras.losses.SparseCategoricalCrossentropy(),
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss=smoothed_loss(label_smoothing),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])

@@ -133,6 +133,7 @@ class Recipe:
     lr_schedule: str = "constant"
     head_units: int = 128
     dropout: float = 0.5
+    label_smoothing: float = 0.0
     augment: Union[bool, Augment] = False
     augment_phases: str = "all"
     class_weights: bool = False
@@ -173,6 +174,9 @@ class Recipe:
         if not _is_number(self.dropout) or not 0.0 <= float(self.dropout) < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         object.__setattr__(self, "dropout", float(self.dropout))
+        if not _is_number(self.label_smoothing) or not 0.0 <= float(self.label_smoothing) < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
+        object.__setattr__(self, "label_smoothing", float(self.label_smoothing))
         if isinstance(self.augment, dict):
             object.__setattr__(self, "augment", _build(Augment, self.augment, "augment"))
         elif self.augment is True:

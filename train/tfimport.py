@@ -86,6 +86,9 @@ def load_keras_model(path):
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"Keras model not found: {str(p)!r}")
+    from .model import register_custom_objects
+
+    register_custom_objects()  # a run saved with label smoothing names the project's loss
     try:
         return keras.models.load_model(str(p), compile=False)
     except Exception as exc:

@@ -463,7 +463,7 @@ def _fit_phase(recipe: Recipe, built, sp: _Splits, state, ctx: _Context, feature
     fit_model = built.head if features is not None else built.model
     steps_per_epoch = -(-len(sp.index["train"]) // recipe.batch_size)
     with ctx.strategy.scope():
-        compile_model(fit_model, lr, schedule, epochs * steps_per_epoch)
+        compile_model(fit_model, lr, schedule, epochs * steps_per_epoch, recipe.label_smoothing)
     if state.done:  # a later phase starts from the end of the previous one
         _load_weights(built.model, state.path(f"phase_{state.done[-1]}.weights.h5"))
     start = state.start_phase(phase)

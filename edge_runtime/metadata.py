@@ -336,6 +336,8 @@ def _standard_record(spec: ModelSpec, model, schema) -> bytes:
     threshold = spec.threshold
     decision = (f" lungedge applies a decision threshold ({threshold.label} if p >= {threshold.value:.4f}); "
                 "readers of this record see the scores only." if threshold else "")
+    if p.contrast_text:
+        decision += f" Apply {p.contrast_text} to the resized image before the model, as lungedge does."
     version = spec.versions.get("lungedge") if isinstance(spec.versions, dict) else None
     return build_standard_metadata(
         name=f"lungedge {spec.recipe or 'image'} classifier",

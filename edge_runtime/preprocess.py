@@ -3,7 +3,8 @@
 ``preprocess(source, spec)`` decodes an image (path, bytes, Pillow image or array; DICOM through
 ``edge_runtime.dicom`` when pydicom is installed), applies
 its EXIF orientation, brings it to the model's colour mode, resizes it with the model's
-method to the model's size and normalises it as ``(pixel - mean) / std``. Large JPEGs are
+method to the model's size, equalises its contrast when the model says so (CLAHE,
+``edge_runtime.contrast``) and normalises it as ``(pixel - mean) / std``. Large JPEGs are
 decoded with Pillow's draft mode (DCT scaling) first, which is several times faster and is
 used in training too, so that the device sees exactly what the model was trained on.
 """
@@ -19,6 +20,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .contrast import apply_contrast
 from .dicom import DicomInfo, is_dicom, read_dicom
 from .errors import ImageError, first_line
 from .files import open_regular_file
@@ -85,7 +87,7 @@ def preprocess(source: ImageSource, spec: Preprocessing) -> np.ndarray:
 
 
 def load_pixels(source: ImageSource, spec: Preprocessing) -> np.ndarray:
-    """Decode and resize to a uint8 array (height, width, channels); no normalisation.
+    """Decode, resize and (when the model says so) equalise to a uint8 array (height, width, channels); no normalisation.
 
     Raises:
         ImageError: any problem with this one image (every exception of the decoders included),
@@ -105,12 +107,14 @@ def load_image(source: ImageSource, spec: Preprocessing, name: Optional[str] = N
         ImageError: as ``load_pixels``.
     """
     if isinstance(source, np.ndarray):
-        return _array_pixels(source, spec), None
-    if isinstance(source, Image.Image):
-        return _guarded(lambda: _image_pixels(source, spec, "<image>"), "<image>"), None
-    if name is None:
-        name = "<bytes>" if isinstance(source, (bytes, bytearray)) else os.fsdecode(source)
-    return _guarded(lambda: _decode(source, spec, name), name)
+        pixels, info = _array_pixels(source, spec), None
+    elif isinstance(source, Image.Image):
+        pixels, info = _guarded(lambda: _image_pixels(source, spec, "<image>"), "<image>"), None
+    else:
+        if name is None:
+            name = "<bytes>" if isinstance(source, (bytes, bytearray)) else os.fsdecode(source)
+        pixels, info = _guarded(lambda: _decode(source, spec, name), name)
+    return apply_contrast(pixels, spec.contrast, spec.clahe_clip_limit, spec.clahe_tiles), info
 
 
 def _source_file(stack: contextlib.ExitStack, source, name: str):

@@ -19,6 +19,7 @@ from .errors import ConfigError
 
 SCHEMA = "lungedge.model/1"
 COLOR_MODES = ("rgb", "grayscale")
+CONTRAST_METHODS = ("none", "clahe")
 RESIZE_METHODS = ("bilinear", "bicubic", "nearest", "lanczos", "box")
 OUTPUT_KINDS = ("probabilities", "logits")
 #: How a threshold is chosen under the recall target (``edge_runtime.operating_point``): "balanced"
@@ -33,6 +34,8 @@ class Preprocessing:
 
     The float input is ``(pixel - mean) / std`` per channel, pixels in 0..255.
     MobileNetV2's own ``preprocess_input`` is mean=127.5, std=127.5 (range -1..1).
+    ``contrast`` "clahe" equalises the resized image first (``edge_runtime.contrast``, OpenCV's
+    CLAHE with ``clahe_clip_limit`` and ``clahe_tiles`` x ``clahe_tiles`` tiles); "none" leaves it.
     """
 
     height: int = 224
@@ -41,6 +44,9 @@ class Preprocessing:
     resize: str = "bilinear"
     mean: Tuple[float, ...] = (127.5,)
     std: Tuple[float, ...] = (127.5,)
+    contrast: str = "none"
+    clahe_clip_limit: float = 2.0
+    clahe_tiles: int = 8
 
     def __post_init__(self) -> None:
         for name in ("height", "width"):
@@ -55,6 +61,15 @@ class Preprocessing:
         object.__setattr__(self, "std", _floats("std", self.std, self.channels))
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"std must be positive, got {self.std!r}")
+        if not isinstance(self.contrast, str) or self.contrast not in CONTRAST_METHODS:
+            raise ConfigError(f"contrast must be one of {', '.join(CONTRAST_METHODS)}, got {_short(self.contrast)}")
+        clip = self.clahe_clip_limit
+        if not _is_number(clip) or not 0.0 <= float(clip) <= 256.0:
+            raise ConfigError(f"clahe_clip_limit must be a number from 0 to 256, got {_short(clip)}")
+        object.__setattr__(self, "clahe_clip_limit", float(clip))
+        tiles = self.clahe_tiles
+        if not isinstance(tiles, int) or isinstance(tiles, bool) or not 1 <= tiles <= 64 or tiles > min(self.height, self.width):
+            raise ConfigError(f"clahe_tiles must be an integer from 1 to 64 and at most the image side, got {_short(tiles)}")
 
     @property
     def channels(self) -> int:
@@ -65,9 +80,19 @@ class Preprocessing:
         """(width, height), Pillow's order."""
         return (self.width, self.height)
 
+    @property
+    def contrast_text(self) -> str:
+        """The contrast step in words for reports ("" when there is none)."""
+        if self.contrast != "clahe":
+            return ""
+        return f"CLAHE (OpenCV's, clip limit {self.clahe_clip_limit:g}, {self.clahe_tiles}x{self.clahe_tiles} tiles)"
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if self.contrast == "none":  # files without contrast normalisation read as before
+            for name in ("contrast", "clahe_clip_limit", "clahe_tiles"):
+                del d[name]
         return d
 
     @classmethod

@@ -429,6 +429,8 @@ def inspect(model, threads, backend, labels, mean, std, no_threshold, no_guard, 
 
 
 def _inspect_text(info: dict) -> list:
+    from lungedge.edge_runtime.spec import Preprocessing
+
     def tensor(t):
         q = t["quantization"]
         qs = f"scale {q['scale']:.7g} zero point {q['zero_point']}" if q else "not quantised"
@@ -474,7 +476,9 @@ def _inspect_text(info: dict) -> list:
     if info.get("standard_metadata_error"):
         lines.append(f"  unreadable: {info['standard_metadata_error']}")
     p = info["preprocessing_used"]
-    lines += [f"preprocessing used: {p['height']}x{p['width']} {p['color_mode']}, {p['resize']}, "
+    contrast = Preprocessing.from_dict(p).contrast_text
+    clahe = f"{contrast}, " if contrast else ""
+    lines += [f"preprocessing used: {p['height']}x{p['width']} {p['color_mode']}, {p['resize']}, {clahe}"
               f"(pixel - {p['mean']}) / {p['std']}",
               f"input   {tensor(info['input'])}", f"output  {tensor(info['output'])}"]
     ops = info["operators"]

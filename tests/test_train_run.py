@@ -89,7 +89,8 @@ def run_dir(data_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("runs") / "plus"
     # patience 0: keep the last weights (with early stopping, the best could be from before fine-tuning)
-    recipe = tiny(patience=0, fine_tune={"epochs": 1, "blocks": 2, "learning_rate": 1e-3})
+    # CLAHE on: the run's spec records it, and the threshold test below re-predicts through it
+    recipe = tiny(patience=0, fine_tune={"epochs": 1, "blocks": 2, "learning_rate": 1e-3}, contrast="clahe")
     return train_run(recipe, str(data_dir), str(out), verbose=0, learning_floor=False)
 
 
@@ -100,6 +101,7 @@ def test_run_folder_has_every_contract_file(run_dir):
     spec = ModelSpec.from_json((run_dir / "spec.json").read_text())
     assert spec.labels == ("NORMAL", "PNEUMONIA") and spec.positive_label == "PNEUMONIA"
     assert spec.preprocessing.height == 96 and spec.variant is None and spec.recipe == "xray-pneumonia-plus"
+    assert spec.preprocessing.contrast == "clahe" and spec.preprocessing.clahe_tiles == 8
     assert spec.training_fingerprint.startswith("sha256:") and spec.threshold.target_recall == 0.95
     history = list(csv.DictReader(open(run_dir / "history.csv")))
     assert [r["phase"] for r in history] == ["head", "head", "fine_tune"]
@@ -110,6 +112,7 @@ def test_run_folder_has_every_contract_file(run_dir):
     assert set(m["per_class"]["NORMAL"]) >= {"precision", "recall", "f1", "specificity", "support"}
     card = (run_dir / "model_card.md").read_text()
     assert "Intended use" in card and "Limitations" in card and "patient-grouped" in card
+    assert "CLAHE (clip limit 2, 8x8 tiles)" in card
 
 
 def test_images_beyond_the_cache_budget_are_cached_on_disk_and_removed(run_dir, data_dir, tmp_path):
@@ -269,11 +272,11 @@ def test_pipeline_matches_the_shared_preprocessing(data_dir):
     from lungedge.edge_runtime.spec import Preprocessing
     from lungedge.train.input_data import image_dataset
 
-    prep = Preprocessing(height=40, width=40)
     paths = sorted(str(p) for p in (data_dir / "PNEUMONIA").glob("*.jpeg"))[:5]
-    batch = next(iter(image_dataset(paths, None, prep, 5)))
-    want = np.stack([preprocess(p, prep) for p in paths])
-    assert np.array_equal(batch.numpy(), want)
+    for prep in (Preprocessing(height=40, width=40), Preprocessing(height=40, width=40, contrast="clahe")):
+        batch = next(iter(image_dataset(paths, None, prep, 5)))
+        want = np.stack([preprocess(p, prep) for p in paths])
+        assert np.array_equal(batch.numpy(), want)
     assert load_pixels(paths[0], prep).dtype == np.uint8
 
 

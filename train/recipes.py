@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple, Union
 
 from lungedge.edge_runtime.errors import ConfigError
-from lungedge.edge_runtime.spec import COLOR_MODES, THRESHOLD_RULES, dataclass_from_dict, json_object
+from lungedge.edge_runtime.spec import COLOR_MODES, CONTRAST_METHODS, THRESHOLD_RULES, dataclass_from_dict, json_object
 
 SPLITS = ("random", "grouped")
 MONITORS = ("val_accuracy", "val_loss")
@@ -125,6 +125,7 @@ class Recipe:
     description: str = ""
     image_size: int = 224
     color_mode: str = "rgb"
+    contrast: str = "none"
     split: str = "random"
     fractions: Tuple[float, float, float] = (0.75, 0.15, 0.10)
     epochs: int = 20
@@ -155,6 +156,8 @@ class Recipe:
             raise ConfigError(f"color_mode must be one of {', '.join(COLOR_MODES)}, got {self.color_mode!r}")
         if self.color_mode != "rgb" and self.weights == "imagenet":
             raise ConfigError("color_mode 'grayscale' cannot use ImageNet weights (3-channel input); use rgb or weights 'none'")
+        if self.contrast not in CONTRAST_METHODS:
+            raise ConfigError(f"contrast must be one of {', '.join(CONTRAST_METHODS)}, got {self.contrast!r}")
         if self.split not in SPLITS:
             raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         fr = self.fractions

@@ -144,7 +144,9 @@ def _card_model(recipe, spec, seconds: float, device: str) -> List[str]:
         f"- MobileNetV2 (alpha {recipe.alpha}, weights `{recipe.weights}`) base, head: GlobalAveragePooling2D"
         f"{f', Dense({recipe.head_units}, relu)' if recipe.head_units else ''}"
         f"{f', Dropout({recipe.dropout})' if recipe.dropout else ''}, Dense({len(names)}, softmax).",
-        f"- Input {pre.height}x{pre.width} {pre.color_mode}, {pre.resize} resize, (pixel - {list(pre.mean)}) / "
+        f"- Input {pre.height}x{pre.width} {pre.color_mode}, {pre.resize} resize, "
+        + (f"{pre.contrast_text}, " if pre.contrast_text else "")
+        + f"(pixel - {list(pre.mean)}) / "
         f"{list(pre.std)} (`edge_runtime.preprocess`, the same function the device uses).",
         f"- Output classes (in order): {', '.join(names)}.",
         training,

@@ -41,9 +41,10 @@ STRATEGIES = ("default", "mirrored", "multi-worker")
 
 
 def preprocessing_for(recipe: Recipe) -> Preprocessing:
-    """The model's preprocessing: MobileNetV2's (pixel - 127.5) / 127.5 at the recipe's size."""
+    """The model's preprocessing: MobileNetV2's (pixel - 127.5) / 127.5 at the recipe's size, after
+    the recipe's contrast normalisation (CLAHE with the default clip limit 2 and 8x8 tiles, or none)."""
     return Preprocessing(height=recipe.image_size, width=recipe.image_size, color_mode=recipe.color_mode,
-                         resize="bilinear", mean=(127.5,), std=(127.5,))
+                         resize="bilinear", mean=(127.5,), std=(127.5,), contrast=recipe.contrast)
 
 
 def make_strategy(name: str):

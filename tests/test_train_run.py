@@ -112,7 +112,7 @@ def test_run_folder_has_every_contract_file(run_dir):
     assert set(m["per_class"]["NORMAL"]) >= {"precision", "recall", "f1", "specificity", "support"}
     card = (run_dir / "model_card.md").read_text()
     assert "Intended use" in card and "Limitations" in card and "patient-grouped" in card
-    assert "CLAHE (clip limit 2, 8x8 tiles)" in card
+    assert "CLAHE (OpenCV's, clip limit 2, 8x8 tiles)" in card
 
 
 def test_images_beyond_the_cache_budget_are_cached_on_disk_and_removed(run_dir, data_dir, tmp_path):

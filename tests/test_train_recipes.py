@@ -343,3 +343,85 @@ def test_site_shift_augmentation_and_its_phases():
     flat = tf.fill((2, 32, 32, 3), 64.0)  # gamma alone: a flat image stays flat, its level moves
     g = intensity_jitter(flat, Augment(rotation=0, shift=0, zoom=0, brightness=0, contrast=0, gamma=0.5), 2)
     assert float(tf.math.reduce_std(g[0])) < 1e-3 and abs(float(g[0, 0, 0, 0]) - 64.0) > 0.1
+
+
+def test_fine_tuning_weight_average_settings():
+    from lungedge.train.model import ema_momentum
+
+    r = get_recipe("ct-lung-cancer-plus", fine_tune={"epochs": 4, "blocks": 6, "early_stopping": False, "ema_epochs": 2})
+    assert r.fine_tune.ema_epochs == 2.0
+    with pytest.raises(ConfigError, match="early_stopping=false"):
+        get_recipe("ct-lung-cancer-plus", fine_tune={"epochs": 4, "blocks": 6, "ema_epochs": 2})
+    for bad in (-1, "2", True, 1e9):
+        with pytest.raises(ConfigError, match="ema_epochs"):
+            get_recipe("ct-lung-cancer-plus", fine_tune={"epochs": 4, "blocks": 6, "early_stopping": False, "ema_epochs": bad})
+    assert ema_momentum(0, 19) == 0.0
+    assert ema_momentum(2, 50) == pytest.approx(0.99)  # time constant of 100 steps
+    assert ema_momentum(0.01, 3) == 0.0  # a time constant under one step: the last weights
+
+
+def test_weight_average_is_the_exponential_average_of_every_step():
+    """compile_model's EMA: after fit, the weights are the moving average of the weights after each
+    step (Keras's optimizer EMA, first step taken as is), not the last step's."""
+    import keras
+
+    from lungedge.train.model import compile_model
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    m = 0.8
+    compile_model(model, 0.05, ema=m)
+    seen = []
+    record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: seen.append(model.get_weights()[0].copy()))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 4)).astype("float32"), rng.integers(0, 2, 40)
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[record])
+    assert len(seen) == 10
+    avg = seen[0]
+    for w in seen[1:]:
+        avg = m * avg + (1 - m) * w
+    final = model.get_weights()[0]
+    np.testing.assert_allclose(final, avg, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(final, seen[-1], atol=1e-4)
+
+
+def test_weight_average_survives_an_interrupted_phase(tmp_path):
+    """A phase resumed from its epoch checkpoint (raw weights + optimizer variables, which hold the
+    average and the step count) ends with the same averaged weights as one uninterrupted fit; a
+    phase whose every epoch ran before gets the restored average (what _fit_phase does on resume)."""
+    import keras
+
+    from lungedge.train import checkpoint as ck
+    from lungedge.train.model import compile_model
+
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(40, 4)).astype("float32"), rng.integers(0, 2, 40)
+
+    def fresh():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+        compile_model(model, 0.05, ema=0.7)
+        return model
+
+    whole = fresh()
+    whole.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+
+    def save(model, name):
+        return keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: (
+            ck.save_weights_atomic(model, tmp_path / f"{name}{e}.weights.h5"),
+            ck.save_optimizer(model.optimizer, tmp_path / f"{name}{e}.npz")))
+
+    first = fresh()
+    first.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[save(first, "e")])
+    resumed = fresh()
+    resumed.load_weights(tmp_path / "e0.weights.h5")
+    assert ck.load_optimizer(resumed.optimizer, resumed.trainable_variables, tmp_path / "e0.npz")
+    resumed.fit(x, y, batch_size=8, epochs=2, initial_epoch=1, shuffle=False, verbose=0)
+    np.testing.assert_allclose(resumed.get_weights()[0], whole.get_weights()[0], rtol=1e-5, atol=1e-6)
+
+    done = fresh()  # killed after its last epoch's checkpoint, before the phase was marked done
+    done.load_weights(tmp_path / "e1.weights.h5")
+    assert ck.load_optimizer(done.optimizer, done.trainable_variables, tmp_path / "e1.npz")
+    assert not np.allclose(done.get_weights()[0], whole.get_weights()[0], atol=1e-4)  # raw last weights
+    done.optimizer.finalize_variable_values(done.trainable_variables)
+    np.testing.assert_allclose(done.get_weights()[0], whole.get_weights()[0], rtol=1e-5, atol=1e-6)

@@ -90,7 +90,9 @@ def run_dir(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "plus"
     # patience 0: keep the last weights (with early stopping, the best could be from before fine-tuning)
     # CLAHE on: the run's spec records it, and the threshold test below re-predicts through it
-    recipe = tiny(patience=0, fine_tune={"epochs": 1, "blocks": 2, "learning_rate": 1e-3}, contrast="clahe")
+    # the fine-tuning phase keeps the moving average of its weights (the path of fine_tune.ema_epochs)
+    recipe = tiny(patience=0, fine_tune={"epochs": 1, "blocks": 2, "learning_rate": 1e-3, "early_stopping": False,
+                                         "ema_epochs": 0.5}, contrast="clahe")
     return train_run(recipe, str(data_dir), str(out), verbose=0, learning_floor=False)
 
 
@@ -113,6 +115,7 @@ def test_run_folder_has_every_contract_file(run_dir):
     card = (run_dir / "model_card.md").read_text()
     assert "Intended use" in card and "Limitations" in card and "patient-grouped" in card
     assert "CLAHE (OpenCV's, clip limit 2, 8x8 tiles)" in card
+    assert "moving average of the weights kept (time constant 0.5 epochs)" in card
 
 
 def test_images_beyond_the_cache_budget_are_cached_on_disk_and_removed(run_dir, data_dir, tmp_path):

@@ -128,14 +128,24 @@ def register_custom_objects():
     return SmoothedSparseCrossentropy
 
 
+def ema_momentum(ema_epochs: float, steps_per_epoch: int) -> float:
+    """The per-step momentum of a moving average whose time constant is ``ema_epochs`` epochs
+    (0: no average)."""
+    if ema_epochs <= 0:
+        return 0.0
+    return 1.0 - 1.0 / max(1.0, ema_epochs * steps_per_epoch)
+
+
 def compile_model(model, learning_rate: float, schedule: str = "constant", total_steps: int = 0,
-                  label_smoothing: float = 0.0) -> None:
+                  label_smoothing: float = 0.0, ema: float = 0.0) -> None:
     """Adam at ``learning_rate``; with ``schedule="cosine"`` decayed to 0 over ``total_steps``;
-    the loss of ``smoothed_loss``."""
+    the loss of ``smoothed_loss``. ``ema`` > 0: Keras's optimizer EMA with that momentum, whose
+    average replaces the weights when ``fit`` ends."""
     import keras
 
     lr = learning_rate
     if schedule == "cosine" and total_steps > 0:
         lr = keras.optimizers.schedules.CosineDecay(learning_rate, total_steps)
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss=smoothed_loss(label_smoothing),
+    optimizer = keras.optimizers.Adam(lr, use_ema=True, ema_momentum=ema) if ema else keras.optimizers.Adam(lr)
+    model.compile(optimizer=optimizer, loss=smoothed_loss(label_smoothing),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])

@@ -94,13 +94,17 @@ class FineTune:
     "cosine": decayed to 0 over the phase). BatchNorm layers stay frozen (inference mode), the
     usual practice for small datasets. ``early_stopping`` False: the phase runs all its epochs and
     keeps the last weights (in-folder validation loss is a poor guide to other sites: measured in
-    train/README.md)."""
+    train/README.md). ``ema_epochs`` > 0: the weights kept at the end of the phase are the
+    exponential moving average of the weights over the phase's steps (Keras's optimizer EMA), with
+    a time constant of that many epochs (momentum 1 - 1 / (ema_epochs x steps per epoch)); it needs
+    ``early_stopping`` False, since the average is applied when the phase ends."""
 
     epochs: int = 0
     blocks: int = 0
     learning_rate: float = 1e-5
     lr_schedule: str = "constant"
     early_stopping: bool = True
+    ema_epochs: float = 0.0
 
     def __post_init__(self) -> None:
         _check_int("fine_tune.epochs", self.epochs, 0, 1000)
@@ -111,6 +115,12 @@ class FineTune:
             raise ConfigError(f"fine_tune.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not isinstance(self.early_stopping, bool):
             raise ConfigError(f"fine_tune.early_stopping must be true or false, got {self.early_stopping!r}")
+        if not _is_number(self.ema_epochs) or not 0.0 <= float(self.ema_epochs) <= 1000:
+            raise ConfigError(f"fine_tune.ema_epochs must be a number of epochs in [0, 1000], got {self.ema_epochs!r}")
+        object.__setattr__(self, "ema_epochs", float(self.ema_epochs))
+        if self.ema_epochs and self.early_stopping:
+            raise ConfigError("fine_tune.ema_epochs needs fine_tune.early_stopping=false: the average is applied when "
+                              "the phase ends, so there is no best epoch to go back to")
 
     @property
     def enabled(self) -> bool:

@@ -137,7 +137,9 @@ def _card_model(recipe, spec, seconds: float, device: str) -> List[str]:
                 + (f"; then {recipe.fine_tune.epochs} epochs fine-tuning the top {recipe.fine_tune.blocks} blocks "
                    f"(of 16; BatchNorm frozen) at {recipe.fine_tune.learning_rate}"
                    + (" with cosine decay" if recipe.fine_tune.lr_schedule == "cosine" else "")
-                   + ("" if recipe.fine_tune.early_stopping else ", last epoch kept") if recipe.fine_tune.enabled else "")
+                   + ("" if recipe.fine_tune.early_stopping else
+                      f", moving average of the weights kept (time constant {recipe.fine_tune.ema_epochs:g} epochs)"
+                      if recipe.fine_tune.ema_epochs else ", last epoch kept") if recipe.fine_tune.enabled else "")
                 + f". Took {seconds / 60:.1f} min on {device}.")
     return [
         "## Model",

@@ -458,13 +458,14 @@ def _fit_phase(recipe: Recipe, built, sp: _Splits, state, ctx: _Context, feature
     """One phase: compile, restore what a previous process left, fit with the checkpoint callback,
     restore the best weights, mark the phase done."""
     from .input_data import image_dataset
-    from .model import compile_model
+    from .model import compile_model, ema_momentum
 
     phase, epochs, lr, schedule = phase_settings
     fit_model = built.head if features is not None else built.model
     steps_per_epoch = -(-len(sp.index["train"]) // recipe.batch_size)
+    ema = ema_momentum(recipe.fine_tune.ema_epochs, steps_per_epoch) if phase == "fine_tune" else 0.0
     with ctx.strategy.scope():
-        compile_model(fit_model, lr, schedule, epochs * steps_per_epoch, recipe.label_smoothing)
+        compile_model(fit_model, lr, schedule, epochs * steps_per_epoch, recipe.label_smoothing, ema)
     if state.done:  # a later phase starts from the end of the previous one
         _load_weights(built.model, state.path(f"phase_{state.done[-1]}.weights.h5"))
     start = state.start_phase(phase)
@@ -477,7 +478,8 @@ def _fit_phase(recipe: Recipe, built, sp: _Splits, state, ctx: _Context, feature
         callback = ck.make_callback(state, built.model, recipe.monitor, patience, offset, ctx.verbose)
         n_trainable = sum(int(np.prod(v.shape)) for v in fit_model.trainable_variables)
         _log(ctx.verbose, f"phase {phase}: up to {epochs} epochs at lr {lr}, {n_trainable:,} trainable parameters"
-                          + (" (head on cached base features)" if features is not None else ""))
+                          + (" (head on cached base features)" if features is not None else "")
+                          + (f"; keeps the moving average of the weights (momentum {ema:.4f})" if ema else ""))
         common = dict(epochs=epochs, initial_epoch=start, class_weight=cw, callbacks=[callback], verbose=ctx.verbose)
         if features is not None:
             fit_model.fit(features[sp.index["train"]], sp.y["train"], batch_size=recipe.batch_size, shuffle=True,
@@ -489,6 +491,8 @@ def _fit_phase(recipe: Recipe, built, sp: _Splits, state, ctx: _Context, feature
                                      decoded=sp.images("train"))
             val_ds = image_dataset(sp.paths["val"], sp.y["val"], sp.prep, recipe.batch_size, decoded=sp.images("val"))
             fit_model.fit(train_ds, validation_data=val_ds, shuffle=False, **common)
+    elif ema and start > 0:  # every epoch ran in an earlier process: apply its restored average, as fit would have
+        fit_model.optimizer.finalize_variable_values(fit_model.trainable_variables)
     if patience and state.path(ck.BEST_WEIGHTS).is_file():
         _load_weights(built.model, state.path(ck.BEST_WEIGHTS))
         _log(ctx.verbose, f"restored the best weights ({recipe.monitor} {state.best:.4f})")

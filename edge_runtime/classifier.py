@@ -335,6 +335,11 @@ class Classifier:
         return list(self._labels)
 
     @property
+    def model_bytes(self) -> bytes:
+        """The model file's bytes as read and checked when it was loaded (the interpreter runs these)."""
+        return self._model_data
+
+    @property
     def input_details(self) -> dict:
         return dict(self._in)
 

@@ -332,15 +332,15 @@ def recalibrate_file(model: str, data_dir: str, target_recall: float, out: str, 
     from .classifier import Classifier
     from .data import atomic_write_bytes
     from .folder_eval import labelled_outputs
-    from .metadata import embed_spec, read_model_bytes, read_spec
+    from .metadata import embed_spec, read_spec
 
     if Path(out).resolve() == Path(model).resolve():
         raise ConfigError(f"--out must be a new file, not the model itself: {out!r}")
-    data = read_model_bytes(model)
+    clf = Classifier(model, threads=threads)
+    data = clf.model_bytes  # the one read: the file written is the file that ran
     spec = read_spec(data, name=model)
     if spec is None:
         raise ModelError(f"{model!r} has no lungedge metadata: recalibration rewrites that record")
-    clf = Classifier(model, threads=threads)
     try:
         outputs = labelled_outputs(clf, data_dir, progress=progress, workers=workers)
     except ConfigError as exc:

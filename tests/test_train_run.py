@@ -173,6 +173,28 @@ def test_grouped_manifest_keeps_patients_on_one_side(run_dir):
     assert all(g for g in sides) and all(len(v) == 1 for v in sides.values())
 
 
+def test_model_file_opens_in_plain_keras(run_dir):
+    """model.keras is saved uncompiled: Keras alone opens it with its defaults (compile=True), though
+    the run trained with the project's label-smoothing loss, and gives the run's probabilities."""
+    import keras
+
+    from lungedge.edge_runtime.preprocess import preprocess
+
+    spec = ModelSpec.from_json((run_dir / "spec.json").read_text())
+    one = next(r for r in csv.DictReader(open(run_dir / "split_manifest.csv")) if r["split"] == "test")
+    x = preprocess(str(Path(json.loads((run_dir / "metrics.json").read_text())["data"]) / one["path"]), spec.preprocessing)
+    np.save(run_dir.parent / "x.npy", x[None])
+    code = ("import sys, numpy as np, keras; m = keras.models.load_model(sys.argv[1]); "
+            "assert not any(k.startswith('lungedge') for k in sys.modules); "
+            "print('P', *m.predict(np.load(sys.argv[2]), verbose=0)[0])")
+    proc = _run_py(code, str(run_dir / "model.keras"), str(run_dir.parent / "x.npy"))
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, log[-2000:]
+    got = [float(v) for v in next(l for l in log.splitlines() if l.startswith("P "))[2:].split()]
+    want = keras.models.load_model(run_dir / "model.keras", compile=False).predict(x[None], verbose=0)[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_fine_tuning_trains_only_the_top_blocks(run_dir):
     import keras
 

@@ -599,8 +599,12 @@ def _load_weights(model, path: Path) -> None:
 
 
 def _write_model(model, path: Path) -> None:
+    """The trained model, uncompiled: no optimizer state and no training loss, so plain
+    ``keras.models.load_model`` opens it without the project's custom loss (label smoothing)."""
+    plain = model.__class__.from_config(model.get_config())  # keras.models.clone_model would compile it again
+    plain.set_weights(model.get_weights())
     tmp = path.with_name(f".{path.stem}-tmp{os.getpid()}.keras")
-    model.save(str(tmp))
+    plain.save(str(tmp))
     os.replace(tmp, path)
 
 

@@ -1,0 +1,171 @@
+"""Decision rules and ensembles on the folds of cross-validation runs: is the error in the
+threshold or in the features?
+
+    python benchmarks/cv_decisions.py --run runs/ct2-cv5 [--run runs/ct8-clahe-cv5 ...] --out runs/ct2-cv5/decisions
+
+Each fold's saved model (``fold_K/model.keras``, Keras, as trained) classifies that fold's
+validation and test parts (from its ``split_manifest.csv``; images from the fold's training data
+folder). On each fold's test part, for each run and, with several runs, for their average:
+
+- ``argmax``: the most probable class;
+- ``recorded threshold``: the run's own decision rule (the threshold in its ``spec.json``);
+- ``flip TTA``: the recorded rule on the mean of the image's and its mirror image's probabilities;
+- ``rarest-class boost``: the recorded rule after multiplying the probability of the class rarest
+  in training by a factor in [1, 20] chosen on the fold's validation part (best macro recall; the
+  smallest such factor), i.e. a prior shift chosen without the test part.
+
+Prints one row per rule with accuracy mean ± std over folds, the rarest class's recall mean ±
+std and per fold; writes ``cv_decisions.json`` and ``cv_decisions.md`` to ``--out``. Runs being
+averaged must share their folds (the same manifests). Needs the ``train`` extra (TensorFlow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOSTS = np.exp(np.linspace(0.0, np.log(20.0), 40))
+
+
+def fold_dirs(run: Path) -> list:
+    folds = sorted((p for p in run.glob("fold_*") if (p / "model.keras").is_file()), key=lambda p: int(p.name[5:]))
+    if not folds:
+        raise SystemExit(f"error: no fold_K/model.keras in {str(run)!r} (a `lungedge train --cv K` run folder)")
+    return folds
+
+
+def fold_outputs(fold: Path) -> dict:
+    """Probabilities of the fold's val and test images, plain and mirrored, with labels and parts."""
+    from lungedge.edge_runtime.preprocess import preprocess
+    from lungedge.train.keras_eval import load_run_model
+
+    model, spec, _ = load_run_model(str(fold))
+    data = Path(json.loads((fold / "metrics.json").read_text())["data"])
+    rows = [r for r in csv.DictReader(open(fold / "split_manifest.csv", newline="")) if r["split"] in ("val", "test")]
+    x = np.stack([preprocess(str(data / r["path"]), spec.preprocessing) for r in rows])
+    train_counts = {}
+    for r in csv.DictReader(open(fold / "split_manifest.csv", newline="")):
+        if r["split"] == "train":
+            train_counts[r["label"]] = train_counts.get(r["label"], 0) + 1
+    labels = list(spec.labels)
+    return {
+        "p": np.asarray(model.predict(x, batch_size=32, verbose=0), dtype=np.float64),
+        "p_flip": np.asarray(model.predict(x[:, :, ::-1, :], batch_size=32, verbose=0), dtype=np.float64),
+        "y": np.array([labels.index(r["label"]) for r in rows]),
+        "test": np.array([r["split"] == "test" for r in rows]),
+        "paths": [r["path"] for r in rows],
+        "labels": labels,
+        "threshold": spec.threshold,
+        "rarest": labels.index(min(train_counts, key=train_counts.get)),
+    }
+
+
+def _decide(probs, out):
+    from lungedge.edge_runtime.decision import decide
+
+    return decide(probs, out["labels"], out["threshold"])
+
+
+def _macro_recall(y, pred, n):
+    return float(np.mean([(pred[y == k] == k).mean() for k in range(n) if (y == k).any()]))
+
+
+def _boosted(probs, out):
+    """The recorded rule after the rarest-class factor chosen on the validation part."""
+    val, r, n = ~out["test"], out["rarest"], len(out["labels"])
+    best, factor = -1.0, 1.0
+    for w in BOOSTS:
+        q = probs.copy()
+        q[:, r] *= w
+        score = _macro_recall(out["y"][val], _decide(q[val], out), n)
+        if score > best + 1e-12:
+            best, factor = score, float(w)
+    q = probs.copy()
+    q[:, r] *= factor
+    return _decide(q, out), factor
+
+
+RULES = {
+    "argmax": lambda p, pf, out: (p.argmax(axis=1), None),
+    "recorded threshold": lambda p, pf, out: (_decide(p, out), None),
+    "flip TTA": lambda p, pf, out: (_decide((p + pf) / 2.0, out), None),
+    "rarest-class boost": lambda p, pf, out: _boosted(p, out),
+}
+
+
+def score(name: str, per_fold: list) -> dict:
+    """Every rule on the test parts of ``per_fold`` [(p, p_flip, out), ...]."""
+    rows = []
+    for rule, fn in RULES.items():
+        accs, rare, extra = [], [], []
+        for p, pf, out in per_fold:
+            pred, info = fn(p, pf, out)
+            te, y, r = out["test"], out["y"], out["rarest"]
+            accs.append(float((pred[te] == y[te]).mean()))
+            rare.append(float((pred[te & (y == r)] == r).mean()))
+            extra.append(info)
+        rows.append({"models": name, "rule": rule, "accuracy_per_fold": accs, "rarest_recall_per_fold": rare,
+                     "accuracy_mean": float(np.mean(accs)), "accuracy_std": float(np.std(accs)),
+                     "rarest_recall_mean": float(np.mean(rare)), "rarest_recall_std": float(np.std(rare)),
+                     "boost_per_fold": extra if rule == "rarest-class boost" else None})
+    return rows
+
+
+def markdown(rows: list, rarest: str) -> str:
+    lines = [f"| models | rule | accuracy, mean ± std (per fold) | recall of `{rarest}`, mean ± std (per fold) |",
+             "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['models']} | {r['rule']} | {100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f} % "
+                     f"({', '.join(f'{100 * a:.2f}' for a in r['accuracy_per_fold'])}) | "
+                     f"{100 * r['rarest_recall_mean']:.1f} ± {100 * r['rarest_recall_std']:.1f} % "
+                     f"({', '.join(f'{100 * a:.1f}' for a in r['rarest_recall_per_fold'])}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", action="append", required=True, type=Path, help="a `lungedge train --cv K` run folder (repeat to average runs)")
+    ap.add_argument("--out", type=Path, help="folder for cv_decisions.json and cv_decisions.md")
+    a = ap.parse_args(argv)
+    runs = {}
+    for run in a.run:
+        folds = fold_dirs(run)
+        print(f"{run}: {len(folds)} folds", flush=True)
+        runs[run.name] = [(f.name, (f / "split_manifest.csv").read_text(), fold_outputs(f)) for f in folds]
+    names = list(runs)
+    first = runs[names[0]]
+    for n in names[1:]:
+        if [(f, m) for f, m, _ in runs[n]] != [(f, m) for f, m, _ in first]:
+            raise SystemExit(f"error: {n!r} has other folds than {names[0]!r}: runs averaged must share their manifests")
+    rows = []
+    for n in names:
+        rows += score(n, [(o["p"], o["p_flip"], o) for _, _, o in runs[n]])
+    if len(names) > 1:
+        per_fold = []
+        for i, (_, _, o) in enumerate(first):
+            p = np.mean([runs[n][i][2]["p"] for n in names], axis=0)
+            pf = np.mean([runs[n][i][2]["p_flip"] for n in names], axis=0)
+            per_fold.append((p, pf, o))
+        rows += score(" + ".join(names) + " (mean probabilities)", per_fold)
+    rarest = first[0][2]["labels"][first[0][2]["rarest"]]
+    table = markdown(rows, rarest)
+    print(table)
+    if a.out:
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "cv_decisions.json").write_text(json.dumps({"runs": [str(r) for r in a.run], "rarest_class": rarest,
+                                                             "rows": rows}, indent=2))
+        (a.out / "cv_decisions.md").write_text(f"# Decision rules on the folds of {', '.join(names)}\n\n"
+                                               "Each fold's test part; the boost factor is chosen on the fold's "
+                                               "validation part (command: `python benchmarks/cv_decisions.py "
+                                               + " ".join(f"--run {r}" for r in a.run) + "`).\n\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

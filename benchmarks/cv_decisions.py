@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,26 +132,26 @@ def main(argv=None) -> int:
     ap.add_argument("--run", action="append", required=True, type=Path, help="a `lungedge train --cv K` run folder (repeat to average runs)")
     ap.add_argument("--out", type=Path, help="folder for cv_decisions.json and cv_decisions.md")
     a = ap.parse_args(argv)
-    runs = {}
+    runs = []  # (name, [(fold name, manifest text, outputs), ...]) in the order given
     for run in a.run:
         folds = fold_dirs(run)
         print(f"{run}: {len(folds)} folds", flush=True)
-        runs[run.name] = [(f.name, (f / "split_manifest.csv").read_text(), fold_outputs(f)) for f in folds]
-    names = list(runs)
-    first = runs[names[0]]
-    for n in names[1:]:
-        if [(f, m) for f, m, _ in runs[n]] != [(f, m) for f, m, _ in first]:
-            raise SystemExit(f"error: {n!r} has other folds than {names[0]!r}: runs averaged must share their manifests")
+        name = run.name if run.name not in [n for n, _ in runs] else f"{run.name} #{len(runs) + 1}"
+        runs.append((name, [(f.name, (f / "split_manifest.csv").read_text(), fold_outputs(f)) for f in folds]))
+    first_name, first = runs[0]
+    for name, folds in runs[1:]:
+        if [(f, m) for f, m, _ in folds] != [(f, m) for f, m, _ in first]:
+            raise SystemExit(f"error: {name!r} has other folds than {first_name!r}: runs averaged must share their manifests")
     rows = []
-    for n in names:
-        rows += score(n, [(o["p"], o["p_flip"], o) for _, _, o in runs[n]])
-    if len(names) > 1:
+    for name, folds in runs:
+        rows += score(name, [(o["p"], o["p_flip"], o) for _, _, o in folds])
+    if len(runs) > 1:
         per_fold = []
         for i, (_, _, o) in enumerate(first):
-            p = np.mean([runs[n][i][2]["p"] for n in names], axis=0)
-            pf = np.mean([runs[n][i][2]["p_flip"] for n in names], axis=0)
+            p = np.mean([folds[i][2]["p"] for _, folds in runs], axis=0)
+            pf = np.mean([folds[i][2]["p_flip"] for _, folds in runs], axis=0)
             per_fold.append((p, pf, o))
-        rows += score(" + ".join(names) + " (mean probabilities)", per_fold)
+        rows += score(" + ".join(n for n, _ in runs) + " (mean probabilities)", per_fold)
     rarest = first[0][2]["labels"][first[0][2]["rarest"]]
     table = markdown(rows, rarest)
     print(table)
@@ -160,7 +159,7 @@ def main(argv=None) -> int:
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "cv_decisions.json").write_text(json.dumps({"runs": [str(r) for r in a.run], "rarest_class": rarest,
                                                              "rows": rows}, indent=2))
-        (a.out / "cv_decisions.md").write_text(f"# Decision rules on the folds of {', '.join(names)}\n\n"
+        (a.out / "cv_decisions.md").write_text(f"# Decision rules on the folds of {', '.join(n for n, _ in runs)}\n\n"
                                                "Each fold's test part; the boost factor is chosen on the fold's "
                                                "validation part (command: `python benchmarks/cv_decisions.py "
                                                + " ".join(f"--run {r}" for r in a.run) + "`).\n\n" + table)

@@ -251,8 +251,8 @@ def test_label_smoothing_loss_is_kerass_smoothed_crossentropy():
 
 
 def test_a_run_trained_with_label_smoothing_loads_in_a_fresh_process(run_dir):
-    # the run_dir recipe smooths labels, so model.keras names the project's loss; a new process
-    # (convert, evaluate) must load it without having trained
+    # the run_dir recipe smooths labels; a new process (convert, evaluate) loads its model.keras
+    # through the project's loader without having trained
     code = ("import sys; from lungedge.train.tfimport import load_keras_model; "
             "m = load_keras_model(sys.argv[1]); print(m.output_shape)")
     r = subprocess.run([sys.executable, "-c", code, str(run_dir / "model.keras")], capture_output=True, text=True,
@@ -326,6 +326,34 @@ def test_paper_recipe_trains_the_head_on_cached_features_and_cv_table(data_dir, 
         cm = np.asarray(m["confusion_matrix"])
         # each fold is judged on its own test rows, and its accuracy is what its predictions say
         assert cm.sum() == len(t) == m["learning_floor"]["n"] and m["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    _check_cv_decisions(out, summary, tmp_path)
+
+
+def _check_cv_decisions(out: Path, summary: dict, tmp_path: Path) -> None:
+    """benchmarks/cv_decisions.py on the CV run: its argmax on each fold's test part is the fold's
+    own result; a run averaged with itself is the run; runs with other folds are refused."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import cv_decisions
+
+    assert cv_decisions.main(["--run", str(out), "--run", str(out), "--out", str(tmp_path / "dec")]) == 0
+    rows = json.loads((tmp_path / "dec" / "cv_decisions.json").read_text())["rows"]
+    single = {r["rule"]: r for r in rows if r["models"] == "cv"}
+    both = {r["rule"]: r for r in rows if "mean probabilities" in r["models"]}
+    assert single["argmax"]["accuracy_per_fold"] == pytest.approx([f["argmax_accuracy"] for f in summary["folds"]])
+    assert set(single) == set(both) == set(cv_decisions.RULES)
+    for rule in single:
+        assert both[rule]["accuracy_per_fold"] == pytest.approx(single[rule]["accuracy_per_fold"])
+    assert all(1.0 <= w <= 20.0 for w in single["rarest-class boost"]["boost_per_fold"])
+    assert "| cv | argmax |" in (tmp_path / "dec" / "cv_decisions.md").read_text()
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    manifest = other / "fold_1" / "split_manifest.csv"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([lines[0]] + lines[1:][::-1]) + "\n")
+    with pytest.raises(SystemExit, match="other folds"):
+        cv_decisions.main(["--run", str(out), "--run", str(other)])
 
 
 def test_refuses_a_non_empty_out_and_unknown_strategy(run_dir, data_dir):

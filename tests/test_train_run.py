@@ -305,7 +305,7 @@ def test_pipeline_matches_the_shared_preprocessing(data_dir):
     assert load_pixels(paths[0], prep).dtype == np.uint8
 
 
-def test_paper_recipe_trains_the_head_on_cached_features_and_cv_table(data_dir, tmp_path):
+def test_paper_recipe_trains_the_head_on_cached_features_and_cv_table(data_dir, tmp_path, capsys):
     """ct-lung-cancer (frozen base, no augmentation): features once, then k-fold with mean ± population std."""
     from lungedge.train.training import cv_run
 
@@ -326,16 +326,16 @@ def test_paper_recipe_trains_the_head_on_cached_features_and_cv_table(data_dir, 
         cm = np.asarray(m["confusion_matrix"])
         # each fold is judged on its own test rows, and its accuracy is what its predictions say
         assert cm.sum() == len(t) == m["learning_floor"]["n"] and m["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
-    _check_cv_decisions(out, summary, tmp_path)
+    capsys.readouterr()
+    _check_cv_decisions(out, summary, tmp_path, capsys)
 
 
-def _check_cv_decisions(out: Path, summary: dict, tmp_path: Path) -> None:
-    """benchmarks/cv_decisions.py on the CV run: its argmax on each fold's test part is the fold's
+def _check_cv_decisions(out: Path, summary: dict, tmp_path: Path, capsys) -> None:
+    """lungedge.train.cv_decisions on the CV run: its argmax on each fold's test part is the fold's
     own result; a run averaged with itself is the run; runs with other folds are refused."""
     import shutil
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import cv_decisions
+    from lungedge.train import cv_decisions
 
     assert cv_decisions.main(["--run", str(out), "--run", str(out), "--out", str(tmp_path / "dec")]) == 0
     rows = json.loads((tmp_path / "dec" / "cv_decisions.json").read_text())["rows"]
@@ -352,8 +352,10 @@ def _check_cv_decisions(out: Path, summary: dict, tmp_path: Path) -> None:
     manifest = other / "fold_1" / "split_manifest.csv"
     lines = manifest.read_text().splitlines()
     manifest.write_text("\n".join([lines[0]] + lines[1:][::-1]) + "\n")
-    with pytest.raises(SystemExit, match="other folds"):
-        cv_decisions.main(["--run", str(out), "--run", str(other)])
+    assert cv_decisions.main(["--run", str(out), "--run", str(other)]) == 1
+    assert cv_decisions.main(["--run", str(tmp_path / "dec")]) == 1  # no fold models
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err) and "other folds" in err[0]
 
 
 def test_refuses_a_non_empty_out_and_unknown_strategy(run_dir, data_dir):

@@ -1,7 +1,7 @@
 """Decision rules and ensembles on the folds of cross-validation runs: is the error in the
 threshold or in the features?
 
-    python benchmarks/cv_decisions.py --run runs/ct2-cv5 [--run runs/ct8-clahe-cv5 ...] --out runs/ct2-cv5/decisions
+    python -m lungedge.train.cv_decisions --run runs/ct2-cv5 [--run runs/ct8-clahe-cv5 ...] --out runs/ct2-cv5/decisions
 
 Each fold's saved model (``fold_K/model.keras``, Keras, as trained) classifies that fold's
 validation and test parts (from its ``split_manifest.csv``; images from the fold's training data
@@ -16,7 +16,8 @@ folder). On each fold's test part, for each run and, with several runs, for thei
 
 Prints one row per rule with accuracy mean ± std over folds, the rarest class's recall mean ±
 std and per fold; writes ``cv_decisions.json`` and ``cv_decisions.md`` to ``--out``. Runs being
-averaged must share their folds (the same manifests). Needs the ``train`` extra (TensorFlow).
+averaged must share their folds (the same manifests). A training-side analysis (Keras models), so
+it lives in ``train``; needs the ``train`` extra.
 """
 
 from __future__ import annotations
@@ -24,25 +25,28 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from lungedge.edge_runtime.errors import ConfigError, LungedgeError
+
 BOOSTS = np.exp(np.linspace(0.0, np.log(20.0), 40))
 
 
 def fold_dirs(run: Path) -> list:
     folds = sorted((p for p in run.glob("fold_*") if (p / "model.keras").is_file()), key=lambda p: int(p.name[5:]))
     if not folds:
-        raise SystemExit(f"error: no fold_K/model.keras in {str(run)!r} (a `lungedge train --cv K` run folder)")
+        raise ConfigError(f"no fold_K/model.keras in {str(run)!r} (a `lungedge train --cv K` run folder)")
     return folds
 
 
 def fold_outputs(fold: Path) -> dict:
     """Probabilities of the fold's val and test images, plain and mirrored, with labels and parts."""
     from lungedge.edge_runtime.preprocess import preprocess
-    from lungedge.train.keras_eval import load_run_model
+
+    from .keras_eval import load_run_model
 
     model, spec, _ = load_run_model(str(fold))
     data = Path(json.loads((fold / "metrics.json").read_text())["data"])
@@ -128,12 +132,30 @@ def markdown(rows: list, rarest: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """The command line: one ``error:`` line and exit status 1 for a bad run folder."""
+    ap = argparse.ArgumentParser(prog="python -m lungedge.train.cv_decisions", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", action="append", required=True, type=Path, help="a `lungedge train --cv K` run folder (repeat to average runs)")
     ap.add_argument("--out", type=Path, help="folder for cv_decisions.json and cv_decisions.md")
     a = ap.parse_args(argv)
+    try:
+        report(a.run, a.out)
+    except LungedgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def report(run_dirs: list, out_dir=None) -> list:
+    """Score every run of ``run_dirs`` (and their average), print the table, write it to ``out_dir``;
+    the rows.
+
+    Raises:
+        ConfigError: a folder without fold models, or runs with different folds.
+        ModelError: a fold model that cannot be loaded.
+    """
     runs = []  # (name, [(fold name, manifest text, outputs), ...]) in the order given
-    for run in a.run:
+    run_dirs = [Path(r) for r in run_dirs]
+    for run in run_dirs:
         folds = fold_dirs(run)
         print(f"{run}: {len(folds)} folds", flush=True)
         name = run.name if run.name not in [n for n, _ in runs] else f"{run.name} #{len(runs) + 1}"
@@ -141,7 +163,7 @@ def main(argv=None) -> int:
     first_name, first = runs[0]
     for name, folds in runs[1:]:
         if [(f, m) for f, m, _ in folds] != [(f, m) for f, m, _ in first]:
-            raise SystemExit(f"error: {name!r} has other folds than {first_name!r}: runs averaged must share their manifests")
+            raise ConfigError(f"{name!r} has other folds than {first_name!r}: runs averaged must share their manifests")
     rows = []
     for name, folds in runs:
         rows += score(name, [(o["p"], o["p_flip"], o) for _, _, o in folds])
@@ -155,15 +177,16 @@ def main(argv=None) -> int:
     rarest = first[0][2]["labels"][first[0][2]["rarest"]]
     table = markdown(rows, rarest)
     print(table)
-    if a.out:
-        a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / "cv_decisions.json").write_text(json.dumps({"runs": [str(r) for r in a.run], "rarest_class": rarest,
+    if out_dir:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "cv_decisions.json").write_text(json.dumps({"runs": [str(r) for r in run_dirs], "rarest_class": rarest,
                                                              "rows": rows}, indent=2))
-        (a.out / "cv_decisions.md").write_text(f"# Decision rules on the folds of {', '.join(n for n, _ in runs)}\n\n"
+        (out_dir / "cv_decisions.md").write_text(f"# Decision rules on the folds of {', '.join(n for n, _ in runs)}\n\n"
                                                "Each fold's test part; the boost factor is chosen on the fold's "
-                                               "validation part (command: `python benchmarks/cv_decisions.py "
-                                               + " ".join(f"--run {r}" for r in a.run) + "`).\n\n" + table)
-    return 0
+                                               "validation part (command: `python -m lungedge.train.cv_decisions "
+                                               + " ".join(f"--run {r}" for r in run_dirs) + "`).\n\n" + table)
+    return rows
 
 
 if __name__ == "__main__":

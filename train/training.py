@@ -469,6 +469,7 @@ def _fit_phase(recipe: Recipe, built, sp: _Splits, state, ctx: _Context, feature
     if state.done:  # a later phase starts from the end of the previous one
         _load_weights(built.model, state.path(f"phase_{state.done[-1]}.weights.h5"))
     start = state.start_phase(phase)
+    ok = False  # the optimizer's variables (and so a weight average) restored from the checkpoint
     if start > 0:
         _load_weights(fit_model, state.path(ck.LAST_WEIGHTS))
         ok = ck.load_optimizer(fit_model.optimizer, fit_model.trainable_variables, state.path(ck.LAST_OPTIMIZER))
@@ -491,8 +492,10 @@ def _fit_phase(recipe: Recipe, built, sp: _Splits, state, ctx: _Context, feature
                                      decoded=sp.images("train"))
             val_ds = image_dataset(sp.paths["val"], sp.y["val"], sp.prep, recipe.batch_size, decoded=sp.images("val"))
             fit_model.fit(train_ds, validation_data=val_ds, shuffle=False, **common)
-    elif ema and start > 0:  # every epoch ran in an earlier process: apply its restored average, as fit would have
+    elif ema and ok:  # every epoch ran in an earlier process: apply its restored average, as fit would have
         fit_model.optimizer.finalize_variable_values(fit_model.trainable_variables)
+    elif ema and start > 0:  # no average to apply (it was not restored): never overwrite with a blank one
+        _log(ctx.verbose, f"phase {phase}: the weight average was not restored; the last epoch's weights are kept")
     if patience and state.path(ck.BEST_WEIGHTS).is_file():
         _load_weights(built.model, state.path(ck.BEST_WEIGHTS))
         _log(ctx.verbose, f"restored the best weights ({recipe.monitor} {state.best:.4f})")

@@ -23,7 +23,9 @@ it lives in ``train``; needs the ``train`` extra.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -43,26 +45,26 @@ def fold_dirs(run: Path) -> list:
 
 
 def fold_outputs(fold: Path) -> dict:
-    """Probabilities of the fold's val and test images, plain and mirrored, with labels and parts."""
+    """Probabilities of the fold's val and test images, plain and mirrored, with labels, parts and
+    the manifest's text (read once)."""
     from lungedge.edge_runtime.preprocess import preprocess
 
     from .keras_eval import load_run_model
 
     model, spec, _ = load_run_model(str(fold))
     data = Path(json.loads((fold / "metrics.json").read_text())["data"])
-    rows = [r for r in csv.DictReader(open(fold / "split_manifest.csv", newline="")) if r["split"] in ("val", "test")]
+    manifest = (fold / "split_manifest.csv").read_text()
+    every = list(csv.DictReader(io.StringIO(manifest)))
+    rows = [r for r in every if r["split"] in ("val", "test")]
     x = np.stack([preprocess(str(data / r["path"]), spec.preprocessing) for r in rows])
-    train_counts = {}
-    for r in csv.DictReader(open(fold / "split_manifest.csv", newline="")):
-        if r["split"] == "train":
-            train_counts[r["label"]] = train_counts.get(r["label"], 0) + 1
+    train_counts = collections.Counter(r["label"] for r in every if r["split"] == "train")
     labels = list(spec.labels)
     return {
+        "manifest": manifest,
         "p": np.asarray(model.predict(x, batch_size=32, verbose=0), dtype=np.float64),
         "p_flip": np.asarray(model.predict(x[:, :, ::-1, :], batch_size=32, verbose=0), dtype=np.float64),
         "y": np.array([labels.index(r["label"]) for r in rows]),
         "test": np.array([r["split"] == "test" for r in rows]),
-        "paths": [r["path"] for r in rows],
         "labels": labels,
         "threshold": spec.threshold,
         "rarest": labels.index(min(train_counts, key=train_counts.get)),
@@ -159,7 +161,7 @@ def report(run_dirs: list, out_dir=None) -> list:
         folds = fold_dirs(run)
         print(f"{run}: {len(folds)} folds", flush=True)
         name = run.name if run.name not in [n for n, _ in runs] else f"{run.name} #{len(runs) + 1}"
-        runs.append((name, [(f.name, (f / "split_manifest.csv").read_text(), fold_outputs(f)) for f in folds]))
+        runs.append((name, [(f.name, o["manifest"], o) for f, o in ((f, fold_outputs(f)) for f in folds)]))
     first_name, first = runs[0]
     for name, folds in runs[1:]:
         if [(f, m) for f, m, _ in folds] != [(f, m) for f, m, _ in first]:

@@ -354,8 +354,14 @@ def _check_cv_decisions(out: Path, summary: dict, tmp_path: Path, capsys) -> Non
     manifest.write_text("\n".join([lines[0]] + lines[1:][::-1]) + "\n")
     assert cv_decisions.main(["--run", str(out), "--run", str(other)]) == 1
     assert cv_decisions.main(["--run", str(tmp_path / "dec")]) == 1  # no fold models
+    (other / "fold_2" / "metrics.json").unlink()
+    assert cv_decisions.main(["--run", str(other)]) == 1
+    manifest.write_text(lines[0] + "\n" + "\n".join(line.replace(",train", ",val") for line in lines[1:]) + "\n")
+    assert cv_decisions.main(["--run", str(other)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("error: ") for line in err) and "other folds" in err[0]
+    assert len(err) == 4 and all(line.startswith("error: ") for line in err), err
+    assert "other folds" in err[0] and "no fold_K" in err[1]
+    assert "fold_2" in err[2] and "metrics.json" in err[2] and "lists no train" in err[3]
 
 
 def test_refuses_a_non_empty_out_and_unknown_strategy(run_dir, data_dir):

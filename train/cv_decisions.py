@@ -52,12 +52,22 @@ def fold_outputs(fold: Path) -> dict:
     from .keras_eval import load_run_model
 
     model, spec, _ = load_run_model(str(fold))
-    data = Path(json.loads((fold / "metrics.json").read_text())["data"])
-    manifest = (fold / "split_manifest.csv").read_text()
-    every = list(csv.DictReader(io.StringIO(manifest)))
-    rows = [r for r in every if r["split"] in ("val", "test")]
+    try:
+        data = Path(json.loads((fold / "metrics.json").read_text())["data"])
+        manifest = (fold / "split_manifest.csv").read_text()
+        every = list(csv.DictReader(io.StringIO(manifest)))
+        rows = [r for r in every if r["split"] in ("val", "test")]
+        train_counts = collections.Counter(r["label"] for r in every if r["split"] == "train")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{str(fold)!r} is not a complete fold of a `lungedge train --cv K` run (its metrics.json "
+                          f"names the data folder, its split_manifest.csv the split, path/label/split columns): "
+                          f"{type(exc).__name__}: {exc}") from None
+    if not rows or not train_counts:
+        raise ConfigError(f"{str(fold / 'split_manifest.csv')!r} lists no train, val or test images")
+    unknown = sorted({r["label"] for r in every} - set(spec.labels))
+    if unknown:
+        raise ConfigError(f"{str(fold / 'split_manifest.csv')!r} has labels the fold's model does not: {unknown}")
     x = np.stack([preprocess(str(data / r["path"]), spec.preprocessing) for r in rows])
-    train_counts = collections.Counter(r["label"] for r in every if r["split"] == "train")
     labels = list(spec.labels)
     return {
         "manifest": manifest,

@@ -45,7 +45,8 @@ def _recipe_options(f):
               help="Any recipe field (repeatable), e.g. --set fractions=[0.7,0.15,0.15] --set augment.rotation=5.")
 @click.option("--cv", type=click.IntRange(min=2), default=None,
               help="Stratified K-fold cross-validation instead of one run (table with mean ± population std).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last epoch checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last epoch checkpoint "
+              "(with --cv K: keep the complete folds, continue the interrupted one, train the rest).")
 @click.option("--strategy", type=click.Choice(["default", "mirrored", "multi-worker"]), default="default",
               show_default=True, help="tf.distribute strategy (mirrored: all GPUs; multi-worker: TF_CONFIG).")
 @click.option("--cache-mb", type=click.IntRange(min=0), default=None,
@@ -64,6 +65,7 @@ def train_cmd(recipe_name, data_dir, out_dir, augment, class_weights, fine_tune_
       lungedge train --recipe xray-pneumonia --data shared/data/chest_xray/train --out runs/xray --epochs 5
       lungedge train --recipe ct-lung-cancer --data DIR --out runs/ct-cv5 --cv 5
       lungedge train --out runs/xray --data shared/data/chest_xray/train --resume
+      lungedge train --out runs/ct-cv5 --data DIR --cv 5 --resume
 
     The run folder holds model.keras, spec.json, recipe.json, split_manifest.csv, history.csv,
     metrics.json, model_card.md and plots/. Uses a GPU when present, else the CPU.
@@ -92,11 +94,10 @@ def train_cmd(recipe_name, data_dir, out_dir, augment, class_weights, fine_tune_
                                       "learning_rate": fine_tune_lr}, sets=sets)
     verbose = 0 if quiet else 1
     if cv:
-        if resume:
-            raise ConfigError("--resume is not supported with --cv; rerun the cross-validation into a new folder")
         from lungedge.train.training import cv_run
 
-        out = cv_run(recipe, data_dir, out_dir, cv, strategy=strategy, verbose=verbose, cache_mb=cache_mb)
+        out = cv_run(recipe, data_dir, out_dir, cv, resume=resume, strategy=strategy, verbose=verbose,
+                     cache_mb=cache_mb)
         click.echo(f"cross-validation written to {out}")
     else:
         from lungedge.train.training import train_run

@@ -330,6 +330,54 @@ def test_paper_recipe_trains_the_head_on_cached_features_and_cv_table(data_dir, 
     _check_cv_decisions(out, summary, tmp_path, capsys)
 
 
+def test_cv_resume_keeps_complete_folds_and_continues_the_interrupted_one(data_dir, tmp_path, monkeypatch):
+    """An interrupted cross-validation goes on with --resume: the complete fold is not trained again,
+    the interrupted fold keeps its epochs (checkpoint), the rest are trained; a saved fold that is
+    not the fold computed again is refused."""
+    from click.testing import CliRunner
+
+    from lungedge.cli import main
+    from lungedge.edge_runtime.errors import ConfigError
+    from lungedge.train import training
+
+    recipe = tiny("ct-lung-cancer", fine_tune={"epochs": 0}, epochs=3, patience=0, augment=False)
+    out = tmp_path / "cv"
+    real_write, calls = training._write_run, []
+
+    def interrupted(*args, **kw):  # the process dies in fold 2, after its epochs, before its files
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_write(*args, **kw)
+
+    monkeypatch.setattr(training, "_write_run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        training.cv_run(recipe, str(data_dir), str(out), 3, verbose=0, learning_floor=False)
+    monkeypatch.setattr(training, "_write_run", real_write)
+    fold1 = (out / "fold_1" / "model.keras").read_bytes()
+    epochs_before = json.loads((out / "fold_2" / "checkpoints" / "state.json").read_text())["history"]
+    assert len(epochs_before) == 3 and not (out / "fold_2" / "model.keras").exists() and not (out / "fold_3").exists()
+    with pytest.raises(ConfigError, match="not empty; use --resume"):
+        training.cv_run(recipe, str(data_dir), str(out), 3, verbose=0, learning_floor=False)
+    with pytest.raises(ConfigError, match="started with --cv 3; resume it with --cv 3"):
+        training.cv_run(None, str(data_dir), str(out), 2, resume=True, verbose=0, learning_floor=False)
+
+    training.cv_run(None, str(data_dir), str(out), 3, resume=True, verbose=0, learning_floor=False)
+    assert (out / "fold_1" / "model.keras").read_bytes() == fold1  # kept, not trained again
+    history2 = list(csv.DictReader(open(out / "fold_2" / "history.csv")))
+    assert [float(h["loss"]) for h in history2] == [h["loss"] for h in epochs_before]  # its epochs were not re-run
+    summary = json.loads((out / "cv_summary.json").read_text())
+    accs = [json.loads((out / f"fold_{i}" / "metrics.json").read_text())["accuracy"] for i in (1, 2, 3)]
+    assert [row["accuracy"] for row in summary["folds"]] == accs
+    assert not any((out / f"fold_{i}" / "checkpoints").exists() for i in (1, 2, 3))
+
+    manifest = out / "fold_3" / "split_manifest.csv"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([lines[0]] + [ln.replace(",test,", ",train,") for ln in lines[1:]]) + "\n")
+    r = CliRunner().invoke(main, ["train", "--out", str(out), "--data", str(data_dir), "--cv", "3", "--resume"])
+    assert r.exit_code == 2 and "fold_3" in r.output and "is not the fold" in r.output  # a usage error
+
+
 def _check_cv_decisions(out: Path, summary: dict, tmp_path: Path, capsys) -> None:
     """lungedge.train.cv_decisions on the CV run: its argmax on each fold's test part is the fold's
     own result; a run averaged with itself is the run; runs with other folds are refused."""

@@ -37,6 +37,9 @@ from .labels import resolve_label
 from .runfolder import CARD, CHECKPOINTS, HISTORY, IMAGE_CACHE, MANIFEST, METRICS, MODEL, PLOTS, RECIPE, SPEC
 from .tfimport import import_tf
 
+#: a cross-validation folder's number of folds, written before the first fold (checked by --resume)
+CV_PLAN = "cv_plan.json"
+
 STRATEGIES = ("default", "mirrored", "multi-worker")
 
 
@@ -180,8 +183,9 @@ def _train_into(out: Path, recipe: Optional[Recipe], data_dir: str, resume: bool
     return out
 
 
-def cv_run(recipe: Union[Recipe, str], data_dir: str, out_dir: str, k: int, *, strategy: str = "default",
-           verbose: int = 1, learning_floor: bool = True, cache_mb: Optional[int] = None) -> Path:
+def cv_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, k: int, *, resume: bool = False,
+           strategy: str = "default", verbose: int = 1, learning_floor: bool = True,
+           cache_mb: Optional[int] = None) -> Path:
     """Stratified k-fold cross-validation (patient-grouped when the recipe's split is "grouped").
 
     Each fold is a complete run folder ``out_dir/fold_<i>`` (test = that fold; validation carved,
@@ -189,19 +193,37 @@ def cv_run(recipe: Union[Recipe, str], data_dir: str, out_dir: str, k: int, *, s
     with mean and population standard deviation (as the CT paper's Table IV). With the base frozen
     and no augmentation, base features are computed once for all folds.
 
+    With ``resume`` (``recipe`` None: the saved one), an interrupted cross-validation goes on in
+    ``out_dir``: complete folds are kept (their manifests must be the folds the recipe, seed and
+    data give again), the fold that was interrupted continues from its last epoch checkpoint, and
+    the rest are trained.
+
     Returns:
         ``out_dir``.
+
+    Raises:
+        ConfigError: as ``train_run``; with ``resume``, a saved fold whose split differs.
     """
     if isinstance(recipe, str):
         recipe = get_recipe(recipe)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"output folder {str(out)!r} is not empty; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(str(out / RECIPE), recipe.to_json())
+    if resume:
+        recipe = _prepare_out(out, recipe, True)
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / RECIPE).is_file():
+            atomic_write_text(str(out / RECIPE), recipe.to_json())
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(f"output folder {str(out)!r} is not empty; use --resume to continue a cross-validation "
+                              "there, or another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(str(out / RECIPE), recipe.to_json())
     ds = _checked_dataset(recipe, data_dir, verbose)
     train_f, val_f, _ = recipe.fractions
     folds = kfold_assignments(ds, k, val_f / (train_f + val_f), recipe.split, recipe.seed)
+    if resume:
+        _check_saved_folds(out, ds, folds)
+    atomic_write_text(str(out / CV_PLAN), json.dumps({"k": k, "data": str(data_dir)}))
     ctx = _Context(strategy, verbose, cache_mb)
     try:
         rows = _cv_folds(recipe, ds, folds, out, ctx, learning_floor)
@@ -217,21 +239,49 @@ def cv_run(recipe: Union[Recipe, str], data_dir: str, out_dir: str, k: int, *, s
     return out
 
 
+def _fold_complete(fold_dir: Path) -> bool:
+    return (fold_dir / MODEL).is_file() and (fold_dir / METRICS).is_file() and not (fold_dir / CHECKPOINTS).exists()
+
+
+def _check_saved_folds(out: Path, ds: Dataset, folds) -> None:
+    """The cross-validation in ``out`` was started with as many folds, and every saved fold's
+    manifest is the fold computed again (same data, recipe and seed)."""
+    plan = out / CV_PLAN
+    if plan.is_file():
+        try:
+            k = int(json.loads(plan.read_text())["k"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"damaged {str(plan)!r} ({type(exc).__name__}: {exc})") from None
+        if k != len(folds):
+            raise ConfigError(f"the cross-validation in {str(out)!r} was started with --cv {k}; resume it with --cv {k}")
+    for i, assignment in enumerate(folds, start=1):
+        manifest = out / f"fold_{i}" / MANIFEST
+        if manifest.is_file() and not np.array_equal(read_manifest(manifest, ds), assignment):
+            raise ConfigError(f"{str(manifest)!r} is not the fold that this recipe, seed and data give; "
+                              "resume needs the same data, recipe and --cv")
+
+
 def _cv_folds(recipe: Recipe, ds: Dataset, folds, out: Path, ctx: _Context, learning_floor: bool) -> list:
-    """Train and judge every fold (one feature pass for all when the base is frozen); one row each."""
+    """Train and judge every fold (one feature pass for all when the base is frozen); one row each.
+    A complete fold folder (a resumed cross-validation) is read, not trained again."""
     features = None
-    if ctx.feature_mode(recipe):
+    if ctx.feature_mode(recipe) and not all(_fold_complete(out / f"fold_{i}") for i in range(1, len(folds) + 1)):
         _log(ctx.verbose, f"computing base features once for all {len(ds)} images")
         built = ctx.build(recipe, len(ds.class_names))
         features = _predict_features(ctx, built, ds.paths, preprocessing_for(recipe), recipe.batch_size)
     rows = []
     for i, assignment in enumerate(folds, start=1):
-        _log(ctx.verbose, f"--- fold {i}/{len(folds)} ---")
         fold_dir = out / f"fold_{i}"
-        fold_dir.mkdir()
-        atomic_write_text(str(fold_dir / RECIPE), recipe.to_json())
-        write_manifest(fold_dir / MANIFEST, ds, assignment)
-        m = _fit_and_report(recipe, ds, assignment, fold_dir, ctx, features=features, learning_floor=learning_floor)
+        if _fold_complete(fold_dir):
+            _log(ctx.verbose, f"--- fold {i}/{len(folds)}: complete, kept ---")
+            m = json.loads((fold_dir / METRICS).read_text())
+        else:
+            _log(ctx.verbose, f"--- fold {i}/{len(folds)} ---")
+            fold_dir.mkdir(exist_ok=True)
+            atomic_write_text(str(fold_dir / RECIPE), recipe.to_json())
+            if not (fold_dir / MANIFEST).is_file():
+                write_manifest(fold_dir / MANIFEST, ds, assignment)
+            m = _fit_and_report(recipe, ds, assignment, fold_dir, ctx, features=features, learning_floor=learning_floor)
         rows.append({"fold": i, "n_test": m["n"], "accuracy": m["accuracy"], "argmax_accuracy": m["argmax"]["accuracy"],
                      "macro_precision": m["macro"]["precision"], "macro_recall": m["macro"]["recall"],
                      "macro_f1": m["macro"]["f1"], "weighted_f1": m["weighted"]["f1"],

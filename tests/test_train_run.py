@@ -399,7 +399,10 @@ def _check_cv_decisions(out: Path, summary: dict, tmp_path: Path, capsys) -> Non
     shutil.copytree(out, other)
     manifest = other / "fold_1" / "split_manifest.csv"
     lines = manifest.read_text().splitlines()
-    manifest.write_text("\n".join([lines[0]] + lines[1:][::-1]) + "\n")
+    manifest.write_text("\n".join([lines[0]] + lines[1:][::-1]) + "\n")  # the same fold, rows in another order
+    assert cv_decisions.main(["--run", str(out), "--run", str(other)]) == 0
+    capsys.readouterr()
+    manifest.write_text("\n".join(lines).replace(",test,", ",val,", 1) + "\n")  # another fold
     assert cv_decisions.main(["--run", str(out), "--run", str(other)]) == 1
     assert cv_decisions.main(["--run", str(tmp_path / "dec")]) == 1  # no fold models
     (other / "fold_2" / "metrics.json").unlink()

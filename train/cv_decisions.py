@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
-import io
 import json
 import sys
 from pathlib import Path
@@ -33,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from lungedge.edge_runtime.errors import ConfigError, LungedgeError
+
+from .runfolder import MANIFEST, METRICS, read_manifest
 
 BOOSTS = np.exp(np.linspace(0.0, np.log(20.0), 40))
 
@@ -46,31 +46,29 @@ def fold_dirs(run: Path) -> list:
 
 def fold_outputs(fold: Path) -> dict:
     """Probabilities of the fold's val and test images, plain and mirrored, with labels, parts and
-    the manifest's text (read once)."""
+    the manifest's rows (read once)."""
     from lungedge.edge_runtime.preprocess import preprocess
 
     from .keras_eval import load_run_model
 
     model, spec, _ = load_run_model(str(fold))
     try:
-        data = Path(json.loads((fold / "metrics.json").read_text())["data"])
-        manifest = (fold / "split_manifest.csv").read_text()
-        every = list(csv.DictReader(io.StringIO(manifest)))
-        rows = [r for r in every if r["split"] in ("val", "test")]
-        train_counts = collections.Counter(r["label"] for r in every if r["split"] == "train")
+        data = Path(json.loads((fold / METRICS).read_text())["data"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{str(fold)!r} is not a complete fold of a `lungedge train --cv K` run (its metrics.json "
-                          f"names the data folder, its split_manifest.csv the split, path/label/split columns): "
-                          f"{type(exc).__name__}: {exc}") from None
+        raise ConfigError(f"{str(fold / METRICS)!r} does not name the fold's data folder (a `lungedge train --cv K` "
+                          f"fold): {type(exc).__name__}: {exc}") from None
+    every = read_manifest(fold / MANIFEST)
+    rows = [r for r in every if r["split"] in ("val", "test")]
+    train_counts = collections.Counter(r["label"] for r in every if r["split"] == "train")
     if not rows or not train_counts:
-        raise ConfigError(f"{str(fold / 'split_manifest.csv')!r} lists no train, val or test images")
+        raise ConfigError(f"{str(fold / MANIFEST)!r} lists no train, val or test images")
     unknown = sorted({r["label"] for r in every} - set(spec.labels))
     if unknown:
-        raise ConfigError(f"{str(fold / 'split_manifest.csv')!r} has labels the fold's model does not: {unknown}")
+        raise ConfigError(f"{str(fold / MANIFEST)!r} has labels the fold's model does not: {unknown}")
     x = np.stack([preprocess(str(data / r["path"]), spec.preprocessing) for r in rows])
     labels = list(spec.labels)
     return {
-        "manifest": manifest,
+        "manifest": sorted((r["path"], r["label"], r["split"]) for r in every),
         "p": np.asarray(model.predict(x, batch_size=32, verbose=0), dtype=np.float64),
         "p_flip": np.asarray(model.predict(x[:, :, ::-1, :], batch_size=32, verbose=0), dtype=np.float64),
         "y": np.array([labels.index(r["label"]) for r in rows]),
@@ -165,7 +163,7 @@ def report(run_dirs: list, out_dir=None) -> list:
         ConfigError: a folder without fold models, or runs with different folds.
         ModelError: a fold model that cannot be loaded.
     """
-    runs = []  # (name, [(fold name, manifest text, outputs), ...]) in the order given
+    runs = []  # (name, [(fold name, manifest rows, outputs), ...]) in the order given
     run_dirs = [Path(r) for r in run_dirs]
     for run in run_dirs:
         folds = fold_dirs(run)

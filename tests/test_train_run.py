@@ -337,7 +337,7 @@ def test_cv_resume_keeps_complete_folds_and_continues_the_interrupted_one(data_d
     from click.testing import CliRunner
 
     from lungedge.cli import main
-    from lungedge.edge_runtime.errors import ConfigError
+    from lungedge.edge_runtime.errors import ConfigError, ModelError
     from lungedge.train import training
 
     recipe = tiny("ct-lung-cancer", fine_tune={"epochs": 0}, epochs=3, patience=0, augment=False)
@@ -371,6 +371,16 @@ def test_cv_resume_keeps_complete_folds_and_continues_the_interrupted_one(data_d
     assert [row["accuracy"] for row in summary["folds"]] == accs
     assert not any((out / f"fold_{i}" / "checkpoints").exists() for i in (1, 2, 3))
 
+    for i, status in ((1, "learned"), (3, "learned"), (2, "did not learn")):  # tiny models: the verdicts vary
+        metrics = out / f"fold_{i}" / "metrics.json"
+        m = json.loads(metrics.read_text())
+        m["learning_floor"].update(status=status, sentence=f"({status}: a fold that failed)")
+        metrics.write_text(json.dumps(m))
+    with pytest.raises(ModelError, match="did not learn: a fold that failed.*fold_2"):  # the floor holds on a kept fold
+        training.cv_run(None, str(data_dir), str(out), 3, resume=True, verbose=0)
+    metrics.write_text("{")
+    with pytest.raises(ConfigError, match="damaged.*fold_2"):
+        training.cv_run(None, str(data_dir), str(out), 3, resume=True, verbose=0)
     manifest = out / "fold_3" / "split_manifest.csv"
     lines = manifest.read_text().splitlines()
     manifest.write_text("\n".join([lines[0]] + [ln.replace(",test,", ",train,") for ln in lines[1:]]) + "\n")

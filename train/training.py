@@ -261,6 +261,28 @@ def _check_saved_folds(out: Path, ds: Dataset, folds) -> None:
                               "resume needs the same data, recipe and --cv")
 
 
+def _cv_row(i: int, m: dict, class_names) -> dict:
+    """One fold's row of the CV table, from its metrics."""
+    return {"fold": i, "n_test": m["n"], "accuracy": m["accuracy"], "argmax_accuracy": m["argmax"]["accuracy"],
+            "macro_precision": m["macro"]["precision"], "macro_recall": m["macro"]["recall"],
+            "macro_f1": m["macro"]["f1"], "weighted_f1": m["weighted"]["f1"],
+            **{f"recall_{n}": m["per_class"][n]["recall"] for n in class_names}}
+
+
+def _saved_fold_row(i: int, fold_dir: Path, class_names, learning_floor: bool) -> dict:
+    """A complete fold's row, from its saved metrics; its learning-floor verdict holds as when it was trained."""
+    try:
+        m = json.loads((fold_dir / METRICS).read_text())
+        row = _cv_row(i, m, class_names)
+        status, sentence = m["learning_floor"]["status"], m["learning_floor"]["sentence"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"damaged {str(fold_dir / METRICS)!r} ({type(exc).__name__}: {exc}); delete the "
+                          f"{str(fold_dir)!r} folder to train that fold again") from None
+    if status == floor.NOT_LEARNED and learning_floor:
+        raise ModelError(f"{sentence} (fold {str(fold_dir)!r}; delete it to train that fold again)")
+    return row
+
+
 def _cv_folds(recipe: Recipe, ds: Dataset, folds, out: Path, ctx: _Context, learning_floor: bool) -> list:
     """Train and judge every fold (one feature pass for all when the base is frozen); one row each.
     A complete fold folder (a resumed cross-validation) is read, not trained again."""
@@ -274,18 +296,15 @@ def _cv_folds(recipe: Recipe, ds: Dataset, folds, out: Path, ctx: _Context, lear
         fold_dir = out / f"fold_{i}"
         if _fold_complete(fold_dir):
             _log(ctx.verbose, f"--- fold {i}/{len(folds)}: complete, kept ---")
-            m = json.loads((fold_dir / METRICS).read_text())
-        else:
-            _log(ctx.verbose, f"--- fold {i}/{len(folds)} ---")
-            fold_dir.mkdir(exist_ok=True)
-            atomic_write_text(str(fold_dir / RECIPE), recipe.to_json())
-            if not (fold_dir / MANIFEST).is_file():
-                write_manifest(fold_dir / MANIFEST, ds, assignment)
-            m = _fit_and_report(recipe, ds, assignment, fold_dir, ctx, features=features, learning_floor=learning_floor)
-        rows.append({"fold": i, "n_test": m["n"], "accuracy": m["accuracy"], "argmax_accuracy": m["argmax"]["accuracy"],
-                     "macro_precision": m["macro"]["precision"], "macro_recall": m["macro"]["recall"],
-                     "macro_f1": m["macro"]["f1"], "weighted_f1": m["weighted"]["f1"],
-                     **{f"recall_{n}": m["per_class"][n]["recall"] for n in ds.class_names}})
+            rows.append(_saved_fold_row(i, fold_dir, ds.class_names, learning_floor))
+            continue
+        _log(ctx.verbose, f"--- fold {i}/{len(folds)} ---")
+        fold_dir.mkdir(exist_ok=True)
+        atomic_write_text(str(fold_dir / RECIPE), recipe.to_json())
+        if not (fold_dir / MANIFEST).is_file():
+            write_manifest(fold_dir / MANIFEST, ds, assignment)
+        m = _fit_and_report(recipe, ds, assignment, fold_dir, ctx, features=features, learning_floor=learning_floor)
+        rows.append(_cv_row(i, m, ds.class_names))
     return rows
 
 

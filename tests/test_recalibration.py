@@ -262,7 +262,7 @@ def test_external_dev_report_cross_fits_the_recalibration(int8_file, tmp_path):
 
     path, _ = int8_file
     data = _folder(tmp_path, Classifier(path), n_pos=60, n_neg=40)
-    row = external_dev.evaluate_file(str(path), str(data), target_recall=0.8, folds=3)
+    row = external_dev.evaluate_file(str(path), str(data), target_recall=0.8, folds=3, repeats=4)
     m = evaluate_classifier(Classifier(path), str(data), progress=False)
     assert row["accuracy"] == pytest.approx(m["accuracy"]) and row["auc"] == pytest.approx(m["auc"]["macro"])
     lo, hi = row["auc_ci95"]
@@ -271,7 +271,14 @@ def test_external_dev_report_cross_fits_the_recalibration(int8_file, tmp_path):
     assert sum(f["images"] for f in cf["per_fold"]) == 100 and len(cf["per_fold"]) == 3
     pooled = sum(f["accuracy"] * f["images"] for f in cf["per_fold"]) / 100
     assert cf["accuracy"] == pytest.approx(pooled)
+    rep = row["cross_fit_repeats"]  # four fold draws; the first is the cross-fit above
+    assert rep["seeds"] == [0, 1, 2, 3] and rep["accuracy"][0] == cf["accuracy"] and rep["recall"][0] == cf["recall"]
+    assert rep["accuracy_mean"] == pytest.approx(np.mean(rep["accuracy"]))
+    assert rep["accuracy_std"] == pytest.approx(np.std(rep["accuracy"]))
+    second = external_dev.evaluate_file(str(path), str(data), 0.8, 3, seed=1)["cross_fit"]  # draw 2 is seed 1's
+    assert second["seed"] == 1 and (second["accuracy"], second["recall"]) == (rep["accuracy"][1], rep["recall"][1])
     assert external_dev.main(["--model", str(path), "--data", str(data), "--folds", "3", "--target-recall", "0.8",
                               "--out", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "external_dev_roc.png").read_bytes()[:4] == b"\x89PNG"
     assert "cross-fit" in (tmp_path / "report" / "external_dev.md").read_text()
+    assert "over 20 fold draws" in (tmp_path / "report" / "external_dev.md").read_text()

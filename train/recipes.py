@@ -398,7 +398,7 @@ RECIPES: Dict[str, Recipe] = {
             name="xray-pneumonia-plus",
             description="X-ray, chosen for other sites (external dev set, train/README.md): patient-grouped "
             "75/15/10, class weights, head on cached base features up to 50 epochs (early stopping on val loss, "
-            "patience 8), then the whole base (16 blocks, BatchNorm frozen) fine-tuned for 10 epochs at 3e-5 with "
+            "patience 8), then the whole base (16 blocks, BatchNorm frozen) fine-tuned for 15 epochs at 3e-5 with "
             "cosine decay and site-shift augmentation (geometry, brightness, contrast, gamma, blur, noise, crops), "
             "last epoch kept; threshold: the highest with pneumonia recall >= 0.95 on validation.",
             split="grouped",
@@ -408,7 +408,7 @@ RECIPES: Dict[str, Recipe] = {
             class_weights=True,
             patience=8,
             monitor="val_loss",
-            fine_tune=FineTune(epochs=10, blocks=16, learning_rate=3e-5, lr_schedule="cosine", early_stopping=False),
+            fine_tune=FineTune(epochs=15, blocks=16, learning_rate=3e-5, lr_schedule="cosine", early_stopping=False),
             target_recall=0.95,
             threshold_rule="fewest-false-positives",
         ),

@@ -422,7 +422,7 @@ def _check_cv_decisions(out: Path, summary: dict, tmp_path: Path, capsys) -> Non
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("error: ") for line in err), err
     assert "other folds" in err[0] and "no fold_K" in err[1]
-    assert "fold_2" in err[2] and "metrics.json" in err[2] and "lists no train" in err[3]
+    assert "fold_2" in err[2] and "metrics.json" in err[2] and "no training images" in err[3]
 
 
 def test_refuses_a_non_empty_out_and_unknown_strategy(run_dir, data_dir):

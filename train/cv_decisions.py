@@ -61,7 +61,8 @@ def fold_outputs(fold: Path) -> dict:
     rows = [r for r in every if r["split"] in ("val", "test")]
     train_counts = collections.Counter(r["label"] for r in every if r["split"] == "train")
     if not rows or not train_counts:
-        raise ConfigError(f"{str(fold / MANIFEST)!r} lists no train, val or test images")
+        raise ConfigError(f"{str(fold / MANIFEST)!r} lists no training images or no val/test images: "
+                          "not a cross-validation fold")
     unknown = sorted({r["label"] for r in every} - set(spec.labels))
     if unknown:
         raise ConfigError(f"{str(fold / MANIFEST)!r} has labels the fold's model does not: {unknown}")

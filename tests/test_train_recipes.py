@@ -42,6 +42,17 @@ def test_paper_recipes_match_the_papers():
     assert plus.split == "grouped" and plus.class_weights and plus.fine_tune.enabled and plus.target_recall == 0.95
 
 
+def test_recipe_diff_names_each_changed_field_and_a_named_recipe_has_none():
+    from lungedge.train.recipes import RECIPES, customisations, customize, recipe_diff
+
+    assert all(customisations(r) == [] for r in RECIPES.values())
+    plus = get_recipe("xray-pneumonia-plus")
+    mine = customize(plus, {"image_size": 288}, fine_tune={"epochs": 3}, sets=["augment.gamma=0.5"])
+    assert customisations(mine) == [("augment.gamma", 0.3, 0.5), ("fine_tune.epochs", 15, 3), ("image_size", 224, 288)]
+    assert recipe_diff(mine, mine) == [] and recipe_diff(plus, mine) == customisations(mine)
+    assert [k for k, _, _ in recipe_diff(plus, plus.replace(description="x"))] == ["description"]
+
+
 def test_overrides_are_validated_and_recipe_is_frozen():
     r = get_recipe("ct-lung-cancer", epochs=3, alpha=0.35, image_size=96, weights="none")
     assert (r.epochs, r.alpha, r.image_size, r.name) == (3, 0.35, 96, "ct-lung-cancer")

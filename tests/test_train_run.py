@@ -116,6 +116,9 @@ def test_run_folder_has_every_contract_file(run_dir):
     assert "Intended use" in card and "Limitations" in card and "patient-grouped" in card
     assert "CLAHE (OpenCV's, clip limit 2, 8x8 tiles)" in card
     assert "moving average of the weights kept (time constant 0.5 epochs)" in card
+    # the tiny run customises the named recipe: the card says how, field by field
+    assert "**Changed from the named recipe**" in card and "`fine_tune.epochs` 15 -> 1" in card
+    assert "`image_size` 224 -> 96" in card
 
 
 def test_images_beyond_the_cache_budget_are_cached_on_disk_and_removed(run_dir, data_dir, tmp_path):

@@ -20,7 +20,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from lungedge.edge_runtime.errors import ConfigError
 from lungedge.edge_runtime.spec import COLOR_MODES, CONTRAST_METHODS, THRESHOLD_RULES, dataclass_from_dict, json_object
@@ -302,6 +302,30 @@ def apply_overrides(recipe: Recipe, pairs) -> Recipe:
     if isinstance(changes.get("augment"), dict) and recipe.augmentation is None:
         changes["augment"] = {**dataclasses.asdict(Augment()), **changes["augment"]}
     return recipe.replace(**changes)
+
+
+def recipe_diff(a: Recipe, b: Recipe) -> List[Tuple[str, Any, Any]]:
+    """The fields in which ``b`` differs from ``a``, as (dotted name, value in a, value in b),
+    sorted by name; nested fields (``fine_tune.epochs``, ``augment.gamma``) one by one."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[prefix + k] = v
+        return out
+
+    fa, fb = flat(a.to_dict()), flat(b.to_dict())
+    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def customisations(recipe: Recipe) -> List[Tuple[str, Any, Any]]:
+    """How ``recipe`` differs from the named recipe of its name (``recipe_diff``, the description
+    left out); empty for an unchanged named recipe or a name that is not one."""
+    if recipe.name not in RECIPES:
+        return []
+    return [d for d in recipe_diff(RECIPES[recipe.name], recipe) if d[0] != "description"]
 
 
 def customize(recipe: Recipe, fields: Optional[Dict[str, Any]] = None, augment: Optional[bool] = None,

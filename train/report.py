@@ -11,6 +11,8 @@ import numpy as np
 
 from lungedge.edge_runtime.data import atomic_write_bytes, atomic_write_text
 
+from .recipes import customisations
+
 PAPERS = {
     "xray-pneumonia": "accuracy 95.40 %, precision 95.62 %, recall 95.40 %, F1 95.46 % (75/15/10 random split)",
     "ct-lung-cancer": "test accuracy 97 % (70/15/15), stratified 5-fold CV 97.26 ± 0.66 % (population std)",
@@ -116,6 +118,10 @@ def model_card(
 ) -> str:
     """The model card (Markdown): model, data and split, test metrics, intended use, limitations."""
     lines = [f"# Model card: {recipe.name}", "", f"{recipe.description}", ""]
+    changed = customisations(recipe)
+    if changed:
+        lines += ["**Changed from the named recipe** (the description above is the named recipe's): "
+                  + "; ".join(f"`{k}` {a!r} -> {b!r}" for k, a, b in changed) + ".", ""]
     lines += _card_model(recipe, spec, seconds, device)
     lines += _card_data(recipe, spec, counts, data_dir, failures, fixed_test)
     lines += _card_metrics(recipe, spec, metrics, argmax_metrics, val_metrics, verdict)

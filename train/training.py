@@ -32,7 +32,7 @@ from lungedge.edge_runtime.version import package_version
 from . import checkpoint as ck
 from .data import (Dataset, class_weights, drop_unreadable, fingerprint, kfold_assignments, load_dataset,
                    read_manifest, split_dataset, write_manifest)
-from .recipes import Recipe, get_recipe
+from .recipes import Recipe, get_recipe, recipe_diff
 from .labels import resolve_label
 from .runfolder import CARD, CHECKPOINTS, HISTORY, IMAGE_CACHE, MANIFEST, METRICS, MODEL, PLOTS, RECIPE, SPEC
 from .tfimport import import_tf
@@ -107,7 +107,7 @@ def _prepare_out(out: Path, recipe: Optional[Recipe], resume: bool) -> Recipe:
             return recipe
         previous = Recipe.from_json(saved.read_text())
         if recipe is not None and recipe != previous:
-            diff = sorted(k for k, v in recipe.to_dict().items() if previous.to_dict().get(k) != v)
+            diff = [k for k, _, _ in recipe_diff(previous, recipe)]
             raise ConfigError(f"--resume with a different recipe than the interrupted run in {str(out)!r} (differs in {diff})")
         return previous
     if recipe is None:

@@ -165,7 +165,7 @@ def train_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, *, 
 def _train_into(out: Path, recipe: Optional[Recipe], data_dir: str, resume: bool, strategy: str, verbose: int,
                 learning_floor: bool, cache_mb: Optional[int] = None) -> Path:
     recipe = _prepare_out(out, recipe, resume)
-    if resume and (out / MODEL).is_file() and (out / METRICS).is_file() and not (out / CHECKPOINTS).exists():
+    if resume and _run_complete(out):
         _log(verbose, f"run in {out} is already complete")
         return out
     ds = _checked_dataset(recipe, data_dir, verbose)
@@ -207,16 +207,9 @@ def cv_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, k: int
     if isinstance(recipe, str):
         recipe = get_recipe(recipe)
     out = Path(out_dir)
-    if resume:
-        recipe = _prepare_out(out, recipe, True)
-        out.mkdir(parents=True, exist_ok=True)
-        if not (out / RECIPE).is_file():
-            atomic_write_text(str(out / RECIPE), recipe.to_json())
-    else:
-        if out.exists() and any(out.iterdir()):
-            raise ConfigError(f"output folder {str(out)!r} is not empty; use --resume to continue a cross-validation "
-                              "there, or another --out")
-        out.mkdir(parents=True, exist_ok=True)
+    recipe = _prepare_out(out, recipe, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / RECIPE).is_file():
         atomic_write_text(str(out / RECIPE), recipe.to_json())
     ds = _checked_dataset(recipe, data_dir, verbose)
     train_f, val_f, _ = recipe.fractions
@@ -239,8 +232,9 @@ def cv_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, k: int
     return out
 
 
-def _fold_complete(fold_dir: Path) -> bool:
-    return (fold_dir / MODEL).is_file() and (fold_dir / METRICS).is_file() and not (fold_dir / CHECKPOINTS).exists()
+def _run_complete(folder: Path) -> bool:
+    """A run folder (or a CV fold) that finished: model and metrics written, checkpoints removed."""
+    return (folder / MODEL).is_file() and (folder / METRICS).is_file() and not (folder / CHECKPOINTS).exists()
 
 
 def _check_saved_folds(out: Path, ds: Dataset, folds) -> None:
@@ -287,14 +281,14 @@ def _cv_folds(recipe: Recipe, ds: Dataset, folds, out: Path, ctx: _Context, lear
     """Train and judge every fold (one feature pass for all when the base is frozen); one row each.
     A complete fold folder (a resumed cross-validation) is read, not trained again."""
     features = None
-    if ctx.feature_mode(recipe) and not all(_fold_complete(out / f"fold_{i}") for i in range(1, len(folds) + 1)):
+    if ctx.feature_mode(recipe) and not all(_run_complete(out / f"fold_{i}") for i in range(1, len(folds) + 1)):
         _log(ctx.verbose, f"computing base features once for all {len(ds)} images")
         built = ctx.build(recipe, len(ds.class_names))
         features = _predict_features(ctx, built, ds.paths, preprocessing_for(recipe), recipe.batch_size)
     rows = []
     for i, assignment in enumerate(folds, start=1):
         fold_dir = out / f"fold_{i}"
-        if _fold_complete(fold_dir):
+        if _run_complete(fold_dir):
             _log(ctx.verbose, f"--- fold {i}/{len(folds)}: complete, kept ---")
             rows.append(_saved_fold_row(i, fold_dir, ds.class_names, learning_floor))
             continue

@@ -14,7 +14,9 @@ _OVERRIDES = (
     ("--image-size", "image_size", click.IntRange(min=32), "Input size in pixels (square)."),
     ("--alpha", "alpha", float, "MobileNetV2 width multiplier (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)."),
     ("--weights", "weights", str, "Base weights: imagenet, none, or a weights file path."),
-    ("--split", "split", click.Choice(["random", "grouped"]), "random: stratified per class; grouped: also by patient."),
+    ("--split", "split", click.Choice(["random", "grouped", "blocked"]),
+     "random: stratified per class; grouped: also by patient; blocked: also by blocks of consecutive slice numbers "
+     "(numbered CT slices without patient ids; block size: --set split_block=N, default 30)."),
     ("--patience", "patience", click.IntRange(min=0), "Early-stopping patience (0: off)."),
     ("--target-recall", "target_recall", float, "Choose the threshold for this recall of the positive class."),
     ("--positive-label", "positive_label", str, "The disease class (for the threshold)."),

@@ -141,6 +141,58 @@ def test_grouped_split_refuses_files_without_patient_ids():
         split_dataset(_dataset([20, 20]), (0.7, 0.15, 0.15), "grouped")
 
 
+def _ct_numbered(counts, root="/ct"):
+    """IQ-OTH/NCCD-like names: 'Bengin case (N).jpg', numbered from 1 per class."""
+    names = ("Bengin case", "Malignant case", "Normal case")
+    paths, labels = [], []
+    for c, n in enumerate(counts):
+        for i in range(1, n + 1):
+            paths.append(f"{root}/{names[c]}s/{names[c]} ({i}).jpg")
+            labels.append(c)
+    return Dataset(paths, np.asarray(labels), tuple(f"{x}s" for x in names[:len(counts)]), root)
+
+
+def test_slice_blocks_group_consecutive_numbers_per_class():
+    ds = _ct_numbered([40, 70])
+    blocks = ds.slice_blocks(30)
+    assert blocks[0] == "Bengin cases/0" and blocks[28] == "Bengin cases/0"  # (1) and (29)
+    assert blocks[29] == "Bengin cases/1"  # (30)
+    assert blocks[40] == "Malignant cases/0"  # numbers restart per class: blocks never mix classes
+    assert len(set(ds.slice_blocks(10))) == 5 + 8
+    with pytest.raises(ConfigError, match="no number"):
+        Dataset(["/x/a/scan.jpg", "/x/b/scan.jpg"], np.asarray([0, 1]), ("a", "b"), "/x").slice_blocks(30)
+
+
+def test_blocked_split_and_folds_keep_each_block_on_one_side():
+    ds = _ct_numbered([100, 450, 330])
+    blocks = ds.slice_blocks(20)
+
+    def one_side(a):
+        sides = {}
+        for g, s in zip(blocks, a):
+            sides.setdefault(g, set()).add(s)
+        return all(len(v) == 1 for v in sides.values())
+
+    a = split_dataset(ds, (0.70, 0.15, 0.15), "blocked", seed=3, block=20)
+    assert one_side(a) and {"train", "val", "test"} == set(a)
+    assert not one_side(split_dataset(ds, (0.70, 0.15, 0.15), "random", seed=3))  # the test can fail
+    folds = kfold_assignments(ds, 5, 0.15 / 0.85, "blocked", seed=42, block=20)
+    assert all(one_side(f) for f in folds)
+    assert (np.stack([f == "test" for f in folds]).sum(axis=0) == 1).all()
+    for f in folds:  # stratified: every fold tests every class
+        assert all(((f == "test") & (ds.labels == c)).any() for c in range(3))
+    with pytest.raises(ConfigError, match="'random', 'grouped' or 'blocked'"):
+        split_dataset(ds, (0.70, 0.15, 0.15), "by-date")
+
+
+def test_recipe_split_block_is_validated_and_reaches_the_folds():
+    r = get_recipe("ct-lung-cancer-plus", split="blocked")
+    assert r.split_block == 30
+    with pytest.raises(ConfigError, match="split_block"):
+        r.replace(split_block=0)
+    assert apply_overrides(r, ["split_block=12"]).split_block == 12
+
+
 def test_kfold_folds_cover_everything_once():
     ds = _dataset([40, 100])
     folds = kfold_assignments(ds, 5, 0.15, "random", seed=0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -48,6 +49,39 @@ class Dataset:
                     f"{len(missing)} of {len(ids)} files have none, e.g. {Path(missing[0]).name!r}; use split 'random'")
         return ids
 
+    def slice_blocks(self, size: int) -> List[str]:
+        """Per file, its class and block of ``size`` consecutive slice numbers (``Bengin case
+        (17).jpg`` with size 30: ``Bengin cases/0``): a stand-in for patients where file names carry
+        none but number the slices in order, as in IQ-OTH/NCCD (the nearest neighbour of a slice is
+        the next or previous number: train/README.md).
+
+        Raises:
+            ConfigError: some file names carry no number.
+        """
+        out = []
+        for path, label in zip(self.paths, self.labels):
+            m = _SLICE_NUMBER.search(Path(path).stem)
+            if m is None:
+                raise ConfigError(f"split 'blocked' needs numbered file names (IQ-OTH/NCCD 'Bengin case (17).jpg'); "
+                                  f"{Path(path).name!r} has no number; use split 'random'")
+            out.append(f"{self.class_names[label]}/{int(m.group(1)) // size}")
+        return out
+
+    def split_groups(self, kind: str, block: int) -> Optional[np.ndarray]:
+        """The groups that a split of ``kind`` keeps together: patients ("grouped"), blocks of
+        ``block`` consecutive slice numbers ("blocked"), none ("random").
+
+        Raises:
+            ConfigError: an unknown kind, or file names without the patient ids or numbers it needs.
+        """
+        if kind == "random":
+            return None
+        if kind == "grouped":
+            return np.asarray(self.groups(required=True), dtype=object)
+        if kind == "blocked":
+            return np.asarray(self.slice_blocks(block), dtype=object)
+        raise ConfigError(f"split must be 'random', 'grouped' or 'blocked', got {kind!r}")
+
     def counts(self) -> Dict[str, int]:
         return {name: int((self.labels == i).sum()) for i, name in enumerate(self.class_names)}
 
@@ -56,6 +90,10 @@ class Dataset:
         return Dataset(
             [self.paths[i] for i in idx], self.labels[idx], self.class_names, self.root,
             None if self.fixed_split is None else [self.fixed_split[i] for i in idx], list(self.failures))
+
+
+#: The slice number of a file stem: the last run of digits (``Malignant case (101)`` -> 101).
+_SLICE_NUMBER = re.compile(r"(\d+)\D*$")
 
 
 def load_dataset(data_dir: str) -> Dataset:
@@ -113,20 +151,25 @@ def drop_unreadable(ds: Dataset, prep: Preprocessing, progress: bool = True) -> 
     return out
 
 
-def split_dataset(ds: Dataset, fractions: Sequence[float], kind: str = "random", seed: int = 0) -> np.ndarray:
+def split_dataset(ds: Dataset, fractions: Sequence[float], kind: str = "random", seed: int = 0,
+                  block: int = 30) -> np.ndarray:
     """Assign each file to "train", "val" or "test".
 
     ``random``: stratified per class (scikit-learn ``train_test_split``), fractions as given.
     ``grouped``: stratified and patient-grouped (``StratifiedGroupKFold``), so no patient is on
     two sides; the fractions are met approximately (whole patients move).
+    ``blocked``: the same with blocks of ``block`` consecutive slice numbers per class as the
+    groups (``Dataset.slice_blocks``), for numbered slices without patient ids.
     With a fixed test set (Kaggle ``test/``) only train/val are split, in the ratio of their fractions.
 
     Returns:
         An array of split names, one per file.
 
     Raises:
-        ConfigError: too few images per class for the split, or grouped without patient ids.
+        ConfigError: too few images per class for the split, or grouped without patient ids
+            (blocked without numbers).
     """
+    groups = ds.split_groups(kind, block)
     n = len(ds)
     out = np.empty(n, dtype=object)
     train_f, val_f, test_f = (float(x) for x in fractions)
@@ -140,9 +183,6 @@ def split_dataset(ds: Dataset, fractions: Sequence[float], kind: str = "random",
     counts = np.bincount(ds.labels[pool], minlength=len(ds.class_names))
     if counts.min() < 3:
         raise ConfigError(f"each class needs at least 3 images to split into train/val/test, got {dict(zip(ds.class_names, counts.tolist()))}")
-    groups = np.asarray(ds.groups(required=True), dtype=object) if kind == "grouped" else None
-    if kind not in ("random", "grouped"):
-        raise ConfigError(f"split must be 'random' or 'grouped', got {kind!r}")
     rest = pool
     if test_f > 0:
         rest, test = _split_off(rest, ds.labels, groups, test_f, seed)
@@ -169,8 +209,10 @@ def _split_off(idx: np.ndarray, labels: np.ndarray, groups: Optional[np.ndarray]
     return np.sort(idx[rest_i]), np.sort(idx[part_i])
 
 
-def kfold_assignments(ds: Dataset, k: int, val_fraction: float, kind: str = "random", seed: int = 0) -> List[np.ndarray]:
-    """Stratified k-fold (grouped by patient when ``kind`` is "grouped"): for each fold, an
+def kfold_assignments(ds: Dataset, k: int, val_fraction: float, kind: str = "random", seed: int = 0,
+                      block: int = 30) -> List[np.ndarray]:
+    """Stratified k-fold (grouped by patient when ``kind`` is "grouped", by blocks of ``block``
+    consecutive slice numbers when "blocked"; see ``split_dataset``): for each fold, an
     array of split names where the fold is "test" and a stratified ``val_fraction`` of the rest
     is "val" (for early stopping and the threshold).
 
@@ -182,7 +224,7 @@ def kfold_assignments(ds: Dataset, k: int, val_fraction: float, kind: str = "ran
     counts = np.bincount(ds.labels, minlength=len(ds.class_names))
     if not 2 <= k <= counts.min():
         raise ConfigError(f"--cv must be from 2 to the smallest class size ({counts.min()}), got {k}")
-    groups = np.asarray(ds.groups(required=True), dtype=object) if kind == "grouped" else None
+    groups = ds.split_groups(kind, block)
     x = np.zeros(len(ds))
     if groups is None:
         folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(x, ds.labels)

@@ -25,7 +25,9 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from lungedge.edge_runtime.errors import ConfigError
 from lungedge.edge_runtime.spec import COLOR_MODES, CONTRAST_METHODS, THRESHOLD_RULES, dataclass_from_dict, json_object
 
-SPLITS = ("random", "grouped")
+#: "blocked": groups of ``split_block`` consecutive slice numbers per class stand in for patients
+#: (numbered CT slices without patient ids; see ``train.data.Dataset.slice_blocks``).
+SPLITS = ("random", "grouped", "blocked")
 MONITORS = ("val_accuracy", "val_loss")
 LR_SCHEDULES = ("constant", "cosine")
 #: When augmentation applies: every phase, or only fine-tuning (the head then trains on cached
@@ -137,6 +139,7 @@ class Recipe:
     color_mode: str = "rgb"
     contrast: str = "none"
     split: str = "random"
+    split_block: int = 30
     fractions: Tuple[float, float, float] = (0.75, 0.15, 0.10)
     epochs: int = 20
     batch_size: int = 32
@@ -170,6 +173,7 @@ class Recipe:
             raise ConfigError(f"contrast must be one of {', '.join(CONTRAST_METHODS)}, got {self.contrast!r}")
         if self.split not in SPLITS:
             raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        _check_int("split_block", self.split_block, 1, 1_000_000)
         fr = self.fractions
         if isinstance(fr, (str, bytes)) or not hasattr(fr, "__len__") or len(fr) != 3 or not all(_is_number(x) for x in fr):
             raise ConfigError(f"fractions must be three numbers (train, val, test), got {fr!r}")

@@ -173,7 +173,7 @@ def _train_into(out: Path, recipe: Optional[Recipe], data_dir: str, resume: bool
     if resume and manifest.is_file():
         assignment = read_manifest(manifest, ds)
     else:
-        assignment = split_dataset(ds, recipe.fractions, recipe.split, recipe.seed)
+        assignment = split_dataset(ds, recipe.fractions, recipe.split, recipe.seed, recipe.split_block)
         write_manifest(manifest, ds, assignment)
     ctx = _Context(strategy, verbose, cache_mb)
     try:
@@ -186,7 +186,8 @@ def _train_into(out: Path, recipe: Optional[Recipe], data_dir: str, resume: bool
 def cv_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, k: int, *, resume: bool = False,
            strategy: str = "default", verbose: int = 1, learning_floor: bool = True,
            cache_mb: Optional[int] = None) -> Path:
-    """Stratified k-fold cross-validation (patient-grouped when the recipe's split is "grouped").
+    """Stratified k-fold cross-validation (patient-grouped when the recipe's split is "grouped", by
+    blocks of consecutive slice numbers when "blocked").
 
     Each fold is a complete run folder ``out_dir/fold_<i>`` (test = that fold; validation carved,
     stratified, from the rest); ``cv_summary.json`` and ``cv_table.md`` hold the per-fold table
@@ -213,7 +214,8 @@ def cv_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, k: int
         atomic_write_text(str(out / RECIPE), recipe.to_json())
     ds = _checked_dataset(recipe, data_dir, verbose)
     train_f, val_f, _ = recipe.fractions
-    folds = kfold_assignments(ds, k, val_f / (train_f + val_f), recipe.split, recipe.seed)
+    folds = kfold_assignments(ds, k, val_f / (train_f + val_f), recipe.split, recipe.seed,
+                              recipe.split_block)
     if resume:
         _check_saved_folds(out, ds, folds)
     atomic_write_text(str(out / CV_PLAN), json.dumps({"k": k, "data": str(data_dir)}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from lungedge.cli_util import handle_errors
+from lungedge.train.recipes import SPLITS
 
 _OVERRIDES = (
     # (option, recipe field, click type, help)
@@ -14,9 +15,9 @@ _OVERRIDES = (
     ("--image-size", "image_size", click.IntRange(min=32), "Input size in pixels (square)."),
     ("--alpha", "alpha", float, "MobileNetV2 width multiplier (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)."),
     ("--weights", "weights", str, "Base weights: imagenet, none, or a weights file path."),
-    ("--split", "split", click.Choice(["random", "grouped", "blocked"]),
+    ("--split", "split", click.Choice(list(SPLITS)),
      "random: stratified per class; grouped: also by patient; blocked: also by blocks of consecutive slice numbers "
-     "(numbered CT slices without patient ids; block size: --set split_block=N, default 30)."),
+     "(numbered CT slices without patient ids; block size: --set split_block=N, default 16)."),
     ("--patience", "patience", click.IntRange(min=0), "Early-stopping patience (0: off)."),
     ("--target-recall", "target_recall", float, "Choose the threshold for this recall of the positive class."),
     ("--positive-label", "positive_label", str, "The disease class (for the threshold)."),

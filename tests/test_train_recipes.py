@@ -165,7 +165,7 @@ def test_slice_blocks_group_consecutive_numbers_per_class():
 
 def test_blocked_split_and_folds_keep_each_block_on_one_side():
     ds = _ct_numbered([100, 450, 330])
-    blocks = ds.slice_blocks(20)
+    blocks = ds.slice_blocks(10)
 
     def one_side(a):
         sides = {}
@@ -173,21 +173,25 @@ def test_blocked_split_and_folds_keep_each_block_on_one_side():
             sides.setdefault(g, set()).add(s)
         return all(len(v) == 1 for v in sides.values())
 
-    a = split_dataset(ds, (0.70, 0.15, 0.15), "blocked", seed=3, block=20)
+    a = split_dataset(ds, (0.70, 0.15, 0.15), "blocked", seed=3, block=10)
     assert one_side(a) and {"train", "val", "test"} == set(a)
     assert not one_side(split_dataset(ds, (0.70, 0.15, 0.15), "random", seed=3))  # the test can fail
-    folds = kfold_assignments(ds, 5, 0.15 / 0.85, "blocked", seed=42, block=20)
+    folds = kfold_assignments(ds, 5, 0.15 / 0.85, "blocked", seed=42, block=10)
     assert all(one_side(f) for f in folds)
     assert (np.stack([f == "test" for f in folds]).sum(axis=0) == 1).all()
-    for f in folds:  # stratified: every fold tests every class
-        assert all(((f == "test") & (ds.labels == c)).any() for c in range(3))
+    for f in folds:  # every part of every fold holds every class
+        assert all(((f == part) & (ds.labels == c)).any() for c in range(3) for part in ("train", "val", "test"))
+    # 100 benign slices in blocks of 25 are 5 blocks: no 5-fold CV can give each fold's test and
+    # validation parts benign slices, and a silent benign recall of 0 is refused instead
+    with pytest.raises(ConfigError, match=r"no 'Bengin cases' image: the class has only 5 blocks"):
+        kfold_assignments(ds, 5, 0.15 / 0.85, "blocked", seed=42, block=25)
     with pytest.raises(ConfigError, match="'random', 'grouped' or 'blocked'"):
         split_dataset(ds, (0.70, 0.15, 0.15), "by-date")
 
 
 def test_recipe_split_block_is_validated_and_reaches_the_folds():
     r = get_recipe("ct-lung-cancer-plus", split="blocked")
-    assert r.split_block == 30
+    assert r.split_block == 16
     with pytest.raises(ConfigError, match="split_block"):
         r.replace(split_block=0)
     assert apply_overrides(r, ["split_block=12"]).split_block == 12
@@ -495,3 +499,15 @@ def test_weight_average_survives_an_interrupted_phase(tmp_path):
     assert not np.allclose(done.get_weights()[0], whole.get_weights()[0], atol=1e-4)  # raw last weights
     done.optimizer.finalize_variable_values(done.trainable_variables)
     np.testing.assert_allclose(done.get_weights()[0], whole.get_weights()[0], rtol=1e-5, atol=1e-6)
+
+
+def test_model_card_says_which_split_and_what_it_leaks():
+    from types import SimpleNamespace
+
+    from lungedge.train.report import _card_limitations
+
+    spec = SimpleNamespace(threshold=None)
+    random_ct = "\n".join(_card_limitations(get_recipe("ct-lung-cancer-plus"), spec, is_ct=True))
+    blocked_ct = "\n".join(_card_limitations(get_recipe("ct-lung-cancer-plus", split="blocked", split_block=20), spec, is_ct=True))
+    assert "random split puts slices of one patient on both sides" in random_ct and "--split blocked" in random_ct
+    assert "blocks of 20 consecutive slice numbers" in blocked_ct and "random split" not in blocked_ct

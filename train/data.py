@@ -51,7 +51,7 @@ class Dataset:
 
     def slice_blocks(self, size: int) -> List[str]:
         """Per file, its class and block of ``size`` consecutive slice numbers (``Bengin case
-        (17).jpg`` with size 30: ``Bengin cases/0``): a stand-in for patients where file names carry
+        (17).jpg`` with size 16: ``Bengin cases/1``): a stand-in for patients where file names carry
         none but number the slices in order, as in IQ-OTH/NCCD (the nearest neighbour of a slice is
         the next or previous number: train/README.md).
 
@@ -60,11 +60,11 @@ class Dataset:
         """
         out = []
         for path, label in zip(self.paths, self.labels):
-            m = _SLICE_NUMBER.search(Path(path).stem)
-            if m is None:
+            number = slice_number(path)
+            if number is None:
                 raise ConfigError(f"split 'blocked' needs numbered file names (IQ-OTH/NCCD 'Bengin case (17).jpg'); "
                                   f"{Path(path).name!r} has no number; use split 'random'")
-            out.append(f"{self.class_names[label]}/{int(m.group(1)) // size}")
+            out.append(f"{self.class_names[label]}/{number // size}")
         return out
 
     def split_groups(self, kind: str, block: int) -> Optional[np.ndarray]:
@@ -92,8 +92,13 @@ class Dataset:
             None if self.fixed_split is None else [self.fixed_split[i] for i in idx], list(self.failures))
 
 
-#: The slice number of a file stem: the last run of digits (``Malignant case (101)`` -> 101).
 _SLICE_NUMBER = re.compile(r"(\d+)\D*$")
+
+
+def slice_number(path: str) -> Optional[int]:
+    """The number of a file: the last run of digits in its stem (``Malignant case (101).jpg`` -> 101), or None."""
+    m = _SLICE_NUMBER.search(Path(path).stem)
+    return int(m.group(1)) if m else None
 
 
 def load_dataset(data_dir: str) -> Dataset:
@@ -152,7 +157,7 @@ def drop_unreadable(ds: Dataset, prep: Preprocessing, progress: bool = True) -> 
 
 
 def split_dataset(ds: Dataset, fractions: Sequence[float], kind: str = "random", seed: int = 0,
-                  block: int = 30) -> np.ndarray:
+                  block: int = 16) -> np.ndarray:
     """Assign each file to "train", "val" or "test".
 
     ``random``: stratified per class (scikit-learn ``train_test_split``), fractions as given.
@@ -190,7 +195,30 @@ def split_dataset(ds: Dataset, fractions: Sequence[float], kind: str = "random",
     train, val = _split_off(rest, ds.labels, groups, val_f / (train_f + val_f), seed + 1)
     out[train] = "train"
     out[val] = "val"
+    _check_every_class(ds, out, groups, kind)
     return out
+
+
+def _check_every_class(ds: Dataset, assignment: np.ndarray, groups: Optional[np.ndarray], kind: str,
+                       where: str = "") -> None:
+    """Every split of ``assignment`` holds every class: with whole patients or blocks moving, a class
+    with too few of them can miss a split, and its recall there would be a silent 0.
+
+    Raises:
+        ConfigError: naming the split, the class and how many groups it has.
+    """
+    for part in ("train", "val", "test"):
+        in_part = assignment == part
+        if not in_part.any():
+            continue
+        for c, name in enumerate(ds.class_names):
+            if not (in_part & (ds.labels == c)).any():
+                n = len(set(groups[ds.labels == c])) if groups is not None else int((ds.labels == c).sum())
+                unit = {"grouped": "patients", "blocked": "blocks"}.get(kind, "images")
+                hint = (" use fewer folds or a smaller --set split_block" if kind == "blocked" else
+                        " use fewer folds" if kind == "grouped" else "")
+                raise ConfigError(f"{where}the {part} part has no {name!r} image: the class has only {n} {unit} to "
+                                  f"share out;{hint or ' add images'}")
 
 
 def _split_off(idx: np.ndarray, labels: np.ndarray, groups: Optional[np.ndarray], frac: float, seed: int):
@@ -210,7 +238,7 @@ def _split_off(idx: np.ndarray, labels: np.ndarray, groups: Optional[np.ndarray]
 
 
 def kfold_assignments(ds: Dataset, k: int, val_fraction: float, kind: str = "random", seed: int = 0,
-                      block: int = 30) -> List[np.ndarray]:
+                      block: int = 16) -> List[np.ndarray]:
     """Stratified k-fold (grouped by patient when ``kind`` is "grouped", by blocks of ``block``
     consecutive slice numbers when "blocked"; see ``split_dataset``): for each fold, an
     array of split names where the fold is "test" and a stratified ``val_fraction`` of the rest
@@ -237,6 +265,7 @@ def kfold_assignments(ds: Dataset, k: int, val_fraction: float, kind: str = "ran
         train, val = _split_off(np.asarray(rest), ds.labels, groups, val_fraction, seed + 100 + i)
         a[train] = "train"
         a[val] = "val"
+        _check_every_class(ds, a, groups, kind, where=f"fold {i + 1} of {k}: ")
         out.append(a)
     return out
 

@@ -1,4 +1,4 @@
-"""benchmarks/ct_leakage.py: the probes that show how much neighbouring slices are worth (synthetic
+"""lungedge.train.ct_leakage: the probes that show how much neighbouring slices are worth (synthetic
 features; the real measurement is in train/README.md)."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import numpy as np
 
 from lungedge.train.data import Dataset, kfold_assignments
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import ct_leakage  # noqa: E402
+from lungedge.train import ct_leakage
 
 
 def _patients(counts=(120, 200, 150), per_patient=10, class_strength=0.0, seed=0):

@@ -1,6 +1,6 @@
 """How much of a CT cross-validation score is neighbouring slices of the same patient?
 
-    python benchmarks/ct_leakage.py --data "../shared/data/iq_othnccd/The IQ-OTHNCCD lung cancer dataset" \\
+    python -m lungedge.train.ct_leakage --data "../shared/data/iq_othnccd/The IQ-OTHNCCD lung cancer dataset" \\
         --out runs/ct_leakage
 
 IQ-OTH/NCCD has no patient ids, but its files number the slices in order. This measures, on
@@ -22,7 +22,7 @@ when neighbouring slices are kept apart, the random-fold score measures recognis
 seen in training, not classifying new ones.
 
 Writes ``ct_leakage.json``, ``ct_leakage.md`` and ``ct_leakage.png`` (accuracy and rarest-class
-recall against block size) in ``--out``. Needs the ``train`` and ``bench`` extras.
+recall against block size) in ``--out``. Needs the ``train`` extra.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
@@ -105,9 +104,9 @@ def probe(features: np.ndarray, labels: np.ndarray, folds, rare: int) -> dict:
 
 def frozen_features(paths, recipe, verbose: bool = True) -> np.ndarray:
     """Global-average-pooled frozen MobileNetV2 features, as the recipe's model computes them."""
-    from lungedge.train.input_data import image_dataset
-    from lungedge.train.model import build_model
-    from lungedge.train.training import preprocessing_for
+    from .input_data import image_dataset
+    from .model import build_model
+    from .training import preprocessing_for
 
     built = build_model(recipe, 2)
     ds = image_dataset(paths, None, preprocessing_for(recipe), recipe.batch_size, cache=None)
@@ -175,8 +174,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from lungedge.edge_runtime.errors import ConfigError, LungedgeError
-    from lungedge.train.data import kfold_assignments, load_dataset, slice_number
-    from lungedge.train.recipes import get_recipe
+    from .data import kfold_assignments, load_dataset, slice_number
+    from .recipes import get_recipe
 
     try:
         blocks = [int(b) for b in args.blocks.split(",") if b.strip()]
@@ -193,7 +192,7 @@ def main(argv=None) -> int:
         feats = frozen_features(ds.paths, recipe)
         print(f"  {time.time() - t0:.0f} s", flush=True)
         res = {"data": args.data, "images": len(ds), "image_size": recipe.image_size, "k": args.folds,
-               "seed": recipe.seed, "rare_class": ds.class_names[rare], "command": shlex.join(["python", *sys.argv]),
+               "seed": recipe.seed, "rare_class": ds.class_names[rare], "command": shlex.join(["python", "-m", "lungedge.train.ct_leakage", *sys.argv[1:]]),
                "neighbours": neighbour_adjacency(feats, labels, numbers, ds.class_names), "probes": []}
         for block in [None] + blocks:
             kind = "random" if block is None else "blocked"

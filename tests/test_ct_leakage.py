@@ -1,16 +1,16 @@
 """lungedge.train.ct_leakage: the probes that show how much neighbouring slices are worth (synthetic
-features; the real measurement is in train/README.md)."""
+features and generated slices; the real measurement is in train/README.md)."""
 
 from __future__ import annotations
 
-import sys
+import json
 from pathlib import Path
 
 import numpy as np
-
-from lungedge.train.data import Dataset, kfold_assignments
+import pytest
 
 from lungedge.train import ct_leakage
+from lungedge.train.data import Dataset, kfold_assignments
 
 
 def _patients(counts=(120, 200, 150), per_patient=10, class_strength=0.0, seed=0):
@@ -65,9 +65,45 @@ def test_markdown_and_plot_are_written(tmp_path):
     ds, f, numbers = _patients()
     folds = kfold_assignments(ds, 3, 0.15 / 0.85, "blocked", 42, block=10)
     res = {"data": "/ct", "images": len(ds), "image_size": 224, "k": 3, "seed": 42, "rare_class": ds.class_names[0],
-           "command": "python benchmarks/ct_leakage.py", "neighbours": ct_leakage.neighbour_adjacency(f, ds.labels, numbers, ds.class_names),
+           "command": "python -m lungedge.train.ct_leakage", "neighbours": ct_leakage.neighbour_adjacency(f, ds.labels, numbers, ds.class_names),
            "probes": [{"split": "blocked 10", "block": 10, "results": ct_leakage.probe(f, ds.labels, folds, 0)}]}
     md = ct_leakage._markdown(res)
     assert "| blocked 10 | nearest neighbour |" in md and "Bengin cases" in md
     ct_leakage._plot(res, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def _numbered_folder(root: Path, per_class: int = 12) -> Path:
+    """Generated numbered slices, ``<class>/<class minus s> (N).png``, each class its own brightness."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("Bengin cases", "Malignant cases", "Normal cases")):
+        d = root / name
+        d.mkdir(parents=True)
+        for i in range(1, per_class + 1):
+            pixels = np.clip(rng.normal(60 + 70 * c, 20, (48, 48)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(d / f"{name[:-1]} ({i}).png")
+    return root
+
+
+@pytest.mark.needs_tf
+def test_the_command_leaves_out_unreadable_slices_and_refuses_unnumbered_names(tmp_path, capsys):
+    data = _numbered_folder(tmp_path / "ct")
+    good = next((data / "Bengin cases").iterdir()).read_bytes()
+    (data / "Bengin cases" / "Bengin case (90).png").write_bytes(good[: len(good) // 3])
+    (data / "Normal cases" / "Normal case (91).png").write_bytes(b"")
+    out = tmp_path / "out"
+    assert ct_leakage.main(["--data", str(data), "--out", str(out), "--recipe", "demo-scratch", "--folds", "3",
+                            "--blocks", "2"]) == 0
+    res = json.loads((out / "ct_leakage.json").read_text())
+    left_out = sorted(Path(f["path"]).name for f in res["unreadable_left_out"])
+    assert left_out == ["Bengin case (90).png", "Normal case (91).png"]
+    assert res["images"] == 36 and [r["split"] for r in res["probes"]] == ["random", "blocked 2"]
+    assert "truncated" in capsys.readouterr().err
+
+    (data / "Normal cases" / "Normal case.png").write_bytes(good)
+    assert ct_leakage.main(["--data", str(data), "--out", str(tmp_path / "out2"), "--recipe", "demo-scratch"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Normal case.png" in err and "no slice number" in err
+    assert not (tmp_path / "out2").exists()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -172,18 +173,21 @@ def main(argv=None) -> int:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--blocks", default="5,10,16,20", help="Block sizes for split 'blocked' (comma-separated).")
     args = ap.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # as the lungedge command: progress, not TensorFlow's start-up
 
     from lungedge.edge_runtime.errors import ConfigError, LungedgeError
-    from .data import kfold_assignments, load_dataset, slice_number
+    from .data import kfold_assignments, slice_number
     from .recipes import get_recipe
+    from .training import _checked_dataset
 
     try:
         blocks = [int(b) for b in args.blocks.split(",") if b.strip()]
         recipe = get_recipe(args.recipe)
-        ds = load_dataset(args.data)
-        numbers = np.array([slice_number(p) if slice_number(p) is not None else -1 for p in ds.paths])
-        if (numbers < 0).any():
-            raise SystemExit(f"error: {ds.paths[int(np.argmax(numbers < 0))]}: no slice number in the file name")
+        ds = _checked_dataset(recipe, args.data, verbose=1)  # unreadable files: one line each, left out
+        numbers = [slice_number(p) for p in ds.paths]
+        if None in numbers:
+            raise ConfigError(f"{ds.paths[numbers.index(None)]}: no slice number in the file name")
+        numbers = np.asarray(numbers)
         labels = np.asarray(ds.labels)
         rare = int(np.argmin(np.bincount(labels)))
         train_f, val_f, _ = recipe.fractions
@@ -193,6 +197,7 @@ def main(argv=None) -> int:
         print(f"  {time.time() - t0:.0f} s", flush=True)
         res = {"data": args.data, "images": len(ds), "image_size": recipe.image_size, "k": args.folds,
                "seed": recipe.seed, "rare_class": ds.class_names[rare], "command": shlex.join(["python", "-m", "lungedge.train.ct_leakage", *sys.argv[1:]]),
+               "unreadable_left_out": ds.failures,
                "neighbours": neighbour_adjacency(feats, labels, numbers, ds.class_names), "probes": []}
         for block in [None] + blocks:
             kind = "random" if block is None else "blocked"

@@ -19,6 +19,8 @@ from lungedge.edge_runtime.data import list_labelled_folder, patient_id  # noqa:
 from lungedge.edge_runtime.errors import ConfigError
 from lungedge.edge_runtime.spec import Preprocessing
 
+from .recipes import SPLITS
+
 
 @dataclass
 class Dataset:
@@ -80,7 +82,8 @@ class Dataset:
             return np.asarray(self.groups(required=True), dtype=object)
         if kind == "blocked":
             return np.asarray(self.slice_blocks(block), dtype=object)
-        raise ConfigError(f"split must be 'random', 'grouped' or 'blocked', got {kind!r}")
+        names = ", ".join(repr(s) for s in SPLITS[:-1]) + f" or {SPLITS[-1]!r}"
+        raise ConfigError(f"split must be {names}, got {kind!r}")
 
     def counts(self) -> Dict[str, int]:
         return {name: int((self.labels == i).sum()) for i, name in enumerate(self.class_names)}

@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from lungedge.edge_runtime.data import list_labelled_folder
-from lungedge.edge_runtime.errors import ConfigError, ImageError
+from lungedge.edge_runtime.errors import ConfigError, ImageError, InputError
 from lungedge.edge_runtime.preprocess import load_pixels, normalize
 from lungedge.edge_runtime.spec import Preprocessing
 
@@ -123,18 +123,18 @@ def calibration_from_folder(folder: str, spec: Preprocessing, class_names: Optio
     folder of images (then one class).
 
     Raises:
-        ConfigError: the folder is missing or holds no images.
+        InputError: the folder is missing or holds no images.
     """
     root = Path(folder)
     if not root.is_dir():
-        raise ConfigError(f"calibration folder not found: {str(root)!r}")
+        raise InputError(f"calibration folder not found: {str(root)!r}")
     has_subfolders = any(d.is_dir() and not d.name.startswith(".") for d in root.iterdir())
     if has_subfolders:
         try:
             files = list_labelled_folder(str(root), class_names=class_names)
         except ConfigError as exc:
             if "no images found" in str(exc):
-                raise ConfigError(f"calibration folder has no images: {str(root)!r}") from None
+                raise InputError(f"calibration folder has no images: {str(root)!r}") from None
             raise
         paths, labels = list(files.paths), list(files.labels)
     else:
@@ -143,5 +143,5 @@ def calibration_from_folder(folder: str, spec: Preprocessing, class_names: Optio
         paths = sorted(str(f) for f in root.iterdir() if f.is_file() and is_image_name(f))
         labels = [0] * len(paths)
     if not paths:
-        raise ConfigError(f"calibration folder has no images: {str(root)!r}")
+        raise InputError(f"calibration folder has no images: {str(root)!r}")
     return calibration_from_files(paths, labels, spec, count, seed, progress, source=repr(str(root)))

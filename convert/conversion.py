@@ -180,7 +180,8 @@ def _report(run, ref: _Reference, rows: list, sha: str, calib_info: dict, bias_c
         "calibration": calib_info,
         "bias_correction": bias_correction,
         "gate": {"max_accuracy_drop": limits[0], "max_recall_drop": limits[1],
-                 "disease_class": ref.disease or "every class", "learning_floor": floor.ALPHA},
+                 "disease_class": ref.disease or "every class", "learning_floor": floor.ALPHA,
+                 "paired_alpha": gate.PAIRED_ALPHA},
         "keras": _keras_row(ref.metrics),
         "variants": rows,
         "passed": verdict.passed,
@@ -237,7 +238,8 @@ def _judge(path, v, ref: _Reference, spec, limits, seconds, progress, learning_f
     cmp_ = compare(ref.probs, probs, ref.pred, pred)
     drop = 100.0 * (ref.metrics["accuracy"] - m["accuracy"])
     reasons = gate.variant_reasons(ref.metrics, m, ref.disease, *limits,
-                                   learned=not (verdict.failed and learning_floor), floor_sentence=verdict.sentence())
+                                   learned=not (verdict.failed and learning_floor), floor_sentence=verdict.sentence(),
+                                   paired=(ref.y, ref.pred, pred))
     details = clf.describe()
     return {
         "variant": v.name,

@@ -65,8 +65,10 @@ def markdown(report: dict) -> str:
         f"Gate (convert/gate.py): a variant fails when it did not learn (accuracy not above the majority-class "
         f"rate, one-sided binomial p < 0.01), its accuracy is more than {report['gate']['max_accuracy_drop']} "
         f"points below Keras, or its recall of {disease} more than {report['gate']['max_recall_drop']} points "
-        "below; the conversion passes when every float variant and at least one integer variant pass. "
-        f"With {t['n']} test images one image is {100 / max(t['n'], 1):.2f} points.",
+        "below, and that drop is more than chance on the images where the two disagree (McNemar's exact "
+        f"one-sided test, p < {report['gate'].get('paired_alpha', 0.05)}); the conversion passes when every float "
+        f"variant and at least one integer variant pass. With {t['n']} test images one image is "
+        f"{100 / max(t['n'], 1):.2f} points.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" for _ in head) + "|",

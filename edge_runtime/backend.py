@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -88,3 +93,39 @@ def _version(module_name: str, dist: str) -> str:
     except Exception:
         return "unknown"
 
+
+#: What the TFLite runtime prints on stderr at every load, with no option to turn it off from
+#: Python: start-up chatter, not a message for the user. Anything else it prints is kept.
+_RUNTIME_CHATTER = (b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",)
+_stderr_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def quiet_runtime():
+    """Run an interpreter's construction and allocation without its INFO line on stderr.
+
+    The C++ runtime writes straight to file descriptor 2, so the descriptor is pointed at a
+    temporary file for the duration and everything but the known chatter is written back to the
+    real stderr afterwards (real warnings and errors are never hidden). Falls back to doing
+    nothing when descriptor 2 cannot be redirected.
+    """
+    with _stderr_lock:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+            capture = tempfile.TemporaryFile()
+            os.dup2(capture.fileno(), 2)
+        except (OSError, ValueError):
+            yield
+            return
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [ln for ln in capture.read().splitlines(keepends=True)
+                    if ln.strip() and ln.strip() not in _RUNTIME_CHATTER]
+            capture.close()
+            if kept:
+                os.write(2, b"".join(kept))

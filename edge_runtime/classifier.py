@@ -9,7 +9,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .backend import Backend, load_backend
+from .backend import Backend, load_backend, quiet_runtime
 from .data import expand_inputs
 from .dicom import DicomInfo, check_modality, expected_modalities
 from .decision import apply_threshold, output_probabilities
@@ -246,8 +246,9 @@ class Classifier:
     # ---- construction helpers -------------------------------------------------------
     def _make_interpreter(self, data: bytes, threads: Optional[int]):
         try:
-            it = self.backend.interpreter_class(model_content=data, num_threads=threads)
-            it.allocate_tensors()
+            with quiet_runtime():
+                it = self.backend.interpreter_class(model_content=data, num_threads=threads)
+                it.allocate_tensors()
         except Exception as exc:  # RuntimeError/ValueError from the C++ side
             raise ModelError(
                 f"model cannot be loaded by {self.backend.describe()}: {_first_line(exc)}: {self.model_path!r}"
@@ -541,10 +542,12 @@ class Classifier:
         """The ``heatmap`` signature's runner, on an interpreter of its own (built on first use:
         a signature runner keeps a reference that stops the default interpreter's ``invoke``)."""
         if not self.has_heatmap:
-            raise ModelError(f"model has no heat map (no 'heatmap' signature: converted by an older lungedge, or "
-                             f"its head is not pooling -> Dense layers); convert it again: {self.model_path!r}")
+            raise ModelError(f"model has no heat map (no 'heatmap' signature): convert it with "
+                             f"`lungedge convert RUN --heatmap` (its head must be pooling -> Dense layers): "
+                             f"{self.model_path!r}")
         if self._heatmap_runner is None:
-            it = self.backend.interpreter_class(model_content=self._model_data, num_threads=self.threads)
+            with quiet_runtime():
+                it = self.backend.interpreter_class(model_content=self._model_data, num_threads=self.threads)
             runner = it.get_signature_runner(HEATMAP_SIGNATURE)
             outs = runner.get_output_details()
             self._heatmap_runner = (it, runner, _quant(outs["probabilities"]), _quant(outs["heatmap"]))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-from .errors import ConfigError, WriteError
+from .errors import ConfigError, InputError, WriteError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm",
                               ".dcm", ".dicom"})
@@ -83,14 +83,16 @@ def list_labelled_folder(root: str, class_names: Optional[Sequence[str]] = None)
             ``bengin_cases``); a folder with no match is an error.
 
     Raises:
-        ConfigError: missing root, no class folders, or folders that do not match the model.
+        InputError: missing root, no class folders or no images. ConfigError: folders that do not match the model.
     """
     r = Path(root)
+    if r.is_file():
+        raise InputError(f"expected a data folder DIR/<class>/<image>, got a file: {str(r)!r}")
     if not r.is_dir():
-        raise ConfigError(f"data folder not found: {str(r)!r}")
+        raise InputError(f"data folder not found: {str(r)!r}")
     folders = sorted(d for d in r.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not folders:
-        raise ConfigError(f"no class sub-folders in {str(r)!r} (expected {str(r)}/<class>/<image>)")
+        raise InputError(f"no class sub-folders in {str(r)!r} (expected {str(r)}/<class>/<image>)")
     if class_names is None:
         names = tuple(d.name for d in folders)
         index = {d.name: i for i, d in enumerate(folders)}
@@ -109,7 +111,7 @@ def list_labelled_folder(root: str, class_names: Optional[Sequence[str]] = None)
                 paths.append(str(f))
                 labels.append(index[d.name])
     if not paths:
-        raise ConfigError(f"no images found under {str(r)!r}")
+        raise InputError(f"no images found under {str(r)!r}")
     return LabelledFiles(tuple(paths), tuple(labels), names)
 
 

@@ -37,6 +37,11 @@ SCHEMA_VERSION = 3
 MAX_ELEMENTS = 1 << 31          # per tensor
 MAX_TENSORS = 1 << 20           # per subgraph
 MAX_OPERATORS = 1 << 20
+#: Metadata entries and signatures a model may carry. A converted file has a handful; LiteRT
+#: allocates per entry at load, so a small file listing thousands would cost gigabytes there.
+MAX_METADATA = 64
+MAX_SIGNATURES = 64
+MAX_NAME = 256                  # characters of a metadata entry's name
 
 # TensorType -> bytes per element (None: variable size or packed, not checked against data)
 _ELEMENT_SIZE = {0: 4, 1: 2, 2: 4, 3: 1, 4: 8, 5: None, 6: 1, 7: 2, 8: 8, 9: 1, 10: 8, 11: 16, 12: 8,
@@ -206,7 +211,10 @@ def _check(r: _Reader) -> Structure:
     for si, g in enumerate(subgraphs):
         n_tensors += _check_subgraph(r, si, g, len(opcodes), len(buffers), has_data, data_len, opcodes, len(subgraphs))
         n_ops += len(g.tables(3))
-    for k, sd in enumerate(model.tables(7)):
+    signatures = model.tables(7)
+    if len(signatures) > MAX_SIGNATURES:
+        raise _Bad(f"{len(signatures)} signatures, more than the {MAX_SIGNATURES} a model may carry")
+    for k, sd in enumerate(signatures):
         sub = sd.scalar(4, "<I")
         if sub >= len(subgraphs):
             raise _Bad(f"signature {k} names subgraph {sub} of {len(subgraphs)}")
@@ -216,7 +224,12 @@ def _check(r: _Reader) -> Structure:
                 t = tm.scalar(1, "<I")
                 if t >= n:
                     raise _Bad(f"signature {k} names tensor {t} of {n}")
-    for m in model.tables(6):
+    metadata = model.tables(6)
+    if len(metadata) > MAX_METADATA:
+        raise _Bad(f"{len(metadata)} metadata entries, more than the {MAX_METADATA} a model may carry")
+    for m in metadata:
+        if len(m.string(0) or "") > MAX_NAME:
+            raise _Bad(f"a metadata entry's name is longer than {MAX_NAME} characters")
         if m.scalar(1, "<I") >= len(buffers):
             raise _Bad("a metadata entry points at a buffer that does not exist")
     return Structure(len(subgraphs), n_ops, n_tensors, len(buffers))

@@ -64,3 +64,22 @@ def write_good_and_bad(folder: Path) -> dict:
 
 GOOD = ("gray", "rgb", "rgba", "palette", "cmyk", "sixteen")
 BAD = ("animated", "truncated", "empty", "text", "bomb")
+
+
+def make_images(root: Path, per_class: int = 24, size: int = 64, seed: int = 0, bad: bool = True) -> Path:
+    """NORMAL (dark, Kermany IM- names) and PNEUMONIA (bright blob, person names) images, plus a corrupt file."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(("NORMAL", "PNEUMONIA")):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.normal(70 + 90 * c, 25, (size, size))
+            if c:
+                yy, xx = np.mgrid[:size, :size]
+                img += 60 * np.exp(-((yy - rng.integers(16, 48)) ** 2 + (xx - rng.integers(16, 48)) ** 2) / 120.0)
+            arr = np.clip(img, 0, 255).astype(np.uint8)
+            fname = f"IM-{i // 2:04d}-{i:04d}.jpeg" if c == 0 else f"person{i // 2}_bacteria_{i}.jpeg"
+            Image.fromarray(arr).save(d / fname)
+    if bad:
+        (root / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return root

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
@@ -125,3 +126,16 @@ def test_wheel_installs_with_the_edge_extra_and_classifies_outside_the_checkout(
     assert clash.stdout.strip() == "[]", clash.stdout
     again = subprocess.run([str(py), "-m", "lungedge", "--version"], capture_output=True, text=True, cwd=work, env=env)
     assert again.returncode == 0
+    # at the checkout's root, where a benchmarker who cloned the repository types them: no folder
+    # there may shadow the installed package (python -m puts the working folder first on the path,
+    # and bench runs each model in a child process started the same way)
+    at_root = subprocess.run([str(py), "-m", "lungedge", "--version"], capture_output=True, text=True, cwd=ROOT,
+                             env=env)
+    assert at_root.returncode == 0 and "No module named" not in at_root.stderr, at_root.stderr
+    bench = subprocess.run([str(venv / "bin" / "lungedge"), "bench", str(coral_dir / "mobilenet_v2_1.0_224_quant.tflite"),
+                            "--labels", str(coral_dir / "imagenet_labels.txt"), "--images", str(coral_dir / "cat.bmp"),
+                            "--threads", "1", "--runs", "2", "--warmup", "1", "-o", str(tmp_path / "bench")],
+                           capture_output=True, text=True, cwd=ROOT, env=env)
+    assert bench.returncode == 0 and "No module named" not in bench.stdout + bench.stderr, bench.stdout + bench.stderr
+    report = json.loads((tmp_path / "bench" / "bench_report.json").read_text())
+    assert [m["status"] for m in report["models"]] == ["ok"], report["models"]

@@ -21,11 +21,18 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-def test_help_lists_the_commands():
+def test_help_lists_every_command_and_each_has_help_with_an_example():
     r = run("--help")
     assert r.exit_code == 0
-    for cmd in ("classify", "evaluate"):
-        assert cmd in r.output
+    listed = {ln.split()[0] for ln in r.output.split("Commands:")[1].splitlines() if ln.strip()}
+    assert listed == set(main.commands), (listed, set(main.commands))
+    assert len(listed) >= 10
+    for name, cmd in main.commands.items():
+        h = run(name, "--help")
+        assert h.exit_code == 0, name
+        assert h.output.startswith(f"Usage: main {name}") or f" {name} " in h.output.splitlines()[0], name
+        assert "lungedge " + name in h.output, f"`lungedge {name} --help` shows no example"
+        assert "--help" in h.output and (cmd.help or "").strip(), name
 
 
 def test_usage_errors_exit_2(tmp_path):

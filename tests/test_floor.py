@@ -88,3 +88,32 @@ def test_gate_treats_uint8_as_an_integer_variant_shipped_after_int8():
     assert both.ship == "int8"
     failed = overall([_row("float32", "passed"), _row("uint8", "failed")])
     assert not failed.passed and failed.blocking == ["uint8"]
+
+
+def test_gate_counts_a_drop_only_when_the_test_set_can_tell_it_from_chance():
+    """One flipped image of 60 is 1.7 points (over the 1-point limit) and passes; twelve one-way
+    flips of 600 (2 points) fail, with the paired counts in the reason."""
+    import numpy as np
+
+    from lungedge.convert.gate import paired_worse, variant_reasons
+    from lungedge.edge_runtime.metrics import classification_metrics
+
+    def case(n, flips):
+        y = np.array([0, 1] * (n // 2))
+        keras_pred = y.copy()
+        pred = y.copy()
+        pred[np.flatnonzero(y == 0)[:flips]] = 1  # NORMAL images the variant now calls disease
+        names = ["NORMAL", "PNEUMONIA"]
+        km = classification_metrics(y.tolist(), keras_pred.tolist(), names)
+        m = classification_metrics(y.tolist(), pred.tolist(), names)
+        return km, m, (y, keras_pred, pred)
+
+    km, m, paired = case(60, 1)
+    assert variant_reasons(km, m, None, 1.0, 2.0) != []  # the point rule alone fails it
+    assert variant_reasons(km, m, None, 1.0, 2.0, paired=paired) == []
+    km, m, paired = case(600, 12)
+    reasons = variant_reasons(km, m, None, 1.0, 2.0, paired=paired)
+    assert len(reasons) == 2 and "12 images worse, 0 better" in reasons[0], reasons
+    assert "NORMAL recall 4.00 points" in reasons[1]
+    t = paired_worse(*paired)
+    assert t == {"worse": 12, "better": 0, "p": 0.5 ** 12}

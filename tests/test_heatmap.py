@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lungedge.edge_runtime.preprocess import preprocess
 from lungedge.edge_runtime.spec import ModelSpec, Preprocessing
 from lungedge.demo_data import synthetic_radiograph
 
@@ -88,6 +89,7 @@ def test_default_signature_is_unchanged_and_heatmap_signature_is_there(trained):
 
 
 def test_map_is_the_logit_difference_over_locations_and_probabilities_agree(trained):
+    from lungedge.convert.heatmap import MASK_GAIN
     from lungedge.edge_runtime.classifier import Classifier
 
     clf = Classifier(trained["paths"]["float32"])
@@ -99,12 +101,22 @@ def test_map_is_the_logit_difference_over_locations_and_probabilities_agree(trai
         p = np.array([with_map.probabilities[k] for k in LABELS], np.float64)
         cam = with_map.heatmap
         assert cam.shape == (7, 7) and cam.dtype == np.float32
-        # two classes: the predicted class's map averages to half its log-odds (up to the biases)
+        # the map is linear in the features: its mean over locations is the class's centred output
+        # weights applied to the masked hidden layer of the pooled features, without the biases
+        # (convert/heatmap.py); computed here in numpy from the Keras model's own weights
         i = LABELS.index(with_map.label)
-        log_odds = np.log(p[i]) - np.log(p[1 - i])
-        head_bias = trained["model"].get_layer("head").get_layer("logits").get_weights()[1]
-        bias_term = (head_bias[i] - head_bias[1 - i]) / 2
-        assert 2 * (cam.mean() + bias_term) == pytest.approx(log_odds, abs=0.2 + 0.05 * abs(log_odds))
+        model = trained["model"]
+        pooled = np.asarray(model.get_layer("gap")(model.layers[1](preprocess(img, clf.spec.preprocessing)[None])))[0]
+        head = model.get_layer("head")
+        w1, b1 = head.get_layer("dense").get_weights()
+        w2, b2 = head.get_layer("logits").get_weights()
+        z = pooled @ w1
+        mask = np.minimum(np.maximum(z + b1, 0) * MASK_GAIN, 1.0)
+        want = ((z * mask) @ (w2 - w2.mean(axis=1, keepdims=True)))[i]
+        assert cam.mean() == pytest.approx(want, rel=1e-3, abs=1e-3)
+        # and the probabilities are the head's: log-odds = the logit difference, biases included
+        logits = np.maximum(z + b1, 0) @ w2 + b2
+        assert np.log(p[i]) - np.log(p[1 - i]) == pytest.approx(logits[i] - logits[1 - i], abs=1e-3)
 
 
 def test_peak_falls_inside_a_synthetic_opacity_and_int8_agrees(trained):

@@ -70,7 +70,7 @@ def test_no_module_imports_across_the_layer_rules(package):
 
 def test_no_module_imports_a_library_by_its_folder_name():
     """``from train.x import y`` runs in the checkout and breaks in the wheel (no top-level ``train``)."""
-    files = [f for d in (*LIBRARIES, "lungedge", "benchmarks", "tests") for f in sorted((ROOT / d).rglob("*.py"))]
+    files = [f for d in (*LIBRARIES, "app", "benchmarks", "tests") for f in sorted((ROOT / d).rglob("*.py"))]
     bad = [f"{f.relative_to(ROOT)}:{line} imports {mod}" for f in files for line, mod in _imports(f, raw=True)
            if mod in LIBRARIES]
     assert not bad, "import through lungedge.<library>:\n" + "\n".join(bad)
@@ -91,7 +91,7 @@ def test_the_static_check_sees_imports_inside_functions(tmp_path):
 
 def test_importing_every_device_module_loads_no_training_code():
     """Importing every device module loads nothing of train, convert, TensorFlow/Keras or the
-    command line; only ``lungedge/__init__.py`` itself (the light parent package) is allowed."""
+    command line; only ``lungedge`` itself (``app/__init__.py``, the light parent package) is allowed."""
     modules = sorted(f"lungedge.edge_runtime.{p.stem}" for p in (ROOT / "edge_runtime").glob("*.py")
                      if p.stem != "__init__")
     code = ("import importlib, json, sys\n"
@@ -102,3 +102,11 @@ def test_importing_every_device_module_loads_no_training_code():
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(modules) <= set(loaded), "the check imported nothing"
     assert [m for m in loaded if m != "lungedge" and _layer(m) != "edge_runtime"] == []
+
+
+def test_no_folder_at_the_root_shadows_the_installed_package():
+    """``python -m lungedge`` (and every child process bench starts) puts the working folder first
+    on the path: a root folder named ``lungedge`` would be imported instead of the installed
+    package, without its libraries. The command-line package lives in ``app/`` (setup.cfg)."""
+    assert not (ROOT / "lungedge").exists()
+    assert "lungedge = app" in (ROOT / "setup.cfg").read_text()

@@ -60,12 +60,16 @@ def assert_tables_well_formed(md: str, where: str) -> int:
 @pytest.fixture(scope="module")
 def scratch_pipeline(tmp_path_factory):
     """The demo's scratch recipe (no pretrained weights) through the whole pipeline, on a small generated set."""
+    from lungedge.demo import IMAGE_SIZE, IMAGES_PER_CLASS
     from lungedge.demo_data import make_demo_dataset
     from lungedge.pipeline import run_pipeline
     from lungedge.train.recipes import get_recipe
 
     tmp = tmp_path_factory.mktemp("scratch")
-    data = make_demo_dataset(tmp / "data", per_class=600, size=64, seed=5, progress=False)
+    # the demo's own size (IMAGES_PER_CLASS, IMAGE_SIZE) with another seed: from scratch, data
+    # variety decides, and at this size the recipe learns for every seed measured (train/SELECTION.md)
+    data = make_demo_dataset(tmp / "data", per_class=IMAGES_PER_CLASS["demo-scratch"],
+                             size=IMAGE_SIZE["demo-scratch"], seed=5, progress=False)
     result = run_pipeline(get_recipe("demo-scratch"), str(data), str(tmp / "report"), calibration_count=32,
                           bench_runs=3, bench_threads=(1,), log=lambda m: None, verbose=0)
     return result
@@ -77,8 +81,9 @@ def test_scratch_recipe_learns_and_the_pipeline_ships_an_integer_model(scratch_p
     assert [s.status for s in result.stages] == ["passed"] * 4, [(s.name, s.status, s.message) for s in result.stages]
     train = result.summary["train_metrics"]
     assert train["learning_floor"]["status"] == "learned", train["learning_floor"]["sentence"]
-    # 1,200 images at 64 px and 7 epochs (the demo uses 4,000): well above chance, far from the demo's 0.96
-    assert train["accuracy"] >= 0.65
+    # the bound: the lowest test accuracy over 10 seeds at this size was MIN_SEED_ACCURACY
+    # (train/SELECTION.md); a model that stalls, as the old recipe did at 1,200 images, stays near 0.5
+    assert train["accuracy"] >= 0.90
     history = (result.out_dir / "run" / "history.csv").read_text().splitlines()
     assert float(history[-1].split(",")[2]) < 0.5, "training loss still near ln 2: the network did not train"
     shipped = result.summary["shipped"]
@@ -202,20 +207,28 @@ def test_pipeline_stops_at_a_failing_stage_and_keeps_earlier_output(tmp_path):
     _assert_index_complete(tmp_path / "report")
 
 
-def test_demo_command_small(tmp_path):
+@pytest.mark.needs_shared
+def test_demo_command_small_with_imagenet_weights(tmp_path, imagenet_weights, monkeypatch):
+    """`lungedge demo` on a small set with the ImageNet weights (the branch a user with internet
+    gets): exit 0, the weights it says it used, and a shipped file that learned. The bound: the
+    frozen ImageNet base separates the generated opacities easily (the full demo measured 98-100 %),
+    so 0.85 on 36 test images leaves room for a few images and still fails a model at chance."""
     from click.testing import CliRunner
 
     from lungedge.cli import main
 
-    r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo"), "--images-per-class", "20",
-                                  "--epochs", "2", "--bench-runs", "3"], catch_exceptions=False)
+    monkeypatch.setenv("LUNGEDGE_IMAGENET_WEIGHTS", str(imagenet_weights))
+    r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo"), "--images-per-class", "120",
+                                  "--bench-runs", "3"], catch_exceptions=False)
     out = r.output
-    assert "report:" in out and "lungedge train --recipe" in out, out[-2000:]
-    assert ("weights: MobileNetV2 ImageNet weights from" in out) or ("ImageNet weights not found" in out)
+    assert r.exit_code == 0, out[-3000:]
+    assert "weights: MobileNetV2 ImageNet weights from" in out and "report:" in out, out[-2000:]
     _assert_index_complete(tmp_path / "demo" / "report")
     summary = json.loads((tmp_path / "demo" / "report" / "summary.json").read_text())
-    all_passed = all(s["status"] == "passed" for s in summary["stages"])
-    assert r.exit_code == (0 if all_passed else 1), (r.exit_code, summary["stages"])
+    assert all(s["status"] == "passed" for s in summary["stages"]), summary["stages"]
+    assert summary["facts"]["imagenet_weights"] is True
+    shipped = summary["shipped"]
+    assert shipped["learning_floor"]["status"] == "learned" and shipped["accuracy"] >= 0.85, shipped
 
 
 def _quick_start():
@@ -255,18 +268,23 @@ def test_readme_demo_command_runs_exactly_as_written(tmp_path):
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if "/.venv/" not in p and "/venv/" not in p)
     r = subprocess.run(["bash", "-c", demo], cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
     tail = (r.stdout + r.stderr)[-3000:]
-    assert "ImageNet weights not found locally" in r.stderr and "LUNGEDGE_IMAGENET_WEIGHTS" in r.stderr, tail
+    weights = "ImageNet weights not found locally" not in r.stderr  # a machine with internet downloads them
+    if not weights:
+        assert "LUNGEDGE_IMAGENET_WEIGHTS" in r.stderr, tail
     assert "oneDNN" not in r.stdout + r.stderr, "TensorFlow's start-up lines reach the user without --verbose"
+    assert "INFO: Created TensorFlow Lite" not in r.stdout + r.stderr, "LiteRT's start-up line reaches the user"
     assert "report:" in r.stdout, tail
     report = repo / "lungedge-demo" / "report"
     _assert_index_complete(report)
     assert r.returncode == 0, "the demo's pipeline reported a failed stage:\n" + tail
     summary = json.loads((report / "summary.json").read_text())
-    assert summary["facts"]["imagenet_weights"] is False
+    assert summary["facts"]["imagenet_weights"] is weights
     shipped = summary["shipped"]
     assert shipped["variant"] in ("int8", "int8-float-io", "int8-mixed"), shipped
+    # either branch: the demo's README promises a model that learned the generated opacities
+    # (measured 95-96 % from scratch, 98-100 % with ImageNet weights); 0.90 fails a model near chance
     assert shipped["accuracy"] >= 0.90 and shipped["probability_std"] > 0.1, shipped
     assert summary["keras"]["accuracy"] >= 0.90
     index = (report / "index.md").read_text()
-    # the report says why and how to provide the weights itself (it has no console note above it)
-    assert "Weights: none" in index and "LUNGEDGE_IMAGENET_WEIGHTS" in index and "see the note above" not in index
+    if not weights:  # the report says why and how to provide the weights itself (no console note above it)
+        assert "Weights: none" in index and "LUNGEDGE_IMAGENET_WEIGHTS" in index and "see the note above" not in index

@@ -390,6 +390,7 @@ def test_each_training_phase_early_stops_on_its_own(tmp_path):
     assert again.start_phase("fine_tune") == 2 and again.best == 0.08
 
 
+@pytest.mark.needs_tf
 def test_site_shift_augmentation_and_its_phases():
     import tensorflow as tf
 
@@ -427,6 +428,7 @@ def test_fine_tuning_weight_average_settings():
     assert ema_momentum(0.01, 3) == 0.0  # a time constant under one step: the last weights
 
 
+@pytest.mark.needs_tf
 def test_weight_average_is_the_exponential_average_of_every_step():
     """compile_model's EMA: after fit, the weights are the moving average of the weights after each
     step (Keras's optimizer EMA, first step taken as is), not the last step's."""
@@ -452,6 +454,7 @@ def test_weight_average_is_the_exponential_average_of_every_step():
     assert not np.allclose(final, seen[-1], atol=1e-4)
 
 
+@pytest.mark.needs_tf
 def test_weight_average_survives_an_interrupted_phase(tmp_path):
     """A phase resumed from its epoch checkpoint (raw weights + optimizer variables, which hold the
     average and the step count) ends with the same averaged weights as one uninterrupted fit; a
@@ -507,7 +510,25 @@ def test_model_card_says_which_split_and_what_it_leaks():
     from lungedge.train.report import _card_limitations
 
     spec = SimpleNamespace(threshold=None)
-    random_ct = "\n".join(_card_limitations(get_recipe("ct-lung-cancer-plus"), spec, is_ct=True))
+    assert get_recipe("ct-lung-cancer-plus").split == "blocked"  # the project's CT recipe: no neighbouring slices
+    assert get_recipe("ct-lung-cancer").split == "random"  # the paper's split, reproducible by name
+    random_ct = "\n".join(_card_limitations(get_recipe("ct-lung-cancer"), spec, is_ct=True))
     blocked_ct = "\n".join(_card_limitations(get_recipe("ct-lung-cancer-plus", split="blocked", split_block=20), spec, is_ct=True))
     assert "random split puts slices of one patient on both sides" in random_ct and "--split blocked" in random_ct
     assert "blocks of 20 consecutive slice numbers" in blocked_ct and "random split" not in blocked_ct
+
+
+def test_a_random_split_ct_card_leads_its_metrics_with_the_leakage_warning():
+    from types import SimpleNamespace
+
+    from lungedge.train.report import _card_metrics
+
+    m = {"accuracy": 0.97, "macro": {"precision": 1, "recall": 1, "f1": 1}, "weighted": {"f1": 1}, "auc": None,
+         "per_class": {n: {"precision": 1, "recall": 1, "f1": 1, "specificity": 1, "support": 1}
+                       for n in ("benign", "malignant", "normal")}}
+    spec = SimpleNamespace(threshold=None, labels=("benign", "malignant", "normal"))
+    random_card = _card_metrics(get_recipe("ct-lung-cancer"), spec, m, None, None, None, is_ct=True)
+    first = next(ln for ln in random_card if ln)
+    assert first == "## Test metrics" and random_card[random_card.index(first) + 2].startswith("**Read this first")
+    blocked_card = "\n".join(_card_metrics(get_recipe("ct-lung-cancer-plus"), spec, m, None, None, None, is_ct=True))
+    assert "Read this first" not in blocked_card

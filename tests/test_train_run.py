@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from images import make_images
 
 from lungedge.edge_runtime.errors import ConfigError
 from lungedge.edge_runtime.spec import ModelSpec
@@ -23,25 +23,6 @@ pytestmark = pytest.mark.needs_tf
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT = ("model.keras", "spec.json", "recipe.json", "split_manifest.csv", "history.csv", "metrics.json",
             "model_card.md", "plots/training_curves.png", "plots/confusion_matrix.png", "plots/roc.png")
-
-
-def make_images(root: Path, per_class: int = 24, size: int = 64, seed: int = 0, bad: bool = True) -> Path:
-    """NORMAL (dark, Kermany IM- names) and PNEUMONIA (bright blob, person names) images, plus a corrupt file."""
-    rng = np.random.default_rng(seed)
-    for c, name in enumerate(("NORMAL", "PNEUMONIA")):
-        d = root / name
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            img = rng.normal(70 + 90 * c, 25, (size, size))
-            if c:
-                yy, xx = np.mgrid[:size, :size]
-                img += 60 * np.exp(-((yy - rng.integers(16, 48)) ** 2 + (xx - rng.integers(16, 48)) ** 2) / 120.0)
-            arr = np.clip(img, 0, 255).astype(np.uint8)
-            fname = f"IM-{i // 2:04d}-{i:04d}.jpeg" if c == 0 else f"person{i // 2}_bacteria_{i}.jpeg"
-            Image.fromarray(arr).save(d / fname)
-    if bad:
-        (root / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    return root
 
 
 _WEIGHTS = {}
@@ -96,6 +77,7 @@ def run_dir(data_dir, tmp_path_factory):
     return train_run(recipe, str(data_dir), str(out), verbose=0, learning_floor=False)
 
 
+@pytest.mark.slow
 def test_run_folder_has_every_contract_file(run_dir):
     for name in CONTRACT:
         assert (run_dir / name).is_file() and (run_dir / name).stat().st_size > 0, name
@@ -121,6 +103,7 @@ def test_run_folder_has_every_contract_file(run_dir):
     assert "`image_size` 224 -> 96" in card
 
 
+@pytest.mark.slow
 def test_images_beyond_the_cache_budget_are_cached_on_disk_and_removed(run_dir, data_dir, tmp_path):
     """Budget 0: every split goes to the tf.data file cache in the run folder; training is
     otherwise the same run, and the cache is gone afterwards. The default budget keeps this small
@@ -161,6 +144,7 @@ def test_cache_budget_and_shuffle_buffer_rules(monkeypatch):
     assert shuffle_buffer(600, p64, True, 0) == 600
 
 
+@pytest.mark.slow
 def test_corrupt_file_is_reported_and_not_in_the_manifest(run_dir):
     m = json.loads((run_dir / "metrics.json").read_text())
     assert [Path(f["path"]).name for f in m["failures"]] == ["IM-9999-0001.jpeg"]
@@ -169,6 +153,7 @@ def test_corrupt_file_is_reported_and_not_in_the_manifest(run_dir):
     assert "1 unreadable" in (run_dir / "model_card.md").read_text()
 
 
+@pytest.mark.slow
 def test_grouped_manifest_keeps_patients_on_one_side(run_dir):
     sides = {}
     for r in csv.DictReader(open(run_dir / "split_manifest.csv")):
@@ -176,6 +161,7 @@ def test_grouped_manifest_keeps_patients_on_one_side(run_dir):
     assert all(g for g in sides) and all(len(v) == 1 for v in sides.values())
 
 
+@pytest.mark.slow
 def test_model_file_opens_in_plain_keras(run_dir):
     """model.keras is saved uncompiled: Keras alone opens it with its defaults (compile=True), though
     the run trained with the project's label-smoothing loss, and gives the run's probabilities."""
@@ -198,6 +184,7 @@ def test_model_file_opens_in_plain_keras(run_dir):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fine_tuning_trains_only_the_top_blocks(run_dir):
     import keras
 
@@ -253,6 +240,7 @@ def test_label_smoothing_loss_is_kerass_smoothed_crossentropy():
         tiny().replace(label_smoothing=0.7)
 
 
+@pytest.mark.slow
 def test_a_run_trained_with_label_smoothing_loads_in_a_fresh_process(run_dir):
     # the run_dir recipe smooths labels; a new process (convert, evaluate) loads its model.keras
     # through the project's loader without having trained
@@ -263,6 +251,7 @@ def test_a_run_trained_with_label_smoothing_loads_in_a_fresh_process(run_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "(None, 2)" in r.stdout
 
+@pytest.mark.slow
 def test_threshold_gives_the_target_recall_on_validation(run_dir, data_dir):
     """Re-predict the validation files with the saved model and check the stored operating point."""
     import keras
@@ -278,6 +267,7 @@ def test_threshold_gives_the_target_recall_on_validation(run_dir, data_dir):
     assert (p[pos] >= spec.threshold.value - 1e-5).mean() >= 0.95
 
 
+@pytest.mark.slow
 def test_evaluate_keras_on_a_run_folder(run_dir, data_dir):
     from lungedge.train.keras_eval import evaluate_keras
 
@@ -308,6 +298,7 @@ def test_pipeline_matches_the_shared_preprocessing(data_dir):
     assert load_pixels(paths[0], prep).dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_paper_recipe_trains_the_head_on_cached_features_and_cv_table(data_dir, tmp_path, capsys):
     """ct-lung-cancer (frozen base, no augmentation): features once, then k-fold with mean ± population std."""
     from lungedge.train.training import cv_run
@@ -333,6 +324,7 @@ def test_paper_recipe_trains_the_head_on_cached_features_and_cv_table(data_dir, 
     _check_cv_decisions(out, summary, tmp_path, capsys)
 
 
+@pytest.mark.slow
 def test_cv_resume_keeps_complete_folds_and_continues_the_interrupted_one(data_dir, tmp_path, monkeypatch):
     """An interrupted cross-validation goes on with --resume: the complete fold is not trained again,
     the interrupted fold keeps its epochs (checkpoint), the rest are trained; a saved fold that is
@@ -428,6 +420,7 @@ def _check_cv_decisions(out: Path, summary: dict, tmp_path: Path, capsys) -> Non
     assert "fold_2" in err[2] and "metrics.json" in err[2] and "no training images" in err[3]
 
 
+@pytest.mark.slow
 def test_refuses_a_non_empty_out_and_unknown_strategy(run_dir, data_dir):
     from lungedge.train.training import train_run
 

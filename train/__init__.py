@@ -10,7 +10,7 @@ Modules: ``recipes`` (named, frozen recipes), ``data`` (layouts, patient ids, sp
 training), ``threshold`` (matching the disease class), ``training`` (one run / k-fold),
 ``runfolder`` (the run-folder contract), ``report`` (plots, model card), ``keras_eval`` (Keras
 model on a labelled folder), ``weights`` (ImageNet weights), ``tfimport`` (quiet TensorFlow
-import), ``throughput`` (input pipeline measurement). The command is ``lungedge/train_cli.py``.
+import), ``throughput`` (input pipeline measurement). The command is ``app/train_cli.py`` (``lungedge.train_cli``).
 """
 
 import importlib

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from lungedge.edge_runtime.data import list_labelled_folder, patient_id  # noqa: F401 - patient_id re-exported
-from lungedge.edge_runtime.errors import ConfigError
+from lungedge.edge_runtime.errors import ConfigError, InputError
 from lungedge.edge_runtime.spec import Preprocessing
 
 from .recipes import SPLITS
@@ -114,11 +114,13 @@ def load_dataset(data_dir: str) -> Dataset:
       validation is carved from the pool) and ``test/`` is kept as the test split.
 
     Raises:
-        ConfigError: missing folder, no classes or no images, or split folders whose classes differ.
+        InputError: missing folder, no classes or no images. ConfigError: split folders whose classes differ.
     """
     root = Path(data_dir)
+    if root.is_file():
+        raise InputError(f"expected a data folder DIR/<class>/<image>, got a file: {str(data_dir)!r}")
     if not root.is_dir():
-        raise ConfigError(f"data folder not found: {str(data_dir)!r}")
+        raise InputError(f"data folder not found: {str(data_dir)!r}")
     if (root / "train").is_dir() and _has_class_folders(root / "train"):
         train = list_labelled_folder(str(root / "train"))
         paths, labels, fixed = list(train.paths), list(train.labels), [""] * len(train)
@@ -133,7 +135,7 @@ def load_dataset(data_dir: str) -> Dataset:
                        [f or None for f in fixed] if has_test else None)
     files = list_labelled_folder(str(root))
     if len(files.class_names) < 2:
-        raise ConfigError(f"need at least 2 class folders in {str(root)!r}, found {list(files.class_names)!r}")
+        raise InputError(f"need at least 2 class folders in {str(root)!r}, found {list(files.class_names)!r}")
     return Dataset(list(files.paths), np.asarray(files.labels, dtype=np.int64), files.class_names, str(root))
 
 

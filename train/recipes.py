@@ -444,12 +444,12 @@ RECIPES: Dict[str, Recipe] = {
         ),
         _PAPER_CT.replace(
             name="ct-lung-cancer-plus",
-            description="CT, improved: stratified 70/15/15, class weights (benign is 11 %), head on cached base "
+            description="CT, improved: stratified 70/15/15 in blocks of 16 consecutive slice numbers per class (a "
+            "stand-in for patients, so test slices are not neighbours of training slices), class weights (benign is 11 %), head on cached base "
             "features up to 50 epochs (early stopping on val loss, patience 8), then up to 10 epochs fine-tuning the "
             "top 6 blocks at 1e-5 (early stopping within the phase), threshold for malignant recall >= 0.95 on "
-            "validation. Chosen by stratified 5-fold cross-validation (train/README.md): 94.54 +- 2.11 % against "
-            "93.51 +- 1.51 % for 5 epochs of the top 3 blocks. (With augmentation the head converged to 0.86-0.88 "
-            "test accuracy on 614 training images, so none here.)",
+            "validation (train/SELECTION.md).",
+            split="blocked",
             epochs=50,
             class_weights=True,
             augment=False,
@@ -463,10 +463,9 @@ RECIPES: Dict[str, Recipe] = {
             name="demo-scratch",
             description="The built-in demo without pretrained weights (a fresh machine offline): MobileNetV2 "
             "alpha 0.35 at 64 px trained whole from random initialisation (BatchNorm momentum 0.9), no Dense "
-            "hidden layer, dropout 0.2, Adam 2e-3 with cosine decay, batch 32, 7 epochs, early stopping on val "
-            "loss (patience 3), best epoch restored. Chosen on generated sets other than the demo's (seeds 1-3): "
-            "from scratch, data variety decides (560 training images: 0.78 validation accuracy at 96 px; 2,800 "
-            "at 64 px: 0.97 by epoch 6), so the demo generates 2,000 images per class for it.",
+            "hidden layer, dropout 0.2, Adam 2e-3 with cosine decay, batch 32, 10 epochs, early stopping on "
+            "validation accuracy (patience 4), best epoch restored. From scratch, data variety decides: the demo "
+            "generates 2,000 images per class for it (train/SELECTION.md).",
             weights="none",
             alpha=0.35,
             image_size=64,
@@ -474,8 +473,9 @@ RECIPES: Dict[str, Recipe] = {
             dropout=0.2,
             learning_rate=2e-3,
             lr_schedule="cosine",
-            epochs=7,
-            patience=3,
+            epochs=10,
+            patience=4,
+            monitor="val_accuracy",
         ),
     )
 }

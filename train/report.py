@@ -124,7 +124,7 @@ def model_card(
                   + "; ".join(f"`{k}` {a!r} -> {b!r}" for k, a, b in changed) + ".", ""]
     lines += _card_model(recipe, spec, seconds, device)
     lines += _card_data(recipe, spec, counts, data_dir, failures, fixed_test)
-    lines += _card_metrics(recipe, spec, metrics, argmax_metrics, val_metrics, verdict)
+    lines += _card_metrics(recipe, spec, metrics, argmax_metrics, val_metrics, verdict, is_ct)
     lines += _card_limitations(recipe, spec, is_ct)
     return "\n".join(lines) + "\n"
 
@@ -191,11 +191,16 @@ def _card_data(recipe, spec, counts, data_dir: str, failures: list, fixed_test: 
     return lines
 
 
-def _card_metrics(recipe, spec, metrics, argmax_metrics, val_metrics, verdict) -> List[str]:
+def _card_metrics(recipe, spec, metrics, argmax_metrics, val_metrics, verdict, is_ct: bool = False) -> List[str]:
     th = spec.threshold
-    lines = ["", "## Test metrics", "",
-             "Measured on this run's own test split: images from the same folder as the training images "
-             "(in-folder), not from another hospital or time.", "",
+    lines = ["", "## Test metrics", ""]
+    if is_ct and recipe.split == "random" and not recipe.name.startswith("demo"):
+        lines += ["**Read this first: a random split of numbered CT slices puts neighbouring slices of one patient "
+                  "in train and test, so the numbers below mostly measure recognising patients already seen** "
+                  "(a nearest-slice lookup with no training scores about as well). Train with `--split blocked` "
+                  "(the default of `ct-lung-cancer-plus`) for numbers closer to new patients; see Limitations.", ""]
+    lines += ["Measured on this run's own test split: images from the same folder as the training images "
+              "(in-folder), not from another hospital or time.", "",
              "| decision | accuracy | macro precision | macro recall | macro F1 | weighted F1 | AUC (macro; 95 % CI for two classes) |",
              "|---|---|---|---|---|---|---|"]
     for label, m in (("threshold" if th else "argmax", metrics), ("argmax", argmax_metrics if th else None),

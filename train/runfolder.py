@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from lungedge.edge_runtime.data import atomic_write_text, list_labelled_folder
-from lungedge.edge_runtime.errors import ConfigError, ModelError
+from lungedge.edge_runtime.errors import ConfigError, InputError, ModelError
 from lungedge.edge_runtime.spec import ModelSpec
 
 
@@ -58,23 +58,23 @@ def read_manifest(path: Path) -> List[dict]:
     and every path and label is non-empty.
 
     Raises:
-        ConfigError: unreadable or damaged, naming the file and the line.
+        InputError: unreadable or damaged, naming the file and the line.
     """
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
             missing = {"path", "label", "split"} - set(reader.fieldnames or [])
             if missing:
-                raise ConfigError(f"{path} lacks column(s) {sorted(missing)}; has {reader.fieldnames}")
+                raise InputError(f"{path} lacks column(s) {sorted(missing)}; has {reader.fieldnames}")
             rows = []
             for line, row in enumerate(reader, start=2):
                 if row.get("split") not in SPLITS or not row.get("path") or not row.get("label"):
-                    raise ConfigError(f"{path} line {line} is damaged: {dict(row)!r} (expected a path, a label and "
+                    raise InputError(f"{path} line {line} is damaged: {dict(row)!r} (expected a path, a label and "
                                       f"a split of {', '.join(SPLITS)})")
                 rows.append(dict(row))
             return rows
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ConfigError(f"cannot read the split manifest {str(path)!r}: {exc}") from None
+        raise InputError(f"cannot read the split manifest {str(path)!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -126,24 +126,24 @@ def load_run(run_dir) -> RunFolder:
     """Read a run folder.
 
     Raises:
-        ConfigError: the folder, its spec.json or split_manifest.csv is missing or invalid.
+        InputError: the folder, its spec.json or split_manifest.csv is missing or invalid.
         ModelError: no model.keras in it.
     """
     root = Path(run_dir)
     if not root.exists():
-        raise ConfigError(f"run folder not found: {str(root)!r}")
+        raise InputError(f"run folder not found: {str(root)!r}")
     if not root.is_dir():
-        raise ConfigError(f"expected a training run folder, got a file: {str(root)!r}")
+        raise InputError(f"expected a training run folder, got a file: {str(root)!r}")
     model_path = root / MODEL
     if not model_path.is_file():
         raise ModelError(f"no {MODEL} in run folder {str(root)!r} (is it a training run?)")
     spec_path = root / SPEC
     if not spec_path.is_file():
-        raise ConfigError(f"no {SPEC} in run folder {str(root)!r}")
+        raise InputError(f"no {SPEC} in run folder {str(root)!r}")
     try:
         spec = ModelSpec.from_json(spec_path.read_text(encoding="utf-8"))
     except ConfigError as exc:
-        raise ConfigError(f"{spec_path}: {exc}") from None
+        raise InputError(f"{spec_path}: {exc}") from None
     manifest = root / MANIFEST
     return RunFolder(root, model_path, spec, tuple(read_manifest(manifest) if manifest.is_file() else ()),
                      _data_root(root))

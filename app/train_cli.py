@@ -34,7 +34,7 @@ def _recipe_options(f):
 @click.command("train")
 @click.option("--recipe", "-r", "recipe_name", default=None,
               help="Named recipe: xray-pneumonia, ct-lung-cancer, xray-pneumonia-plus, ct-lung-cancer-plus.")
-@click.option("--data", "-d", "data_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--data", "-d", "data_dir", type=click.Path(), default=None,
               help="Labelled data: DIR/<class>/<image>, or the Kaggle layout DIR/{train,val,test}/<class>.")
 @click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), required=False, default=None,
               help="Run folder to create (must be empty unless --resume).")

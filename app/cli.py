@@ -228,7 +228,7 @@ def _draw(res, src, index, heatmap_dir, report_dir, entries):
 @main.command()
 @click.option("--model", "-m", required=True,
               help="A .tflite model, or a training run folder / .keras file (needs TensorFlow).")
-@click.option("--data", "-d", required=True, type=click.Path(file_okay=False),
+@click.option("--data", "-d", required=True, type=click.Path(),
               help="Labelled folder: DATA/<class>/<image>.")
 @_model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
@@ -259,6 +259,8 @@ def evaluate(model, data, threads, backend, labels, mean, std, no_threshold, no_
         keras_model = True
     elif keras_model and not p.is_file():
         raise ModelError(f"model file not found: {model!r}")
+    if Path(data).is_file():
+        raise InputError(f"expected a data folder DIR/<class>/<image>, got a file: {data!r}")
     if not Path(data).is_dir():
         raise InputError(f"data folder not found: {data!r}")
     if keras_model:
@@ -295,7 +297,7 @@ def evaluate(model, data, threads, backend, labels, mean, std, no_threshold, no_
 @main.command()
 @click.option("--model", "-m", required=True, type=click.Path(dir_okay=False),
               help="A lungedge .tflite model (its metadata is rewritten into the new file).")
-@click.option("--data", "-d", required=True, type=click.Path(file_okay=False),
+@click.option("--data", "-d", required=True, type=click.Path(),
               help="The site's labelled images: DATA/<class>/<image>, folder names as the model's labels.")
 @click.option("--target-recall", required=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Recall of the disease class the new threshold must reach on these images, e.g. 0.95.")

@@ -39,7 +39,7 @@ def _print_result(result, started: float, next_steps: bool) -> None:
 
 @click.command("pipeline")
 @click.option("--recipe", "-r", required=True, help="Training recipe name (see `lungedge train --help`).")
-@click.option("--data", "-d", required=True, type=click.Path(file_okay=False), help="Class-folder dataset.")
+@click.option("--data", "-d", required=True, type=click.Path(), help="Class-folder dataset.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Report folder to create.")
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
               help="Override a recipe field, e.g. --set epochs=5 (repeatable).")

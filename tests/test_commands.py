@@ -1,0 +1,266 @@
+"""Every everyday command, run as a user runs it (the installed ``lungedge`` command in a child
+process), to exit 0 on tiny generated images, with its output checked; then each with bad input
+(missing, empty, wrong type, damaged). No ../shared needed: this is the newcomer's proof that the
+whole job works on their machine.
+
+The images: NORMAL frames dark, PNEUMONIA frames bright with a blob (``images.make_images``), so
+a from-scratch MobileNetV2 at 32 px learns them in three epochs; the learning floor still judges
+every stage, so a model that did not learn fails these tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from images import make_images
+
+pytestmark = pytest.mark.needs_tf
+
+#: The demo's scratch recipe at 32 px on 120 easy images: after the first epoch (graph tracing) each
+#: epoch takes well under a second, and validation accuracy reaches 1.0 by epoch 6 (measured); 25
+#: epochs at batch 8 with the last epoch kept leave the learning floor a wide margin.
+TINY = ["--recipe", "demo-scratch"] + [a for kv in ("image_size=32", "epochs=25", "patience=0", "batch_size=8",
+                                                    "seed=1") for a in ("--set", kv)]
+
+
+def lungedge(*args, timeout=300, env=None) -> subprocess.CompletedProcess:
+    """The installed command, as a user types it (falls back to ``python -m lungedge``)."""
+    exe = shutil.which("lungedge", path=str(Path(sys.executable).parent))
+    cmd = [exe] if exe else [sys.executable, "-m", "lungedge"]
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("LUNGEDGE_VERBOSE", None)
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, stdin=subprocess.DEVNULL)
+
+
+def assert_clean(r: subprocess.CompletedProcess) -> None:
+    """No traceback and no start-up chatter from TensorFlow or LiteRT reaches the user."""
+    text = r.stdout + r.stderr
+    assert "Traceback" not in text, text[-3000:]
+    assert "INFO: Created TensorFlow Lite" not in text, "LiteRT's INFO line reaches the user"
+    assert "oneDNN" not in text, "TensorFlow's start-up lines reach the user"
+
+
+def assert_one_error(r: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    assert r.returncode == code, (r.returncode, r.stdout[-1500:], r.stderr[-1500:])
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert errors, r.stderr[-1500:]
+    for w in words:
+        assert any(w in e for e in errors), (w, errors)
+    assert_clean(r)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_images(tmp_path_factory.mktemp("cmd") / "data", per_class=60, size=40, seed=3, bad=False)
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory) -> dict:
+    """`lungedge train` then `lungedge convert` (a real conversion, gated), both to exit 0."""
+    run = tmp_path_factory.mktemp("cmd-run") / "run"
+    t = lungedge("train", *TINY, "--data", data, "--out", run, "-q")
+    assert t.returncode == 0, t.stderr[-3000:]
+    assert_clean(t)
+    c = lungedge("convert", run, "--variants", "float32,int8", "--calibration", "16", "--no-bias-correction",
+                 "--no-progress")
+    assert c.returncode == 0, c.stdout[-3000:] + c.stderr[-3000:]
+    assert_clean(c)
+    return {"run": run, "train": t, "convert": c}
+
+
+def test_train_writes_a_run_that_learned(trained):
+    run = trained["run"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    floor = metrics["learning_floor"]
+    # the learning floor's own test (p < 0.01 above the majority rate) is the bound; on these
+    # easy images the run measures far above it
+    assert floor["status"] == "learned", floor["sentence"]
+    assert floor["accuracy"] > floor["majority_rate"], floor
+    for name in ("model.keras", "spec.json", "recipe.json", "split_manifest.csv", "history.csv", "model_card.md"):
+        assert (run / name).is_file(), name
+
+
+def test_convert_writes_gated_files_and_a_report(trained):
+    run = trained["run"]
+    report = json.loads((run / "quantization_report.json").read_text())
+    assert report["passed"] is True, report["verdict"]
+    assert {v["variant"] for v in report["variants"]} >= {"float32", "int8"}
+    assert all(v["gate"] == "passed" for v in report["variants"] if v["variant"] != "keras"), report["variants"]
+    assert (run / "model_int8.tflite").is_file() and (run / "model_float32.tflite").is_file()
+    assert "ship" in trained["convert"].stdout.lower()
+
+
+def test_inspect_classify_and_evaluate_the_converted_file(trained, data, tmp_path):
+    model = trained["run"] / "model_int8.tflite"
+    r = lungedge("inspect", "--json", model)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert json.dumps(info).count("PNEUMONIA") >= 1
+    images = sorted((data / "PNEUMONIA").iterdir())[:3] + sorted((data / "NORMAL").iterdir())[:3]
+    r = lungedge("classify", "--json", "-m", model, *images)
+    assert r.returncode == 0, r.stderr
+    assert_clean(r)
+    rows = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")] or json.loads(r.stdout)
+    labels = [row["label"] for row in rows]
+    assert labels.count("PNEUMONIA") >= 2 and labels.count("NORMAL") >= 2, labels
+    out = tmp_path / "eval.json"
+    r = lungedge("evaluate", "-m", model, "-d", data, "--json", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert_clean(r)
+    assert json.loads(out.read_text())["accuracy"] >= 0.75
+
+
+def test_bench_measures_both_files(trained, data, tmp_path):
+    run = trained["run"]
+    r = lungedge("bench", run / "model_float32.tflite", run / "model_int8.tflite", "--images", data / "NORMAL",
+                 "--threads", "1", "--runs", "3", "--warmup", "1", "-d", data, "-o", tmp_path / "bench")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert_clean(r)
+    report = json.loads((tmp_path / "bench" / "bench_report.json").read_text())
+    assert [m["status"] for m in report["models"]] == ["ok", "ok"], report["models"]
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_and_ships_a_file(data, tmp_path):
+    """The whole job in one command (train, convert, bench, evaluate, index): the same stages the
+    fast tests above run one command at a time, so this one runs with --full."""
+    out = tmp_path / "report"
+    r = lungedge("pipeline", *TINY, "--data", data, "--out", out, "--variants",
+                 "float32,int8", "--calibration", "16", "--bench-runs", "3", "--bench-threads", "1",
+                 "--no-bias-correction")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert_clean(r)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["status"] for s in summary["stages"]] == ["passed"] * len(summary["stages"]), summary["stages"]
+    assert summary["ship"] in ("float32", "int8") and (out / "run" / f"model_{summary['ship']}.tflite").is_file()
+    assert summary["shipped"]["learning_floor"]["status"] == "learned"
+    assert (out / "index.html").is_file()
+
+
+def test_serve_answers_an_upload_of_a_generated_image(trained, data):
+    pytest.importorskip("starlette", reason="the serve extra is not installed (pip install 'lungedge[serve]')")
+    import http.client
+    import uuid
+
+    exe = shutil.which("lungedge", path=str(Path(sys.executable).parent))
+    cmd = [exe] if exe else [sys.executable, "-m", "lungedge"]
+    proc = subprocess.Popen(cmd + ["serve", "-m", str(trained["run"] / "model_int8.tflite"), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t0, line = time.monotonic(), ""
+        while time.monotonic() - t0 < 60:
+            line = proc.stdout.readline()
+            if "http://" in line or proc.poll() is not None:
+                break
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert m, (line, proc.poll())
+        image = sorted((data / "PNEUMONIA").iterdir())[0]
+        boundary = uuid.uuid4().hex
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{image.name}\"\r\n"
+                f"Content-Type: application/octet-stream\r\n\r\n").encode() + image.read_bytes() + \
+            f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"junk.jpeg\"\r\n" \
+            f"Content-Type: application/octet-stream\r\n\r\nnot an image\r\n--{boundary}--\r\n".encode()
+        conn = http.client.HTTPConnection("127.0.0.1", int(m.group(1)), timeout=60)
+        conn.request("POST", "/api/classify", body=body,
+                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        resp = conn.getresponse()
+        status, payload = resp.status, json.loads(resp.read())
+        conn.close()
+        assert status == 200, payload
+        results = payload["results"]
+        ok = [r for r in results if "label" in r]
+        bad = [r for r in results if "error" in r]
+        assert [r["label"] for r in ok] == ["PNEUMONIA"], results
+        assert len(bad) == 1 and "junk.jpeg" in bad[0]["error"], results
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        err = proc.stderr.read()
+    assert "Traceback" not in err and "INFO: Created TensorFlow Lite" not in err, err[-2000:]
+
+
+# ----- bad input: one error line naming what was wrong, the exit code of the one rule -----
+
+
+def test_missing_run_folder_is_exit_1_for_every_command(tmp_path):
+    """A run folder or model that is not there is an input that could not be used: exit 1."""
+    missing = tmp_path / "no-such-run"
+    for args in (["convert", missing], ["evaluate", "-m", missing, "-d", tmp_path],
+                 ["inspect", missing], ["classify", "-m", missing, tmp_path / "x.png"]):
+        r = lungedge(*args)
+        assert_one_error(r, 1, str(missing.name))
+
+
+def test_train_and_pipeline_refuse_missing_empty_and_wrong_data(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    not_dir = tmp_path / "file.txt"
+    not_dir.write_text("not a folder")
+    one_class = tmp_path / "one"
+    make_images(tmp_path / "two", per_class=4, size=32, bad=False)
+    (one_class / "NORMAL").mkdir(parents=True)
+    for f in sorted((tmp_path / "two" / "NORMAL").iterdir()):
+        shutil.copy(f, one_class / "NORMAL" / f.name)
+    # data that cannot be used is an input error (1); a wrong option or name is a usage error (2)
+    for i, (folder, words) in enumerate(((tmp_path / "nowhere", "nowhere"), (not_dir, "file.txt"), (empty, "empty"),
+                                         (one_class, "one"))):
+        assert_one_error(lungedge("train", *TINY, "--data", folder, "--out", tmp_path / f"o{i}"), 1, words)
+    r = lungedge("pipeline", "--recipe", "no-such-recipe", "--data", tmp_path / "two", "--out", tmp_path / "o5")
+    assert_one_error(r, 2, "no-such-recipe")
+
+
+def test_convert_refuses_a_damaged_run_folder(trained, tmp_path):
+    """In this process (TensorFlow is loaded once for the suite): the command's own code path."""
+    from click.testing import CliRunner
+
+    from lungedge.cli import main
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained["run"], broken)
+    (broken / "model.keras").write_bytes(b"PK\x03\x04 damaged")
+    r = CliRunner().invoke(main, ["convert", str(broken), "--variants", "float32", "--no-progress"])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), r.output[-2000:]
+    assert "model.keras" in lines[0]
+    spec_gone = tmp_path / "nospec"
+    shutil.copytree(trained["run"], spec_gone)
+    (spec_gone / "spec.json").unlink()
+    r = CliRunner().invoke(main, ["convert", str(spec_gone), "--variants", "float32", "--no-progress"])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and "spec.json" in lines[0], r.output[-2000:]
+
+
+def test_classify_inspect_bench_on_damaged_models_and_images(trained, tmp_path):
+    model = trained["run"] / "model_int8.tflite"
+    damaged = tmp_path / "damaged.tflite"
+    damaged.write_bytes(model.read_bytes()[: len(model.read_bytes()) // 3])
+    empty = tmp_path / "empty.tflite"
+    empty.write_bytes(b"")
+    text = tmp_path / "model.tflite.txt"
+    text.write_text("hello")
+    for bad in (damaged, empty, text):
+        assert_one_error(lungedge("inspect", bad), 1, bad.name)
+        assert_one_error(lungedge("classify", "-m", bad, tmp_path / "x.png"), 1, bad.name)
+    r = lungedge("bench", damaged, "--runs", "2", "--warmup", "1", "-o", tmp_path / "b")
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr, r.stderr[-2000:]
+    junk = tmp_path / "junk.jpeg"
+    junk.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    empty_img = tmp_path / "empty.png"
+    empty_img.write_bytes(b"")
+    r = lungedge("classify", "-m", model, junk, empty_img, tmp_path / "missing.png")
+    assert r.returncode == 1
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 3 and all(any(n in e for e in errors) for n in ("junk.jpeg", "empty.png", "missing.png"))
+    assert_clean(r)

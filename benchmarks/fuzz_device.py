@@ -112,6 +112,22 @@ def with_raw_metadata(data: bytes, name: str, payload: bytes, copies: int = 1) -
     return pack(m)
 
 
+def with_metadata_flood(data: bytes, copies: int) -> bytes:
+    """``data`` with ``copies`` metadata entries, each under its own name and all pointing at the
+    largest buffer (the weights): a small file that costs a runtime ``copies`` times that buffer
+    if it copies each entry's bytes at load."""
+    _, schema = _schema()
+    m = unpack(data)
+    largest = max(range(len(m.buffers)), key=lambda i: 0 if m.buffers[i].data is None else len(m.buffers[i].data))
+    m.metadata = list(m.metadata or [])
+    for i in range(copies):
+        e = schema.MetadataT()
+        e.name = f"flood_{i}"
+        e.buffer = largest
+        m.metadata.append(e)
+    return pack(m)
+
+
 def _graph(m):
     return m.subgraphs[0]
 

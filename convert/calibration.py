@@ -132,7 +132,7 @@ def calibration_from_folder(folder: str, spec: Preprocessing, class_names: Optio
     if has_subfolders:
         try:
             files = list_labelled_folder(str(root), class_names=class_names)
-        except ConfigError as exc:
+        except InputError as exc:
             if "no images found" in str(exc):
                 raise InputError(f"calibration folder has no images: {str(root)!r}") from None
             raise

@@ -35,7 +35,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from .errors import ConfigError, ImageError, LungedgeError
+from .errors import ConfigError, ImageError, InputError, LungedgeError
 from .metadata import read_model_bytes
 from .timing import machine_info, now, peak_rss_mb, time_calls
 from .version import package_version
@@ -165,7 +165,7 @@ def _accuracy(path, data_dir, threads, backend, labels, mean, std) -> dict:
                      mean=mean, std=std)
     try:
         m = evaluate_classifier(clf, data_dir, progress=False, keep_predictions=True)
-    except ConfigError as exc:  # labels and folders do not match: say so, keep the timings
+    except (ConfigError, InputError) as exc:  # no usable folder, or classes that differ: keep the timings
         msg = str(exc)
         return {"data": str(data_dir), "error": msg if len(msg) <= 300 else msg[:297] + "..."}
     return {"data": str(data_dir), "accuracy": m["accuracy"], "n": int(np.sum(m["confusion_matrix"])),

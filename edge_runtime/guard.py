@@ -3,8 +3,10 @@
 LiteRT and tflite-runtime are C++ libraries that trust the file: a graph they cannot handle can
 abort the whole process (SIGABRT, SIGSEGV) in ``allocate_tensors()`` or the first ``invoke()``,
 with no Python exception to catch. ``trial_load`` forks, builds the interpreter, allocates and
-invokes it once in the child, and reports how the child ended. The parent then loads the model
-for real, knowing it does not crash the runtime.
+invokes it once in the child, and reports how the child ended. A model the child could not load
+(a crash, a hang or a Python exception) is refused without ever being loaded in the parent: a
+damaged graph can read memory it does not own, so the same load can raise in one process and
+crash the next. Only a model the child loaded and ran is loaded for real.
 
 Cost (measured, see README "Limits"): a fork plus one more interpreter build and invoke, about
 16 ms for the int8 MobileNetV2 1.0/224 on this project's x86 test machine. ``Classifier(...,
@@ -44,11 +46,11 @@ def trial_load(data: bytes, interpreter_class, threads: Optional[int], name: str
         timeout: seconds before the child is killed and the model refused.
 
     Returns:
-        True if the child finished normally, False if it raised a Python exception (the real
-        load in the parent will raise the same one, as a clean error).
+        True if the child built, allocated and invoked the model (or no guard is available).
 
     Raises:
-        ModelError: the runtime crashed (a signal) or hung while loading the model.
+        ModelError: the runtime crashed (a signal), hung, or raised while loading the model in
+            the child; the message carries the runtime's last words.
     """
     if not guard_available():
         return True
@@ -99,7 +101,8 @@ def trial_load(data: bytes, interpreter_class, threads: Optional[int], name: str
     if code == 0:
         return True
     if code == _CHILD_PYTHON_ERROR:
-        return False
+        said = _last_line(bytes(output))
+        raise ModelError(f"model cannot be loaded{' (' + said + ')' if said else ''}: {name!r}")
     raise ModelError(f"the interpreter ended with exit code {code} while loading the model: {name!r}")
 
 
@@ -120,8 +123,10 @@ def _child(data, interpreter_class, threads, read_fd, write_fd) -> None:  # prag
             it.allocate_tensors()
             it.invoke()
             code = 0
-        except Exception:
+        except Exception as exc:
             code = _CHILD_PYTHON_ERROR
+            said = (str(exc).strip().splitlines() or [""])[0]
+            os.write(2, f"\n{type(exc).__name__}: {said}\n".encode("utf-8", "replace"))
     finally:
         os._exit(code)
 

@@ -271,7 +271,8 @@ def test_guard_reports_abort_hang_and_python_errors():
         trial_load(b"", _Aborting, None, "m.tflite")
     with pytest.raises(ModelError, match=r"did not finish loading the model within 1 s .*'m.tflite'"):
         trial_load(b"", _Hanging, None, "m.tflite", timeout=1)
-    assert trial_load(b"", _Raising, None, "m.tflite") is False
+    with pytest.raises(ModelError, match=r"cannot be loaded \(\w+Error: .*\): 'm\.tflite'"):
+        trial_load(b"", _Raising, None, "m.tflite")
 
 
 # ---- integrity ---------------------------------------------------------------------------

@@ -31,14 +31,14 @@ TINY = ["--recipe", "demo-scratch"] + [a for kv in ("image_size=32", "epochs=25"
                                                     "seed=1") for a in ("--set", kv)]
 
 
-def lungedge(*args, timeout=300, env=None) -> subprocess.CompletedProcess:
+def lungedge(*args, timeout=300, env=None, cwd=None) -> subprocess.CompletedProcess:
     """The installed command, as a user types it (falls back to ``python -m lungedge``)."""
     exe = shutil.which("lungedge", path=str(Path(sys.executable).parent))
     cmd = [exe] if exe else [sys.executable, "-m", "lungedge"]
     full_env = {**os.environ, **(env or {})}
     full_env.pop("LUNGEDGE_VERBOSE", None)
     return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
-                          env=full_env, stdin=subprocess.DEVNULL)
+                          env=full_env, stdin=subprocess.DEVNULL, cwd=cwd)
 
 
 def assert_clean(r: subprocess.CompletedProcess) -> None:
@@ -65,9 +65,10 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory) -> dict:
-    """`lungedge train` then `lungedge convert` (a real conversion, gated), both to exit 0."""
+    """`lungedge train` then `lungedge convert` (a real conversion, gated), both to exit 0. The data
+    folder is given relative to where train runs, and convert runs elsewhere, as users do."""
     run = tmp_path_factory.mktemp("cmd-run") / "run"
-    t = lungedge("train", *TINY, "--data", data, "--out", run, "-q")
+    t = lungedge("train", *TINY, "--data", data.name, "--out", run, "-q", cwd=data.parent)
     assert t.returncode == 0, t.stderr[-3000:]
     assert_clean(t)
     c = lungedge("convert", run, "--variants", "float32,int8", "--calibration", "16", "--no-bias-correction",
@@ -77,7 +78,7 @@ def trained(data, tmp_path_factory) -> dict:
     return {"run": run, "train": t, "convert": c}
 
 
-def test_train_writes_a_run_that_learned(trained):
+def test_train_writes_a_run_that_learned(trained, data):
     run = trained["run"]
     metrics = json.loads((run / "metrics.json").read_text())
     floor = metrics["learning_floor"]
@@ -85,6 +86,8 @@ def test_train_writes_a_run_that_learned(trained):
     # easy images the run measures far above it
     assert floor["status"] == "learned", floor["sentence"]
     assert floor["accuracy"] > floor["majority_rate"], floor
+    # where the data was, whatever folder train ran in: convert and evaluate find the split's images
+    assert Path(metrics["data"]).is_absolute() and Path(metrics["data"]).samefile(data)
     for name in ("model.keras", "spec.json", "recipe.json", "split_manifest.csv", "history.csv", "model_card.md"):
         assert (run / name).is_file(), name
 

@@ -627,7 +627,7 @@ def _write_run(out: Path, recipe: Recipe, built, spec: ModelSpec, sp: _Splits, p
         "epoch_seconds_total": round(state.seconds, 1), "device": ctx.device,
         "image_cache": {"budget_mb": ctx.cache_bytes // 2**20, "splits": dict(sp.cached_in),
                         "shuffle_buffer": sp.shuffle_size},
-        "recipe": recipe.name, "data": str(ds.root), "learning_floor": verdict.to_dict(),
+        "recipe": recipe.name, "data": str(Path(ds.root).resolve()), "learning_floor": verdict.to_dict(),
     })
     atomic_write_text(str(out / METRICS), json.dumps(metrics, indent=2))
     is_ct = recipe.name.startswith("ct") or any(h in x.lower() for x in sp.names for h in ("bengin", "benign", "malignant"))

@@ -499,4 +499,5 @@ def test_thousands_of_metadata_entries_are_refused_before_the_runtime_allocates(
     assert r.returncode == 1 and len(errors) == 1 and "5002 metadata entries" in errors[0], r.stderr[-2000:]
     assert "many.tflite" in errors[0] and "Traceback" not in r.stderr
     rss_mb = int(r.stderr.split("maxrss_kb")[1].split()[0]) / 1024
+    print(f"{command}: {rss_mb:.0f} MB peak resident for a file listing 5,000 metadata entries")
     assert rss_mb < 400, f"{rss_mb:.0f} MB resident: the runtime saw the file"

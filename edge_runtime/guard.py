@@ -23,7 +23,7 @@ import signal
 import time
 from typing import Optional
 
-from .errors import ModelError
+from .errors import ModelError, first_line
 
 #: Seconds the child may take to build, allocate and invoke once before it counts as a hang.
 DEFAULT_TIMEOUT = 120.0
@@ -125,8 +125,7 @@ def _child(data, interpreter_class, threads, read_fd, write_fd) -> None:  # prag
             code = 0
         except Exception as exc:
             code = _CHILD_PYTHON_ERROR
-            said = (str(exc).strip().splitlines() or [""])[0]
-            os.write(2, f"\n{type(exc).__name__}: {said}\n".encode("utf-8", "replace"))
+            os.write(2, f"\n{type(exc).__name__}: {first_line(exc)}\n".encode("utf-8", "replace"))
     finally:
         os._exit(code)
 

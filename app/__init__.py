@@ -19,6 +19,8 @@ _LAZY = {
     "Prediction": "lungedge.edge_runtime.classifier",
     "Category": "lungedge.edge_runtime.classifier",
     "Failure": "lungedge.edge_runtime.classifier",
+    "Refusal": "lungedge.edge_runtime.classifier",
+    "DomainVerdict": "lungedge.edge_runtime.domain",
     "ModelSpec": "lungedge.edge_runtime.spec",
     "LungedgeError": "lungedge.edge_runtime.errors",
     "ModelError": "lungedge.edge_runtime.errors",
@@ -31,7 +33,8 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from lungedge.edge_runtime.classifier import Category, Classifier, Failure, Prediction
+    from lungedge.edge_runtime.classifier import Category, Classifier, Failure, Prediction, Refusal
+    from lungedge.edge_runtime.domain import DomainVerdict
     from lungedge.edge_runtime.errors import (ConfigError, ImageError, InputError, LungedgeError, MissingDependencyError,
                                      ModelError)
     from lungedge.edge_runtime.spec import ModelSpec

@@ -236,6 +236,7 @@ def format_markdown(report: dict) -> str:
         lines += ["", "Accuracy not measured:", ""] + [f"- {name}: {err}" for name, err in acc_errors]
     if not comparison:
         lines += format_tradeoff(report)
+    lines += _domain_lines(sources)
     bad = [(m.get("name"), f) for r in sources for m in r.get("models", [])
            for f in (m.get("images") or {}).get("failures", [])]
     if bad:
@@ -264,3 +265,26 @@ def _title(report: dict) -> str:
         return f"lungedge bench comparison ({len(report['reports'])} reports)"
     m = report.get("machine", {})
     return f"lungedge bench on {m.get('cpu')} ({m.get('cores')} cores, {m.get('arch')}, host {m.get('hostname')})"
+
+
+def _domain_lines(sources) -> List[str]:
+    """Each model's domain gate: its threshold and the refusal rates measured at conversion
+    (validation split, development out-of-domain sets), as its record states them."""
+    lines, seen = [], set()
+    for r in sources:
+        for m in r.get("models", []):
+            if (m.get("name"), m.get("sha256")) in seen:  # the same file on several machines: once
+                continue
+            seen.add((m.get("name"), m.get("sha256")))
+            gate = m.get("domain")
+            if m.get("status", "ok") != "ok" and gate is None:
+                continue
+            if not gate:
+                lines.append(f"- {m.get('name')}: no domain gate (answers every image)")
+                continue
+            rates = ", ".join(f"{k} {100 * v:.1f} %" for k, v in (gate.get("refusal") or {}).items()
+                              if isinstance(v, (int, float)))
+            lines.append(f"- {m.get('name')}: refuses above {gate['threshold']:.4g} ({gate['method']}); refused at "
+                         f"conversion: {rates or 'not recorded'}")
+    return (["", "## Domain gate (refusal rates measured at conversion, from each file's record)", ""] + lines
+            if lines else [])

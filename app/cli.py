@@ -81,12 +81,19 @@ def _workers_option(f):
                              "usable cores, at most 4; 0: one image at a time). Results stay in input order.")(f)
 
 
-def _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard=False):
+def _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard=False,
+                      allow_out_of_domain=False):
     from lungedge.edge_runtime.classifier import Classifier
 
     return Classifier(model, threads=threads, backend=backend, labels=labels,
                       mean=list(mean) or None, std=list(std) or None, use_threshold=not no_threshold,
-                      guard=not no_guard)
+                      guard=not no_guard, allow_out_of_domain=allow_out_of_domain)
+
+
+def _ood_option(f):
+    return click.option("--allow-out-of-domain", is_flag=True,
+                        help="Answer images the model's domain gate refuses (wrong modality, blank, a photo...) "
+                             "anyway; each such result is marked OUT OF DOMAIN with its reason.")(f)
 
 
 @main.command()
@@ -105,9 +112,10 @@ def _build_classifier(model, threads, backend, labels, mean, std, no_threshold, 
 @click.option("--keep-phi", is_flag=True,
               help="Include DICOM patient identifiers (name, ID, dates...) in --json and the report; off by default.")
 @_workers_option
+@_ood_option
 @handle_errors
 def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no_guard, top_k, as_json, out, progress,
-             heatmap_dir, report_dir, keep_phi, workers):
+             heatmap_dir, report_dir, keep_phi, workers, allow_out_of_domain):
     """Classify image files or folders (folders are searched recursively); JPEG, PNG... and DICOM.
 
     \b
@@ -122,10 +130,11 @@ def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no
     Exit code 0 if every image was classified, 1 if the model or any image could not be used
     (each is reported on its own line), 2 if the command line is wrong.
     """
-    from lungedge.edge_runtime.classifier import Failure
+    from lungedge.edge_runtime.classifier import Failure, Refusal
     from lungedge.edge_runtime.data import expand_inputs
 
-    clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard)
+    clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard,
+                            allow_out_of_domain=allow_out_of_domain)
     if heatmap_dir and not clf.has_heatmap:
         from lungedge.edge_runtime.errors import ModelError
 
@@ -144,11 +153,18 @@ def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no
     width = min(max([len(escape_text(p)) for p, _ in items] + [4]), 60)
     sources = [p for p, _ in items]
     results = clf.classify_many(sources, progress=progress, heatmap=want_maps, workers=workers)
+    seen = []
     for src, res in zip(sources, results):  # one result per source, in order
+        seen.append(res)
         if not isinstance(res, Failure) and (heatmap_dir or report_dir):
             res = _draw(res, src, len(entries), heatmap_dir, report_dir, entries)
         elif heatmap_dir or report_dir:
             entries.append(_entry(src, res))
+        if isinstance(res, Refusal):  # a result without a class: on the results stream, counted as unusable
+            failed += 1
+            sink.line(dumps_strict({**res.to_dict(keep_phi=keep_phi), "backend": info["backend"],
+                                    "model": info["model"]}) if as_json else _refusal_line(res, src, width))
+            continue
         if isinstance(res, Failure):
             failed += 1
             if as_json:
@@ -164,7 +180,9 @@ def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no
         page = write_report(report_dir, entries, model_facts(clf), keep_phi=keep_phi)
         click.echo(f"report: {escape_text(str(page))}", err=True)
     if not as_json:
-        summary = f"{len(sources) - failed} classified, {failed} failed"
+        refused = sum(isinstance(e, Refusal) for e in seen)
+        summary = (f"{len(sources) - failed} classified, {failed - refused} failed"
+                   + (f", {refused} refused (out of domain)" if refused else ""))
         if failed or out:
             click.echo(summary, err=True)
         else:
@@ -183,6 +201,17 @@ def _model_line(clf, model, info: dict, threads) -> str:
         + (f"; decision: {th.label} if p >= {th.value:.3f}" if th else "; decision: most probable class"))
 
 
+def _refusal_line(res, src: str, width: int) -> str:
+    """A refused image as text: the file, OUT OF DOMAIN, the reason and the score against the threshold."""
+    name = escape_text(src)
+    name = name if len(name) <= width else "..." + name[-(width - 3):]
+    v = res.verdict
+    against = (f"  [domain score {v.score:.3g} > threshold {v.threshold:.3g}]" if v.stage == "score"
+               else f"  [domain score {v.score:.3g}, threshold {v.threshold:.3g}]" if v.score is not None else "")
+    uid = f"  SOP {escape_text(res.dicom.sop_instance_uid)}" if res.dicom is not None else ""
+    return f"{name:<{width}}  OUT OF DOMAIN  {escape_text(v.reason or '')}{against}{uid}"
+
+
 def _json_line(res, info: dict, top_k: int, keep_phi: bool) -> str:
     d = res.to_dict(keep_phi=keep_phi)
     d["top_k"] = [[k, v] for k, v in res.top_k(top_k)]
@@ -196,7 +225,10 @@ def _text_line(res, src: str, width: int, top_k: int) -> str:
     name = escape_text(src)
     name = name if len(name) <= width else "..." + name[-(width - 3):]
     uid = f"  SOP {escape_text(res.dicom.sop_instance_uid)}" if res.dicom is not None else ""
-    return f"{name:<{width}}  {escape_text(res.label):<12}  [{shown}]  {res.total_ms:.1f} ms{uid}"
+    mark = ""
+    if res.domain is not None and not res.domain.in_domain:  # --allow-out-of-domain
+        mark = f"  (OUT OF DOMAIN, answered anyway: {escape_text(res.domain.reason or '')})"
+    return f"{name:<{width}}  {escape_text(res.label):<12}  [{shown}]  {res.total_ms:.1f} ms{uid}{mark}"
 
 
 def _entry(src, res):
@@ -288,10 +320,28 @@ def evaluate(model, data, threads, backend, labels, mean, std, no_threshold, no_
                               f"decision: {metrics.get('decision', 'argmax')}; data {data}"))
         for ln in format_report(metrics).splitlines():
             sink.line(escape_text(ln))
+        for ln in _coverage_lines(metrics.get("domain") or {}):
+            sink.line(escape_text(ln))
     sink.close()
     for f in metrics.get("failures", []):
         click.echo(f"error: {escape_text(f['error'])}", err=True)
-    sys.exit(EXIT_FAILED if metrics.get("failures") else EXIT_OK)
+    refused = (metrics.get("domain") or {}).get("refused", 0)
+    sys.exit(EXIT_FAILED if metrics.get("failures") or refused else EXIT_OK)
+
+
+def _coverage_lines(d: dict) -> list:
+    """The domain gate's part of ``evaluate``'s text: refused images, coverage, metrics on all."""
+    if d.get("gate") != "on":
+        return []
+    lines = [f"domain gate (threshold {d['threshold']:.4g}): {d['accepted']} accepted, {d['refused']} refused "
+             f"(OUT OF DOMAIN); coverage {100 * (d['coverage'] or 0):.1f} %; the metrics above are on the accepted images"]
+    allm = d.get("all_images")
+    if allm:
+        lines.append(f"on all {allm['n'] if 'n' in allm else d['accepted'] + d['refused']} usable images, refused ones "
+                     f"included with the class the model would have given: accuracy {100 * allm['accuracy']:.2f} %")
+    for r in d.get("refused_images", [])[:20]:
+        lines.append(f"  refused: {r['source']}: {r.get('domain_reason', '')}")
+    return lines
 
 
 @main.command()
@@ -307,11 +357,15 @@ def evaluate(model, data, threads, backend, labels, mean, std, no_threshold, no_
               help="Also fit a temperature (probabilities that match this site's frequencies; ranking unchanged).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Reliability diagram PNG (default: OUT with .reliability.png).")
+@click.option("--domain-threshold/--keep-domain-threshold", default=True, show_default=True,
+              help="Also re-choose the domain gate's acceptance threshold on these images (the site's own "
+                   "scanner is in the model's domain): their split-conformal 99th percentile.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole record as JSON.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Interpreter threads.")
 @_workers_option
 @handle_errors
-def recalibrate(model, data, target_recall, out, positive_label, temperature, plot, as_json, threads, workers):
+def recalibrate(model, data, target_recall, out, positive_label, temperature, domain_threshold, plot, as_json,
+                threads, workers):
     """Re-choose the decision threshold (and a temperature) on a site's own labelled images.
 
     \b
@@ -329,11 +383,14 @@ def recalibrate(model, data, target_recall, out, positive_label, temperature, pl
 
     plot = plot or str(Path(out).with_suffix("")) + ".reliability.png"
     done = recalibrate_file(model, data, target_recall, out, positive_label=positive_label, temperature=temperature,
-                            plot=plot, workers=workers, threads=threads, progress=sys.stderr.isatty())
+                            plot=plot, workers=workers, threads=threads, progress=sys.stderr.isatty(),
+                            domain_threshold=domain_threshold)
     sink = ResultSink()
     if as_json:
         sink.line(dumps_strict({"out": done.out, "plot": done.plot, "calibration_set": done.calibration_set,
-                                **done.result.to_dict(), "failures": list(done.failures)}, indent=2))
+                                **done.result.to_dict(), "failures": list(done.failures),
+                                "domain": ({k: v for k, v in done.domain.items() if k != "gate"}
+                                           if done.domain else None)}, indent=2))
     else:
         for ln in format_recalibration(done):
             sink.line(escape_text(ln))
@@ -352,8 +409,9 @@ def recalibrate(model, data, target_recall, out, positive_label, temperature, pl
               help="Address to listen on. The default is this machine only; 0.0.0.0 opens the page to the network.")
 @click.option("--token", default=None, envvar="LUNGEDGE_TOKEN",
               help="Access token the page asks for (or env LUNGEDGE_TOKEN); open http://HOST:PORT/?token=... once.")
+@_ood_option
 @handle_errors
-def serve(model, threads, backend, labels, mean, std, no_threshold, no_guard, port, host, token):
+def serve(model, threads, backend, labels, mean, std, no_threshold, no_guard, port, host, token, allow_out_of_domain):
     """A local web page: upload images or DICOM files, see class, probabilities, threshold and
     heat map, download the results as CSV. Needs the `serve` extra (no TensorFlow).
 
@@ -376,7 +434,8 @@ def serve(model, threads, backend, labels, mean, std, no_threshold, no_guard, po
         raise MissingDependencyError(f"lungedge serve needs the serve extra (pip install 'lungedge[serve]'): {exc}") from None
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         click.echo(f"warning: listening on {host} without --token: anyone on the network can use the page", err=True)
-    clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard)
+    clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard,
+                            allow_out_of_domain=allow_out_of_domain)
     run_server(clf, host=host, port=port, token=token, announce=lambda msg: click.echo(escape_text(msg)))
 
 
@@ -460,6 +519,7 @@ def _inspect_text(info: dict) -> list:
             lines.append(f"  recalibrated on {cs.get('images')} images {cs.get('per_class')} (sha256 "
                          f"{str(cs.get('sha256'))[:16]}, {cs.get('date')}); threshold before: "
                          + (f"{before['value']:.4f} ({before.get('chosen_on')})" if before else "none"))
+        lines.extend(_domain_text(spec))
     else:
         lines.append("lungedge record: none")
     sm = info["standard_metadata"]
@@ -493,3 +553,22 @@ def _inspect_text(info: dict) -> list:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+def _domain_text(spec: dict) -> list:
+    """What the model is for and its domain gate, for ``inspect``."""
+    lines = []
+    intended = spec.get("intended") or {}
+    if intended:
+        lines.append("  intended for: " + "; ".join(f"{k} {v}" for k, v in intended.items() if v))
+    gate = spec.get("domain")
+    if gate:
+        refusal = ", ".join(f"{k} {100 * v:.1f} %" for k, v in (gate.get("refusal") or {}).items()
+                            if isinstance(v, (int, float)))
+        lines.append(f"  domain gate: {gate['method']} v{gate['version']} on {gate['layer']} ({gate['dimension']} "
+                     f"values); refuses above {gate['threshold']:.4g} (chosen on {gate['chosen_on']})")
+        if refusal:
+            lines.append(f"  measured refusal: {refusal}")
+    else:
+        lines.append("  domain gate: none (this file answers every image; convert it again to add one)")
+    return lines

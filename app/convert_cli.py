@@ -6,6 +6,7 @@ TensorFlow is imported only when the command runs.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -35,13 +36,18 @@ from lungedge.convert.variants import DEFAULT_VARIANTS, VARIANTS
 @click.option("--heatmap", is_flag=True,
               help="Also write a 'heatmap' signature (class activation maps for `classify --heatmap`); such "
                    "files have two subgraphs, which MediaPipe's ImageClassifier refuses.")
+@click.option("--no-domain", is_flag=True,
+              help="Convert without the domain gate (no domain_score output: such files answer every image).")
+@click.option("--ood", "ood_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder whose subfolders are development out-of-domain sets (e.g. ct/, photos/): their "
+                   "refusal rates join the report and each file's record.")
 @click.option("--no-gate", is_flag=True, help="Exit 0 even when a variant fails the gate (still reported).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: RUN_DIR).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
 @handle_errors
 def convert_cmd(run_dir, variants, data_dir, calibration_count, calibration_dir, max_accuracy_drop,
-                max_recall_drop, rethreshold, no_bias_correction, heatmap, no_gate, out_dir, progress):
+                max_recall_drop, rethreshold, no_bias_correction, heatmap, no_domain, ood_dir, no_gate, out_dir, progress):
     """Convert a training run to TFLite variants and compare them with the Keras model.
 
     Writes RUN_DIR/model_<variant>.tflite (labels, preprocessing and threshold inside) and
@@ -67,7 +73,8 @@ def convert_cmd(run_dir, variants, data_dir, calibration_count, calibration_dir,
                          calibration_count=calibration_count, max_accuracy_drop=max_accuracy_drop,
                          max_recall_drop=max_recall_drop, progress=progress,
                          calibration_dir=calibration_dir, rethreshold=rethreshold,
-                         bias_correction=not no_bias_correction, heatmap=heatmap)
+                         bias_correction=not no_bias_correction, heatmap=heatmap, domain=not no_domain,
+                         ood_dir=ood_dir)
     k = report["keras"]
     click.echo(f"test images: {report['test']['n']} ({report['test']['note']})")
     click.echo(f"{'model':<16}{'bytes':>11}{'xf32':>7}{'acc %':>8}{'Δ pts':>7}{'agree %':>9}{'max|Δp|':>9}{'conv s':>8}  gate")
@@ -78,6 +85,22 @@ def convert_cmd(run_dir, variants, data_dir, calibration_count, calibration_dir,
                    f"{0.0 - v['accuracy_drop_pts']:>+7.2f}{100 * v['top1_agreement']:>9.2f}{v['max_prob_diff']:>9.4f}"
                    f"{v['conversion_seconds']:>8.1f}  {v['gate']}"
                    + (f" ({'; '.join(v['gate_reasons'])})" if v["gate_reasons"] else ""))
+    for v in report["variants"]:
+        d = v.get("domain") or {}
+        if d.get("gate") == "on":
+            dev = ", ".join(f"{k} {100 * r['refused']:.0f} %" for k, r in (d.get("dev_sets") or {}).items()
+                            if r.get("refused") is not None)
+            acc = d.get("accepted") or {}
+            click.echo(f"domain {v['variant']}: threshold {d['threshold']:.4g}; refused: validation "
+                       f"{100 * (d.get('validation_refused') or 0):.1f} %, test {100 * d['test_refused']:.1f} % "
+                       f"({d['test_refused_n']}), {dev}"
+                       + (f"; accuracy on the accepted {100 * acc['accuracy']:.2f} %" if acc else ""))
+            if "WARNING" in d.get("note", ""):
+                click.echo(f"warning: {v['variant']}: {d['note']}", err=True)
+    for v in report["variants"]:
+        click.echo(_micro_line(v)) if v.get("micro") else None
+    if report.get("domain_gate") not in (None, "fitted"):
+        click.echo(f"domain gate: {report['domain_gate']}")
     click.echo(f"report: {report['files']['md']}")
     message = (report.get("verdict") or {}).get("message", "")
     if not report["passed"]:
@@ -87,3 +110,18 @@ def convert_cmd(run_dir, variants, data_dir, calibration_count, calibration_dir,
     click.echo(f"gate: {message}" if message else "gate: passed")
     sys.exit(EXIT_OK)
 
+
+
+def _micro_line(v: dict) -> str:
+    """The microcontroller file's verification in one line (``convert.micro``)."""
+    m = v["micro"]
+    if "error" in m:
+        return f"micro {v['variant']}: FAILED in TensorFlow Lite Micro: {m['error']}"
+    c, a, t = m["comparison"], m["arena"], m.get("tflm_metrics") or {}
+    agree = ", ".join(f"{k} {100 * x:.1f} %" for k, x in c["agreement_with_xnnpack"].items() if x is not None)
+    steps = "; ".join(f"{setup} " + ", ".join(f"{o} {n}" for o, n in per.items()) for setup, per in c["max_steps"].items())
+    return (f"micro {v['variant']}: {m['model_bytes'] / 1024:.0f} KiB model, TFLM arena {a['measured_total'] / 1024:.0f} KiB "
+            f"({a['header_bytes'] / 1024:.0f} KiB in the header), {len(m['operators'])} operators; in TFLM on "
+            f"{c['images']} test images: accuracy {100 * t.get('accuracy', float('nan')):.2f} %, largest step "
+            f"difference from LiteRT ({steps}), decisions agree with LiteRT's {agree}; C sources: "
+            f"{Path(v['file']).parent / 'micro'}")

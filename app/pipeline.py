@@ -68,6 +68,7 @@ class _Job:
     verbose: int = 1
     heatmap: bool = False
     convert_options: dict = field(default_factory=dict)
+    resume: bool = False
 
     @property
     def run_dir(self) -> Path:
@@ -93,6 +94,7 @@ def run_pipeline(
     heatmap: bool = False,
     calibration_dir: Optional[str] = None,
     bias_correction: bool = True,
+    resume: bool = False,
 ) -> PipelineResult:
     """Train ``recipe`` on ``data_dir``, convert to ``variants``, benchmark, evaluate, report.
 
@@ -107,6 +109,8 @@ def run_pipeline(
         verbose: 0 quiet, 1 progress, 2 also Keras's own output.
         heatmap: converted files also carry the heat-map signature (not loadable by MediaPipe).
         calibration_dir, bias_correction: as ``convert.conversion.convert_run``.
+        resume: continue an interrupted pipeline in ``out_dir``: training goes on from its last
+            epoch checkpoint (a complete run is kept as it is); the later stages run again.
 
     Returns:
         A ``PipelineResult``; ``.ok`` is False when any stage failed.
@@ -117,7 +121,7 @@ def run_pipeline(
                      "variants": list(variants), "notes": list(notes), "facts": dict(facts or {}), "ship": None}
     job = _Job(recipe, str(data_dir), out, tuple(variants), test_data, calibration_count, bench_runs,
                tuple(bench_threads), gate, summary, verbose, heatmap,
-               {"calibration_dir": calibration_dir, "bias_correction": bias_correction})
+               {"calibration_dir": calibration_dir, "bias_correction": bias_correction}, resume)
     stages = [Stage("train"), Stage("convert"), Stage("benchmark"), Stage("evaluate")]
     steps = {"train": _train, "convert": _convert, "benchmark": _bench, "evaluate": _evaluate}
     for stage in stages:
@@ -152,7 +156,7 @@ def _train(stage: Stage, job: _Job) -> None:
 
     try:
         # train_run: 0 silent, 1 Keras progress bars (a terminal), 2 one line per epoch (a log file)
-        train_run(job.recipe, job.data_dir, job.run_dir,
+        train_run(job.recipe, job.data_dir, job.run_dir, resume=job.resume and job.run_dir.is_dir(),
                   verbose=0 if job.verbose == 0 else 1 if sys.stdout.isatty() else 2)
     finally:  # a run that did not learn still leaves its metrics for the report
         job.summary["train_metrics"] = _read_json(job.run_dir / "metrics.json")
@@ -213,13 +217,20 @@ def _evaluate(stage: Stage, job: _Job) -> None:
 
     from lungedge.edge_runtime.metrics import classification_metrics
 
-    probs, truth, pred_idx, examples = [], [], [], []
+    from lungedge.edge_runtime.classifier import Refusal
+
+    probs, truth, pred_idx, examples, accepted = [], [], [], [], []
     for path, y in zip(test.paths, test.labels):
-        pred = clf.classify(path)
+        result = clf.classify(path)
+        refused = isinstance(result, Refusal)
+        # the learning floor and the figures judge every test image (a refused one with the class the
+        # model would have given); the accepted ones are counted for the coverage
+        pred = result.hidden if refused else result
+        accepted.append(not refused)
         probs.append([pred.probabilities[n] for n in clf.labels])
         truth.append(y)
         pred_idx.append(list(clf.labels).index(pred.label))
-        if sum(1 for e in examples if e["truth"] == run.spec.labels[y]) < 3:
+        if not refused and sum(1 for e in examples if e["truth"] == run.spec.labels[y]) < 3:
             examples.append({"image": Path(path).name, "truth": run.spec.labels[y], "predicted": pred.label,
                              "probabilities": pred.probabilities, "ms": round(pred.total_ms, 2)})
     probs = np.asarray(probs)
@@ -235,7 +246,8 @@ def _evaluate(stage: Stage, job: _Job) -> None:
         "size_bytes": clf.model_size, "accuracy": m["accuracy"], "learning_floor": verdict.to_dict(),
         "per_class_recall": {n: c["recall"] for n, c in m["per_class"].items()},
         "auc": (m.get("auc") or {}).get("macro"), "probability_std": float(probs.std(axis=0).max()),
-        "examples": examples}
+        "examples": examples, "refused_out_of_domain": int(len(accepted) - sum(accepted)),
+        "coverage": float(np.mean(accepted)) if accepted else None}
     stage.outputs = {"confusion_matrix.png": "shipped/confusion_matrix.png", "roc.png": "shipped/roc.png"}
     if verdict.failed:
         raise LungedgeError(f"model_{ship}.tflite: {verdict.sentence()}")
@@ -277,7 +289,7 @@ def _test_images(run_dir: Path, limit: int) -> List[str]:
 
 def _quant_summary(report: dict) -> list:
     keys = ("variant", "size_bytes", "size_ratio", "accuracy", "correct", "n", "accuracy_ci95", "learning_floor",
-            "top1_agreement", "gate", "gate_reasons", "input_dtype", "output_dtype")
+            "top1_agreement", "gate", "gate_reasons", "input_dtype", "output_dtype", "domain")
     return [{k: v.get(k) for k in keys} for v in report.get("variants") or []]
 
 

@@ -56,10 +56,13 @@ def _print_result(result, started: float, next_steps: bool) -> None:
 @click.option("--calibration-dir", type=click.Path(file_okay=False), default=None,
               help="Calibrate the integer variants on this labelled folder instead of the run's train split.")
 @click.option("--no-bias-correction", is_flag=True, help="Skip the integer variants' bias correction (for comparison).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted pipeline in --out: training from its last epoch checkpoint "
+                   "(a complete run is kept), then the later stages again.")
 @click.pass_context
 @handle_errors
 def pipeline_cmd(ctx, recipe, data, out, overrides, variants, test_data, calibration, bench_runs, bench_threads,
-                 no_gate, heatmap, calibration_dir, no_bias_correction):
+                 no_gate, heatmap, calibration_dir, no_bias_correction, resume):
     """Train, convert to float32/float16/int8/int8-mixed, gate the quantisation, benchmark,
     classify, and write one report folder with an index (index.html, index.md).
 
@@ -85,7 +88,7 @@ def pipeline_cmd(ctx, recipe, data, out, overrides, variants, test_data, calibra
                           calibration_count=calibration, bench_runs=bench_runs,
                           bench_threads=parse_int_list(bench_threads, "--bench-threads"), gate=not no_gate,
                           title=f"lungedge pipeline: {recipe}", verbose=verbose, heatmap=heatmap,
-                          calibration_dir=calibration_dir, bias_correction=not no_bias_correction,
+                          calibration_dir=calibration_dir, bias_correction=not no_bias_correction, resume=resume,
                           log=(lambda m: click.echo(m, err=True)) if verbose else (lambda m: None))
     _print_result(result, started, next_steps=False)
     sys.exit(EXIT_OK if result.ok else EXIT_FAILED)

@@ -48,7 +48,31 @@ def model_facts(clf) -> dict:
             "decision": f"{th.label} if p >= {th.value:.3f}, else the most probable other class" if th else "most probable class",
             "threshold_label": th.label if th else "", "threshold": f"{th.value:.4f}" if th else "",
             "backend": f"{info['backend']} {info['backend_version']}", "labels": list(clf.labels),
-            "heatmap": bool(info.get("heatmap"))}
+            "heatmap": bool(info.get("heatmap")), "intended": info.get("intended") or {},
+            "domain": _gate_text(info.get("domain"), info.get("domain_gate"))}
+
+
+def _gate_text(gate: Optional[dict], state: Optional[str]) -> str:
+    """The domain gate in words for the facts list."""
+    if not gate:
+        return "none: this model file answers every image (convert it again to add a gate)"
+    refusal = gate.get("refusal") or {}
+    val = refusal.get("validation")
+    text = (f"refuses images unlike its training images (domain score > {gate['threshold']:.4g}, "
+            f"{gate['method']}), and blank, saturated or odd-shaped frames"
+            + (f"; {100 * val:.1f} % of its validation images refused" if isinstance(val, (int, float)) else ""))
+    return text if state == "on" else text + " (turned off: --allow-out-of-domain, results marked)"
+
+
+def summary_counts(entries) -> tuple:
+    """(classified, refused, failed) among report entries."""
+    refused = sum(1 for e in entries if is_refusal(e.result))
+    ok = sum(1 for e in entries if hasattr(e.result, "probabilities"))
+    return ok, refused, len(entries) - ok - refused
+
+
+def is_refusal(result) -> bool:
+    return getattr(result, "verdict", None) is not None
 
 
 def images_for(source, prediction, name: Optional[str] = None, max_side: int = THUMB_SIDE) -> tuple:
@@ -81,8 +105,19 @@ def csv_rows(entries: Sequence[Entry], facts: dict, keep_phi: bool = False, imag
     for i, e in enumerate(entries):
         r = e.result
         row = {"file": e.name, "sop_instance_uid": "", "label": "", **{f"p_{k}": "" for k in labels},
-               "threshold_label": facts["threshold_label"], "threshold": facts["threshold"], "error": ""}
-        if hasattr(r, "probabilities"):
+               "threshold_label": facts["threshold_label"], "threshold": facts["threshold"],
+               "in_domain": "", "domain_score": "", "domain_threshold": "", "domain_reason": "", "error": ""}
+        verdict = getattr(r, "verdict", None) or getattr(r, "domain", None)
+        if verdict is not None:
+            row.update(in_domain=str(verdict.in_domain).lower(),
+                       domain_score="" if verdict.score is None else f"{verdict.score:.4g}",
+                       domain_threshold="" if verdict.threshold is None else f"{verdict.threshold:.4g}",
+                       domain_reason=verdict.reason or "")
+        if is_refusal(r):
+            row["label"] = "OUT OF DOMAIN"
+            if r.dicom is not None:
+                row["sop_instance_uid"] = r.dicom.sop_instance_uid
+        elif hasattr(r, "probabilities"):
             row["label"] = r.label
             for k in labels:
                 row[f"p_{k}"] = f"{r.probabilities[k]:.4f}"
@@ -138,8 +173,19 @@ def results_table(entries: Sequence[Entry], facts: dict, image_src=None) -> str:
             heat = (f'<img alt="heat map {i + 1}" src="{image_src(i, "heatmap", e.heatmap_png)}">'
                     if e.heatmap_png else '<span class="muted">none</span>')
             probs = "".join(f"<td>{r.probabilities[k]:.3f}</td>" for k in facts["labels"])
+            mark = ""
+            if r.domain is not None and not r.domain.in_domain:  # answered anyway (--allow-out-of-domain)
+                mark = f'<div class="refused">OUT OF DOMAIN, answered anyway: {esc(r.domain.reason or "")}</div>'
             out.append(f'<tr class="ok"><td>{i + 1}</td><td>{thumb}</td><td>{heat}</td><td>{name}{uid}</td>'
-                       f'<td class="label">{esc(r.label)}</td>{probs}</tr>')
+                       f'<td class="label">{esc(r.label)}{mark}</td>{probs}</tr>')
+        elif is_refusal(r):
+            v = r.verdict
+            thumb = f'<img alt="image {i + 1}" src="{image_src(i, "thumb", e.thumb_png)}">' if e.thumb_png else ""
+            score = (f' (domain score {v.score:.3g}, threshold {v.threshold:.3g})'
+                     if v.score is not None and v.threshold is not None and v.stage != "score" else "")
+            out.append(f'<tr class="refused"><td>{i + 1}</td><td>{thumb}</td><td></td><td>{name}</td>'
+                       f'<td colspan="{1 + len(facts["labels"])}" class="refused"><b>OUT OF DOMAIN</b>: '
+                       f'{esc(v.reason or "")}{esc(score)}. No class is given.</td></tr>')
         else:
             out.append(f'<tr class="error"><td>{i + 1}</td><td colspan="3">{name}</td>'
                        f'<td colspan="{1 + len(facts["labels"])}" class="error">error: {esc(r.error)}</td></tr>')
@@ -150,7 +196,7 @@ def results_table(entries: Sequence[Entry], facts: dict, image_src=None) -> str:
 STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#111}table{border-collapse:collapse}
 td,th{border:1px solid #bbb;padding:4px 8px;vertical-align:top;text-align:left}img{max-width:256px;display:block}
 .notice{background:#fff3cd;border:1px solid #d6b656;padding:.6em;margin:.8em 0}.error{color:#a00}
-.muted,.uid{color:#666;font-size:.85em}.label{font-weight:bold}dl{display:grid;grid-template-columns:max-content auto;gap:2px 12px}
+.refused{color:#8a4b00}.muted,.uid{color:#666;font-size:.85em}.label{font-weight:bold}dl{display:grid;grid-template-columns:max-content auto;gap:2px 12px}
 dt{font-weight:bold}"""
 
 
@@ -158,6 +204,8 @@ def facts_html(facts: dict) -> str:
     esc = html.escape
     items = [("model", facts["model"]), ("sha256", facts["sha256"]), ("variant", facts["variant"]),
              ("decision", facts["decision"]), ("runtime", facts["backend"]),
+             ("built for", "; ".join(f"{k}: {v}" for k, v in (facts.get("intended") or {}).items()) or "not recorded"),
+             ("domain gate", facts.get("domain", "")),
              ("heat map", "class activation map of the predicted class (red: strongest evidence)" if facts["heatmap"]
               else "this model file has none")]
     return "<dl>" + "".join(f"<dt>{esc(k)}</dt><dd>{esc(str(v))}</dd>" for k, v in items) + "</dl>"
@@ -165,12 +213,14 @@ def facts_html(facts: dict) -> str:
 
 def report_html(entries: Sequence[Entry], facts: dict, title: str = "lungedge report", image_src=None) -> str:
     esc = html.escape
-    ok = sum(1 for e in entries if hasattr(e.result, "probabilities"))
+    ok, refused, failed = summary_counts(entries)
     when = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f"<style>{STYLE}</style></head><body><h1>{esc(title)}</h1>"
             f'<p class="notice" id="not-a-device">{esc(NOT_A_DEVICE)}</p>'
-            f"<p>{ok} classified, {len(entries) - ok} failed; written {esc(when)}.</p>{facts_html(facts)}"
+            f"<p>{ok} classified, {failed} failed" + (f", {refused} refused (out of domain)" if refused else "")
+            + f"; written {esc(when)}.</p>"
+            f"{facts_html(facts)}"
             f"{results_table(entries, facts, image_src)}</body></html>\n")
 
 

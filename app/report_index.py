@@ -81,9 +81,30 @@ def _recommendation(summary: dict) -> List[str]:
               + f" One test image is {100 / max(fl['n'], 1):.2f} points.",
               f"- Size: {_mb(shipped['size_bytes'])}" + (f" ({q['size_ratio']:.3f}x float32)" if q.get("size_ratio") else "")
               + "; " + _latency_sentence(summary, ship)]
+    lines.append("- " + domain_sentence(q.get("domain")))
+    if shipped.get("refused_out_of_domain") is not None:
+        lines.append(f"- On the {fl['n']} test images the shipped file's domain gate refused "
+                     f"{shipped['refused_out_of_domain']} (coverage {100 * (shipped.get('coverage') or 0):.1f} %); "
+                     "the accuracy above counts them with the class the model would have given.")
     if weights:
         lines.append(f"- Weights: {weights}")
     return lines + [""]
+
+
+def domain_sentence(d: Optional[dict]) -> str:
+    """The domain gate of one converted file in one sentence: refusal on validation, test and the
+    development out-of-domain sets (``convert.conversion``'s ``domain`` row)."""
+    if not d or d.get("gate") != "on":
+        return "Domain gate: none: this file answers every image, whatever it shows."
+    dev = ", ".join(f"{k} {100 * v['refused']:.0f} % of {v['n']}" for k, v in (d.get("dev_sets") or {}).items()
+                    if v.get("refused") is not None)
+    val = d.get("validation_refused")
+    acc = (d.get("accepted") or {}).get("accuracy")
+    return (f"Domain gate: refuses images unlike its training images (score > {d['threshold']:.4g}); refused "
+            + (f"{100 * val:.1f} % of the validation images, " if val is not None else "")
+            + f"{100 * d['test_refused']:.1f} % of the test images ({d['test_refused_n']})"
+            + (f"; of the development out-of-domain sets: {dev}" if dev else "")
+            + (f". Accuracy on the accepted test images {100 * acc:.2f} %." if acc is not None else "."))
 
 
 def _latency_sentence(summary: dict, variant: str) -> str:

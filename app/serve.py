@@ -136,7 +136,7 @@ def build_app(clf, token: Optional[str] = None):
 
     from lungedge.edge_runtime.classifier import Failure
     from lungedge.reading import (NOT_A_DEVICE, STYLE, Entry, csv_rows, csv_text, facts_html, images_for, model_facts,
-                                  results_table)
+                                  results_table, summary_counts)
 
     import anyio
     from starlette.formparsers import MultiPartParser
@@ -246,8 +246,9 @@ def build_app(clf, token: Optional[str] = None):
         if error is not None:
             return error
         key = remember(csv_text(csv_rows(entries, facts)))
-        ok = sum(1 for e in entries if hasattr(e.result, "probabilities"))
-        body = (f'<p id="summary">{ok} classified, {len(entries) - ok} failed. '
+        ok, refused, failed = summary_counts(entries)
+        body = (f'<p id="summary">{ok} classified, {failed} failed'
+                + (f", {refused} refused (out of domain)" if refused else "") + ". "
                 f'<a id="csv" href="/results/{key}.csv">Download the results (CSV)</a> · <a href="/">Classify more</a></p>'
                 + facts_html(facts) + results_table(entries, facts))
         return HTMLResponse(page(body, "lungedge results"))
@@ -262,6 +263,12 @@ def build_app(clf, token: Optional[str] = None):
             if hasattr(r, "probabilities"):
                 d = {"file": e.name, "label": r.label, "probabilities": r.probabilities,
                      "heatmap": e.heatmap_png is not None}
+                if r.domain is not None:
+                    d.update(r.domain.to_dict())
+                if r.dicom is not None:
+                    d["sop_instance_uid"] = r.dicom.sop_instance_uid
+            elif getattr(r, "verdict", None) is not None:  # refused: no class
+                d = {"file": e.name, **r.verdict.to_dict()}
                 if r.dicom is not None:
                     d["sop_instance_uid"] = r.dicom.sop_instance_uid
             else:

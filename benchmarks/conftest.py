@@ -102,7 +102,8 @@ def _classifier(model: str, backend: str, threads):
     key = (model, backend, threads)
     if key not in _CACHE:
         _CACHE[key] = Classifier(model, threads=threads, backend=backend,
-                                 labels=_labels_for(model, backend, None), use_threshold=False)
+                                 labels=_labels_for(model, backend, None), use_threshold=False,
+                                 allow_out_of_domain=True)
     return _CACHE[key]
 
 

@@ -82,7 +82,7 @@ def evaluate_file(model: str, data: str, target_recall: float, folds: int, seed:
     is_pos = y == k
     row = {
         "model": str(model), "variant": spec.variant, "recipe": spec.recipe, "images": int(len(y)),
-        "unreadable": len(out.failures), "majority_rate": float(max(is_pos.mean(), 1 - is_pos.mean())),
+        "unreadable": len(out.failures), "refused_out_of_domain": len(out.refused), "majority_rate": float(max(is_pos.mean(), 1 - is_pos.mean())),
         "threshold": spec.threshold.to_dict() if spec.threshold else None,
         "accuracy": float((pred == y).mean()),
         "recall": {name: float((pred[y == i] == i).mean()) for i, name in enumerate(labels) if (y == i).any()},

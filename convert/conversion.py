@@ -38,6 +38,8 @@ def convert_run(
     bias_correction: bool = True,
     learning_floor: bool = True,
     heatmap: bool = False,
+    domain: bool = True,
+    ood_dir: Optional[str] = None,
 ) -> dict:
     """Convert a run's ``model.keras`` to each variant and compare them with it.
 
@@ -65,6 +67,10 @@ def convert_run(
             the device); such files have two subgraphs, which MediaPipe's ImageClassifier refuses.
         bias_correction: correct the integer variants' biases, layer by layer, for the mean
             shift quantisation causes on the calibration images (``convert.bias_correction``).
+        domain: give every file the domain gate (``convert.domain``): a ``domain_score`` output
+            fitted on the training images, its threshold chosen on the validation split.
+        ood_dir: a folder whose subfolders are development out-of-domain sets (e.g. the other
+            modality, photos); their refusal rates join the report and the record.
 
     Returns:
         The report (also written as JSON): per variant ``gate`` ("passed"/"failed") and
@@ -82,18 +88,35 @@ def convert_run(
             raise ConfigError(f"{name} must be >= 0 percentage points, got {value!r}")
     run = load_run(run_dir)
     spec = run.spec
+    if not spec.intended:  # a run trained before records said what the model is for
+        from lungedge.train.intended import intended_for
+
+        spec = spec.replace(intended=intended_for(spec.recipe, spec.labels))
     out = Path(out_dir) if out_dir else run.path
     model = load_keras_model(run.model_path)
     check_classifier(model, spec)
     sha = model_sha256(run.model_path)
-    calibration, calib_info = None, {"count": 0, "source": "not needed", "class_counts": {}}
+    calibration, calib_info, picked = None, {"count": 0, "source": "not needed", "class_counts": {}}, []
     if any(v.calibrated for v in chosen):  # before judging the model: a bad calibration folder is an input error
-        calibration, calib_info = _calibration(run, spec, calibration_dir, calibration_count, seed, progress)
+        calibration, calib_info, picked = _calibration(run, spec, calibration_dir, calibration_count, seed, progress)
     ref = _reference(run, model, data_dir, progress, learning_floor)
-    val = _validation(run, progress) if rethreshold and spec.threshold is not None else None
+    want_val = (rethreshold and spec.threshold is not None) or domain
+    val = _validation(run, progress) if want_val else None
+    gate_x = val[0] if val is not None else calibration
+    gate_source = "validation split" if val is not None else "calibration images (no validation split)"
+    domain_fit, frame_facts, domain_note = None, None, "off (--no-domain)"
+    if domain:
+        from .domain_gate import fit_run
+
+        domain_fit, frame_facts = fit_run(run, model, picked, seed, progress, reference_x=gate_x)
+        domain_note = "fitted" if domain_fit is not None else frame_facts
+        if domain_fit is None:
+            frame_facts = None
+    ood_sets = None
     limits = (max_accuracy_drop, max_recall_drop)
     # the bias correction's float32 reference: converted once for all integer variants
-    reference = (tflite_bytes(integer_source(model, spec)[0], get_variant("float32"), heatmap=heatmap)
+    reference = (tflite_bytes(integer_source(model, spec)[0], get_variant("float32"), heatmap=heatmap,
+                              domain=domain_fit)
                  if calibration is not None and bias_correction else None)
     rows = []
     for v in chosen:
@@ -101,24 +124,66 @@ def convert_run(
         data = convert_keras_model(model, spec, v, calibration=calibration, source_sha256=sha,
                                    extra={"calibration": calib_info} if v.calibrated else None,
                                    bias_correction=bias_correction, progress=progress, reference=reference,
-                                   heatmap=heatmap)
+                                   heatmap=heatmap, domain=domain_fit)
         seconds = time.perf_counter() - t0
         path = out / tflite_name(v.name)
         write_tflite(path, data)
         note = None
-        if val is not None and v.calibrated:
+        if val is not None and v.calibrated and rethreshold and spec.threshold is not None:
             data, note = _rethreshold(path, data, val, spec, progress)
             write_tflite(path, data)
+        domain_row = None
+        if domain_fit is not None:
+            from .domain_gate import folder_sets, refusal_rates, set_threshold
+
+            data, gate_note = set_threshold(path, data, domain_fit, frame_facts, gate_x, gate_source)
+            write_tflite(path, data)
+            if ood_sets is None:
+                ood_sets = folder_sets(ood_dir, spec)
+            rates = refusal_rates(path, getattr(gate_x, "pixels", None), spec, ood_sets)
+            data = _with_refusal(data, rates)
+            write_tflite(path, data)
+            domain_row = {"note": gate_note, "dev_sets": rates}
         rows.append(_judge(path, v, ref, spec, limits, seconds, progress, learning_floor))
+        if v.micro:
+            _micro(path, ref, rows[-1], spec, limits, progress)
         if note:
             rows[-1]["threshold_note"] = note
+        if domain_row is not None:
+            rows[-1]["domain"].update(domain_row)
     base = next((r["size_bytes"] for r in rows if r["variant"] == "float32"), None)
     for r in rows:
         r["size_ratio"] = (r["size_bytes"] / base) if base else None
     report = _report(run, ref, rows, sha, calib_info, bias_correction, limits, base)
+    report["domain_gate"] = domain_note
+    if domain_fit is not None:
+        report["domain_fit"] = {**domain_fit.record(), "aspect_range": frame_facts.get("aspect_range"),
+                                "structure_floor": frame_facts.get("structure_floor"),
+                                "saturation_limit": frame_facts.get("saturation_limit")}
     report["files"] = report_paths(out)
     write_report(report, out)
+    card = run.path / "model_card.md"
+    if out.resolve() == run.path.resolve() and card.is_file():
+        _card_domain_section(card, report)
     return report
+
+
+#: The model card's domain-gate section is replaced between these markers by each conversion.
+_CARD_START, _CARD_END = "<!-- domain gate: written by lungedge convert -->", "<!-- end of domain gate -->"
+
+
+def _card_domain_section(card: Path, report: dict) -> None:
+    """Write the conversion's domain-gate section into the run's model card (replacing an earlier one)."""
+    from lungedge.edge_runtime.data import atomic_write_bytes
+
+    from .report import domain_section
+
+    text = card.read_text(encoding="utf-8")
+    if _CARD_START in text and _CARD_END in text:
+        text = text[: text.index(_CARD_START)].rstrip("\n") + "\n" + text[text.index(_CARD_END) + len(_CARD_END):].lstrip("\n")
+    section = "\n".join(domain_section(report)).strip("\n")
+    text = text.rstrip("\n") + f"\n\n{_CARD_START}\n{section}\n{_CARD_END}\n"
+    atomic_write_bytes(str(card), text.encode("utf-8"))
 
 
 @dataclass
@@ -191,9 +256,10 @@ def _report(run, ref: _Reference, rows: list, sha: str, calib_info: dict, bias_c
 
 
 def _calibration(run, spec, calibration_dir, count, seed, progress):
+    """(images, record, indices picked from the training split: [] for a folder)."""
     if calibration_dir is not None:
         x = calibration_from_folder(calibration_dir, spec.preprocessing, spec.labels, count, seed, progress)
-        return x, {"count": int(len(x)), "source": f"folder {calibration_dir}", "class_counts": {}}
+        return x, {"count": int(len(x)), "source": f"folder {calibration_dir}", "class_counts": {}}, []
     train = calibration_split(run)
     from .calibration import stratified_pick
 
@@ -201,7 +267,7 @@ def _calibration(run, spec, calibration_dir, count, seed, progress):
     x = calibration_from_files(train.paths, train.labels, spec.preprocessing, count, seed, progress,
                                source=train.source)
     return x, {"count": int(len(x)), "source": f"stratified from the {train.source}",
-               "class_counts": class_counts([train.labels[i] for i in picked], spec.labels)}
+               "class_counts": class_counts([train.labels[i] for i in picked], spec.labels)}, picked
 
 
 def _rethreshold(path, data, val, spec, progress):
@@ -219,6 +285,16 @@ def _rethreshold(path, data, val, spec, progress):
     return embed_spec(data, file_spec.replace(threshold=new)), note
 
 
+def _with_refusal(data: bytes, rates: dict) -> bytes:
+    """``data`` with the development sets' refusal rates added to its gate's record."""
+    from lungedge.edge_runtime.metadata import embed_spec, read_spec
+
+    spec = read_spec(data)
+    refusal = dict(spec.domain.refusal)
+    refusal.update({k: v["refused"] for k, v in rates.items() if v["refused"] is not None})
+    return embed_spec(data, spec.replace(domain=type(spec.domain)(**{**spec.domain.__dict__, "refusal": refusal})))
+
+
 def _keras_row(m: dict) -> dict:
     return {"accuracy": m["accuracy"], "per_class_recall": {n: c["recall"] for n, c in m["per_class"].items()},
             "macro_f1": m["macro"]["f1"], "decision": m["decision"], "metrics": m}
@@ -229,7 +305,7 @@ def _judge(path, v, ref: _Reference, spec, limits, seconds, progress, learning_f
     from lungedge.edge_runtime.classifier import Classifier
 
     clf = Classifier(path)
-    probs = tflite_probabilities(clf, ref.x, progress, desc=f"test {v.name}")
+    probs, scores = tflite_probabilities(clf, ref.x, progress, desc=f"test {v.name}", with_scores=True)
     threshold = clf.spec.threshold if clf.use_threshold else None
     m = summarize(ref.y, probs, spec, threshold)
     pred = decide(probs, spec.labels, threshold)
@@ -263,4 +339,48 @@ def _judge(path, v, ref: _Reference, spec, limits, seconds, progress, learning_f
         "gate": "failed" if reasons else "passed",
         "gate_reasons": reasons,
         "metrics": m,
+        "domain": _domain_row(clf, scores, probs, ref, spec, threshold),
     }
+
+
+def _micro(path: Path, ref: _Reference, row: dict, spec, limits, progress: bool) -> None:
+    """Verify a micro file in TensorFlow Lite Micro and write its C sources. TFLM's own answers
+    on the test images face the same gate as LiteRT's; a file TFLM cannot run (an operator it
+    lacks, a class output off LiteRT's reference kernels) fails the gate with the reason."""
+    from lungedge.edge_runtime.metadata import read_spec
+
+    from .micro import export
+
+    file_spec = read_spec(path.read_bytes())
+    try:
+        report, tflm = export(path, ref.x, file_spec, ref.y, progress)
+    except ModelError as exc:
+        row["micro"] = {"error": str(exc)}
+        row["gate"] = "failed"
+        row["gate_reasons"] = list(row["gate_reasons"]) + [f"microcontroller: {exc}"]
+        return
+    threshold = file_spec.threshold
+    m = summarize(ref.y, tflm["probs"], spec, threshold)
+    verdict = floor.judge(ref.y, tflm["class"], spec.labels)
+    reasons = gate.variant_reasons(ref.metrics, m, ref.disease, *limits, learned=not verdict.failed,
+                                   floor_sentence=verdict.sentence(), paired=(ref.y, ref.pred, tflm["class"]))
+    row["micro"] = report
+    if reasons:
+        row["gate"] = "failed"
+        row["gate_reasons"] = list(row["gate_reasons"]) + [f"in TensorFlow Lite Micro: {r}" for r in reasons]
+
+
+def _domain_row(clf, scores, probs, ref: _Reference, spec, threshold) -> dict:
+    """The gate on the test images: threshold, refusal (score only), metrics on the accepted ones."""
+    gate = clf.domain
+    if gate is None or scores is None:
+        return {"gate": "none"}
+    accepted = scores <= gate.threshold
+    row = {"gate": "on", "threshold": gate.threshold, "test_refused": float(1 - accepted.mean()),
+           "test_refused_n": int((~accepted).sum()), "validation_refused": gate.refusal.get("validation"),
+           "score_ceiling": gate.fit.get("score_ceiling"), "accepted": None}
+    if accepted.any():
+        m = summarize(ref.y[accepted], probs[accepted], spec, threshold)
+        row["accepted"] = {"n": int(accepted.sum()), "accuracy": m["accuracy"], "auc": m.get("auc"),
+                           "per_class_recall": {n: c["recall"] for n, c in m["per_class"].items()}}
+    return row

@@ -26,7 +26,7 @@ from math import comb
 from typing import List, Optional, Sequence
 
 #: Integer variants, in order of preference for shipping: full integer first.
-INTEGER_PREFERENCE = ("int8", "uint8", "int8-float-io", "int8-mixed")
+INTEGER_PREFERENCE = ("int8", "uint8", "int8-float-io", "int8-mixed", "micro")
 #: Float variants (weights may be quantised, activations are float), in order of preference.
 FLOAT_PREFERENCE = ("float16", "dynamic", "float32")
 

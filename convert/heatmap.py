@@ -38,6 +38,8 @@ import numpy as np
 #: The second signature's key and its output names.
 SIGNATURE = "heatmap"
 PROBABILITIES, HEATMAP = "probabilities", "heatmap"
+#: The domain score's name in the default signature (``convert.domain``).
+DOMAIN_SCORE = "domain_score"
 #: A hidden unit's mask is min(relu(z) * MASK_GAIN, 1): 1 for any z above 1/MASK_GAIN (in an
 #: integer model, for any z of one quantisation step or more), 0 otherwise.
 MASK_GAIN = 1e4
@@ -62,7 +64,7 @@ def head_layers(model) -> Optional[Tuple[object, object, list]]:
     return base, pool, head
 
 
-def heatmap_model(model):
+def heatmap_model(model, domain=None):
     """The Keras model ``image -> [probabilities, heatmap]`` for ``model``, or None when its head
     is not Dense(ReLU)* -> Dense -> softmax after global average pooling. For a logits model
     (head ending in a linear Dense) the first output is its logits, as the default signature's.
@@ -91,7 +93,13 @@ def heatmap_model(model):
     if any(activation_name(l) != "relu" for l in hidden):
         return None
     image = keras.Input(tuple(model.input.shape[1:]), name="image")
-    features = base(image, training=False)
+    score = None
+    if domain is not None:  # the domain score too, from the same base run (``convert.domain``)
+        from .domain import base_with_score
+
+        features, score = base_with_score(base, image, domain)
+    else:
+        features = base(image, training=False)
     pooled = pool(features)
     x = pooled
     for layer in head:
@@ -109,7 +117,8 @@ def heatmap_model(model):
     w_out = out.get_weights()[0]
     centred = w_out - w_out.mean(axis=1, keepdims=True)
     cam = _fixed_dense(centred, HEATMAP)(cam)
-    return keras.Model(image, [probabilities, cam], name=f"{model.name}_heatmap")
+    outputs = [probabilities, cam] + ([score] if score is not None else [])
+    return keras.Model(image, outputs, name=f"{model.name}_heatmap")
 
 
 def _fixed_dense(kernel: np.ndarray, name: str):
@@ -155,17 +164,23 @@ def split_heatmap(data: bytes) -> bytes:
     full = model.subgraphs[0]
     outs = list(full.outputs)
     shapes = {t: list(full.tensors[t].shape) for t in outs}
-    probs = [t for t in outs if len(shapes[t]) == 2]
+    scores = [t for t in outs if shapes[t] == [1, 1]]
+    probs = [t for t in outs if len(shapes[t]) == 2 and t not in scores]
     maps = [t for t in outs if len(shapes[t]) == 4]
-    if len(full.inputs) != 1 or len(probs) != 1 or len(maps) != 1:
-        raise ModelError(f"heat-map split expects one input and outputs (1, classes) and (1, h, w, classes), "
-                         f"got outputs {list(shapes.values())}")
+    if len(full.inputs) != 1 or len(probs) != 1 or len(maps) != 1 or len(scores) > 1:
+        raise ModelError(f"heat-map split expects one input and outputs (1, classes), (1, h, w, classes) and "
+                         f"optionally a (1, 1) domain score, got outputs {list(shapes.values())}")
     p, m = probs[0], maps[0]
-    full.outputs = [p, m]
-    classifier = _pruned(schema, full, [p])
-    model.subgraphs = [classifier, full]
-    model.signatureDefs = [_signature(schema, "serving_default", 0, classifier, {PROBABILITIES: classifier.outputs[0]}),
-                           _signature(schema, SIGNATURE, 1, full, {PROBABILITIES: p, HEATMAP: m})]
+    default = [p] + scores  # subgraph 0: the classifier, with its domain score when it has one
+    classifier = _pruned(schema, full, default)
+    heat = _pruned(schema, full, [p, m])
+    heat.name = "heatmap"
+    model.subgraphs = [classifier, heat]
+    names = {PROBABILITIES: classifier.outputs[0]}
+    if scores:
+        names[DOMAIN_SCORE] = classifier.outputs[1]
+    model.signatureDefs = [_signature(schema, "serving_default", 0, classifier, names),
+                           _signature(schema, SIGNATURE, 1, heat, {PROBABILITIES: heat.outputs[0], HEATMAP: heat.outputs[1]})]
     builder = _sharing_builder(flatbuffers)(len(data) + 4096)
     builder.Finish(model.Pack(builder), file_identifier=_TFLITE_IDENTIFIER)
     return bytes(builder.Output())

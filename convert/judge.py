@@ -27,13 +27,19 @@ def keras_probabilities(model, x: np.ndarray, batch_size: int = 32) -> np.ndarra
     return np.concatenate(rows)
 
 
-def tflite_probabilities(clf, x: np.ndarray, progress: bool = False, desc: str = "evaluate") -> np.ndarray:
-    """Probabilities of an ``edge_runtime.Classifier`` for each preprocessed image."""
+def tflite_probabilities(clf, x: np.ndarray, progress: bool = False, desc: str = "evaluate",
+                         with_scores: bool = False):
+    """Probabilities of an ``edge_runtime.Classifier`` for each preprocessed image; with
+    ``with_scores`` also the domain scores (None for a file without them)."""
     from tqdm import tqdm
 
-    rows = [clf.predict_proba(x[i]) for i in tqdm(range(len(x)), desc=desc, unit="img",
-                                                      disable=not progress, leave=False)]
-    return np.asarray(rows, np.float64).reshape(len(x), len(clf.labels))
+    rows = [clf.predict_with_score(x[i]) for i in tqdm(range(len(x)), desc=desc, unit="img",
+                                                         disable=not progress, leave=False)]
+    probs = np.asarray([r[0] for r in rows], np.float64).reshape(len(x), len(clf.labels))
+    if not with_scores:
+        return probs
+    scores = None if not rows or rows[0][1] is None else np.asarray([r[1] for r in rows], np.float64)
+    return probs, scores
 
 
 def summarize(y_true: Sequence[int], probs: np.ndarray, spec: ModelSpec,

@@ -180,7 +180,8 @@ def _representative(calibration: np.ndarray):
     return gen
 
 
-def tflite_bytes(model, variant: Variant, calibration: Optional[np.ndarray] = None, heatmap: bool = False) -> bytes:
+def tflite_bytes(model, variant: Variant, calibration: Optional[np.ndarray] = None, heatmap: bool = False,
+                 domain=None) -> bytes:
     """Run the TFLite converter for ``variant`` (no metadata).
 
     With ``heatmap`` a classifier whose head ``convert.heatmap`` recognises gets a second
@@ -198,9 +199,15 @@ def tflite_bytes(model, variant: Variant, calibration: Optional[np.ndarray] = No
     if heatmap:
         from .heatmap import heatmap_model, split_heatmap
 
-        two_outputs = heatmap_model(model)
+        two_outputs = heatmap_model(model, domain)
         if two_outputs is not None:
             return split_heatmap(tflite_bytes(two_outputs, variant, calibration, heatmap=False))
+    if domain is not None:
+        from .domain import classes_first, gated_model
+
+        gated = gated_model(model, domain)
+        if gated is not None:
+            return classes_first(tflite_bytes(gated, variant, calibration))
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
     if variant.optimize:
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -266,7 +273,8 @@ def variant_spec(spec: ModelSpec, variant: Variant, source_sha256: Optional[str]
 def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Union[str, Variant],
                         calibration: Optional[np.ndarray] = None, source_sha256: Optional[str] = None,
                         extra: Optional[dict] = None, bias_correction: bool = True,
-                        progress: bool = False, reference: Optional[bytes] = None, heatmap: bool = False) -> bytes:
+                        progress: bool = False, reference: Optional[bytes] = None, heatmap: bool = False,
+                        domain=None) -> bytes:
     """Convert any Keras classifier to one TFLite variant with the lungedge record inside.
 
     Args:
@@ -287,6 +295,9 @@ def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Unio
             converting several integer variants of one model (with the same ``heatmap`` setting).
         heatmap: add the ``heatmap`` signature (class activation maps on the device); such a file
             has two subgraphs, which MediaPipe's ImageClassifier refuses.
+        domain: a ``convert.domain.DomainFit``: the file gets a second output, ``domain_score``
+            (its acceptance threshold is chosen afterwards on the file's own scores:
+            ``convert.conversion``); pass the same fit with ``reference``.
 
     The integer variants of a softmax classifier output centred logits (``integer_source``;
     the record says ``output: logits`` and ``conversion.logits: centred``): the device applies the
@@ -316,14 +327,14 @@ def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Unio
         if source is not model:
             model, spec = source, source_spec
             extra["logits"] = "centred"
-    data = tflite_bytes(model, v, calibration, heatmap=heatmap)
+    data = tflite_bytes(model, v, calibration, heatmap=heatmap, domain=domain)
     if v.io_dtype == "uint8":
         data = pin_uint8_input(data, spec)
     if v.calibrated and bias_correction:
         from .bias_correction import correct_biases
 
         if reference is None:
-            reference = tflite_bytes(model, get_variant("float32"), heatmap=heatmap)
+            reference = tflite_bytes(model, get_variant("float32"), heatmap=heatmap, domain=domain)
         data, record = correct_biases(data, reference, calibration, progress=progress)
         extra["bias_correction"] = record or "not applied: no integer conv or fully connected op"
     if v.io_dtype == "uint8":

@@ -82,7 +82,47 @@ def markdown(report: dict) -> str:
     for v in report["variants"]:
         if v.get("threshold_note"):
             lines.append(f"- {v['variant']}: {v['threshold_note']}")
+    lines += domain_section(report)
     return "\n".join(lines) + "\n"
+
+
+def domain_section(report: dict) -> list:
+    """The domain gate's section: what was fitted, and each file's threshold and refusal rates."""
+    fit = report.get("domain_fit")
+    if not fit:
+        return ["", "## Domain gate", "", f"None: {report.get('domain_gate') or 'not fitted'}; these files answer "
+                "every image, whatever it shows."]
+    sets = []
+    for v in report["variants"]:
+        for k in ((v.get("domain") or {}).get("dev_sets") or {}):
+            if k not in sets:
+                sets.append(k)
+    head = ["file", "threshold", "validation refused %", "test refused %", "accuracy on accepted %"] + \
+        [f"{k} refused %" for k in sets]
+    lines = ["", "## Domain gate", "",
+             f"Score: {fit['method']} v{fit['version']}, {fit['pooling']} of `{fit['layer']}` ({fit['dimension']} "
+             f"values), class means and a {fit['covariance']} covariance (shrinkage {fit['shrinkage']:.3f}) fitted on "
+             f"{fit['fit_images']} training images; aspect ratios of the training images "
+             f"{_range(fit.get('aspect_range'))}; structure floor {fit.get('structure_floor') or 'none (check off)'}; saturation limit {fit.get('saturation_limit')}. Each file's threshold: the split-conformal 99th percentile of its own "
+             "scores on the validation split. Refused also before the model: blank, saturated, tiny or odd-shaped "
+             "frames; DICOM headers of another modality, body part or view.", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for v in report["variants"]:
+        d = v.get("domain") or {}
+        if d.get("gate") != "on":
+            continue
+        acc = (d.get("accepted") or {}).get("accuracy")
+        cells = [v["variant"], f"{d['threshold']:.4g}", _pct(d.get("validation_refused") or 0.0),
+                 f"{_pct(d['test_refused'])} ({d['test_refused_n']})", _pct(acc) if acc is not None else "-"]
+        dev = d.get("dev_sets") or {}
+        cells += [f"{_pct(dev[k]['refused'])} (of {dev[k]['n']})" if k in dev and dev[k]["refused"] is not None
+                  else "-" for k in sets]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _range(r) -> str:
+    return f"{r[0]:.2f}-{r[1]:.2f}" if r else "not recorded"
 
 
 def chart_png(report: dict) -> bytes:

@@ -30,6 +30,8 @@ class Variant:
         float_stem_ops: leave this many of the first compute ops (the stem: for MobileNetV2
             the first two inverted-residual blocks) in float; the rest is int8.
             Measured: the first depthwise convolution has the largest quantisation error.
+        micro: for a microcontroller: verified in TensorFlow Lite Micro and exported as C sources
+            (``convert.micro``) next to the file.
     """
 
     name: str
@@ -40,13 +42,14 @@ class Variant:
     integer_only: bool = False
     io_dtype: str = "float32"
     float_stem_ops: int = 0
+    micro: bool = False
 
     def to_dict(self) -> dict:
         return {
             "name": self.name, "description": self.description, "optimize": self.optimize,
             "float16_weights": self.float16_weights, "calibrated": self.calibrated,
             "integer_only": self.integer_only, "io_dtype": self.io_dtype,
-            "float_stem_ops": self.float_stem_ops,
+            "float_stem_ops": self.float_stem_ops, "micro": self.micro,
         }
 
 
@@ -66,6 +69,9 @@ VARIANTS: Dict[str, Variant] = {
                 optimize=True, calibrated=True, integer_only=True, io_dtype="float32"),
         Variant("int8-mixed", "int8 except the stem (first 6 ops: two conv blocks) in float; float32 input and output",
                 optimize=True, calibrated=True, io_dtype="float32", float_stem_ops=6),
+        Variant("micro", "full integer for a microcontroller: int8 input and output, run in TensorFlow Lite Micro "
+                "against LiteRT and exported as C sources (micro/)", optimize=True, calibrated=True,
+                integer_only=True, io_dtype="int8", micro=True),
     )
 }
 

@@ -3,7 +3,8 @@ and timing. Depends on numpy, Pillow and a TFLite interpreter (LiteRT or tflite-
 never on TensorFlow.
 """
 
-from .classifier import Classifier, Failure, Prediction
+from .classifier import Classifier, Failure, Prediction, Refusal
+from .domain import DomainVerdict
 from .errors import ConfigError, ImageError, LungedgeError, MissingDependencyError, ModelError
 from .metadata import embed_spec, read_spec, read_spec_from_file
 from .metrics import classification_metrics, confusion_matrix
@@ -11,7 +12,7 @@ from .preprocess import load_pixels, normalize, preprocess
 from .spec import ModelSpec, Preprocessing, Threshold
 
 __all__ = [
-    "Classifier", "Prediction", "Failure",
+    "Classifier", "Prediction", "Failure", "Refusal", "DomainVerdict",
     "LungedgeError", "ImageError", "ModelError", "ConfigError", "MissingDependencyError",
     "ModelSpec", "Preprocessing", "Threshold",
     "preprocess", "load_pixels", "normalize",

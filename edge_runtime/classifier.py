@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 from .backend import Backend, load_backend, quiet_runtime
 from .data import expand_inputs
 from .dicom import DicomInfo, check_modality, expected_modalities
+from .domain import DomainVerdict, check_dicom, check_frame
 from .decision import apply_threshold, output_probabilities
 from .errors import (ConfigError, ImageError, InputError, LungedgeError, MissingDependencyError, ModelError,
                      OutputError)
@@ -19,7 +21,7 @@ from .files import read_regular_file
 from .guard import guard_available, trial_load
 from .metadata import read_model_bytes, read_spec, read_standard, verify_integrity
 from .modelcheck import check_model_structure
-from .preprocess import ImageSource, load_image, normalize
+from .preprocess import ImageSource, image_size, load_image, normalize
 from .quant import dequantize, quantize
 from .spec import ModelSpec, Preprocessing, Threshold
 from .tflite_metadata import StandardMetadata
@@ -68,6 +70,13 @@ class Prediction:
     heatmap: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
     index: int = -1
     categories: Tuple[Category, ...] = ()
+    #: the domain gate's verdict (``edge_runtime.domain``); None for a model without a gate.
+    #: A prediction with ``domain.in_domain`` False exists only with ``allow_out_of_domain``.
+    domain: Optional[DomainVerdict] = None
+
+    @property
+    def in_domain(self) -> Optional[bool]:
+        return None if self.domain is None else self.domain.in_domain
 
     @property
     def score(self) -> float:
@@ -87,6 +96,8 @@ class Prediction:
             "threshold_applied": self.threshold_applied,
             "timing_ms": {"preprocess": self.preprocess_ms, "invoke": self.invoke_ms, "total": self.total_ms},
         }
+        if self.domain is not None:
+            d.update(self.domain.to_dict())
         if self.dicom is not None:
             d["sop_instance_uid"] = self.dicom.sop_instance_uid
             d["dicom"] = self.dicom.to_dict(keep_phi=keep_phi)
@@ -102,6 +113,28 @@ class Failure:
 
     def to_dict(self) -> dict:
         return {"source": self.source, "error": self.error}
+
+
+@dataclass(frozen=True)
+class Refusal(Failure):
+    """An image the domain gate refused: no class is given for it (``OUT OF DOMAIN``).
+
+    It counts as an input that could not be used (exit code 1), like any ``Failure``.
+    ``hidden`` is what the model would have answered, kept for ``evaluate``'s figures on all
+    images; interfaces never show it.
+    """
+
+    verdict: Optional[DomainVerdict] = None
+    hidden: Optional[Prediction] = field(default=None, repr=False, compare=False)
+    dicom: Optional[DicomInfo] = None
+
+    def to_dict(self, keep_phi: bool = False) -> dict:
+        d = {"source": self.source, **(self.verdict.to_dict() if self.verdict else {"in_domain": False})}
+        d["error"] = self.error
+        if self.dicom is not None:
+            d["sop_instance_uid"] = self.dicom.sop_instance_uid
+            d["dicom"] = self.dicom.to_dict(keep_phi=keep_phi)
+        return d
 
 
 class Classifier:
@@ -135,6 +168,10 @@ class Classifier:
         max_results: keep at most this many ``Prediction.categories`` (None: all).
         score_threshold: keep only categories scoring at least this (None: all). Neither
             changes the decision (``Prediction.label``) or ``Prediction.probabilities``.
+        domain_gate: refuse images the model was not built for (``edge_runtime.domain``) when
+            the file has a gate; False reads the score but never refuses (conversion uses it).
+        allow_out_of_domain: answer refused images anyway, their ``Prediction.domain`` marked
+            out of domain with the reason.
 
     Loading checks, in order: a regular file within ``MAX_MODEL_BYTES``; the flatbuffer's
     structure (``edge_runtime.modelcheck``); the integrity record when there is one
@@ -162,6 +199,8 @@ class Classifier:
         guard: bool = True,
         max_results: Optional[int] = None,
         score_threshold: Optional[float] = None,
+        domain_gate: bool = True,
+        allow_out_of_domain: bool = False,
     ) -> None:
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise ConfigError(f"threads must be a positive integer, got {threads!r}")
@@ -172,6 +211,8 @@ class Classifier:
                                             or not 0.0 <= float(score_threshold) <= 1.0):
             raise ConfigError(f"score_threshold must be a number from 0 to 1 or None, got {score_threshold!r}")
         self.max_results = max_results
+        self.allow_out_of_domain = bool(allow_out_of_domain)
+        self._domain_on = bool(domain_gate)
         self.score_threshold = None if score_threshold is None else float(score_threshold)
         self._interpreter = None
         self.model_path = os.fsdecode(model_path) if isinstance(model_path, bytes) else str(model_path)
@@ -211,9 +252,11 @@ class Classifier:
         self.load_ms = (now() - t0) * 1e3
         inp = self._interpreter.get_input_details()
         out = self._interpreter.get_output_details()
-        if len(inp) != 1 or len(out) != 1:
-            raise ModelError(f"expected an image classifier with 1 input and 1 output, got {len(inp)} and {len(out)}: {name!r}")
-        self._in, self._out = inp[0], out[0]
+        if len(inp) != 1 or len(out) not in (1, 2):
+            raise ModelError(f"expected an image classifier with 1 input and 1 output (2 with a domain score), "
+                             f"got {len(inp)} and {len(out)}: {name!r}")
+        self._in = inp[0]
+        self._out, self._score_out = _split_outputs(out, name)
         shape = tuple(int(x) for x in self._in["shape"])
         if len(shape) != 4 or shape[0] != 1 or shape[3] not in (1, 3):
             raise ModelError(f"expected an input of shape (1, H, W, 1 or 3), got {shape}: {name!r}")
@@ -224,6 +267,16 @@ class Classifier:
         self.spec = self._resolve_spec(spec, shape, out_shape[1], labels, mean, std)
         self.use_threshold = use_threshold and self.spec.threshold is not None
         self._in_index, self._out_index = self._in["index"], self._out["index"]
+        self._score_q = _quant(self._score_out) if self._score_out is not None else None
+        #: the file's domain gate (None: no gate, every image is answered)
+        self.domain = self.spec.domain if self._score_out is not None and self.has_metadata else None
+        if self.spec.domain is not None and self._score_out is None and self.has_metadata:
+            raise ModelError(f"metadata describes a domain gate but the model has no '{self.spec.domain.output}' "
+                             f"output: {name!r}")
+        self._gate = self.domain if self._domain_on else None
+        intended = self.spec.intended if self.has_metadata else {}
+        self._chest = str(intended.get("body_part", "")).lower() == "chest"
+        self._frontal = str(intended.get("view", "")).lower().startswith("frontal")
         self._in_dtype = np.dtype(self._in["dtype"])
         self._in_q = _quant(self._in)
         self._lut = self._input_lut()
@@ -419,10 +472,16 @@ class Classifier:
             "variant": self.spec.variant,
             "recipe": self.spec.recipe,
             "heatmap": self.has_heatmap,
+            "domain": self.domain.to_dict() if self.domain is not None else None,
+            "domain_gate": "on" if self._gate is not None else ("off" if self.domain is not None else "none"),
+            "intended": dict(self.spec.intended) if self.has_metadata else {},
         }
 
     def classify(self, image: ImageSource, *, heatmap: bool = False, name: Optional[str] = None) -> Prediction:
         """Classify one image (path, bytes, Pillow image or uint8 array; DICOM too).
+
+        Returns a ``Prediction``, or a ``Refusal`` (no class, with the reason) when the file's
+        domain gate refuses the image and ``allow_out_of_domain`` is off.
 
         Args:
             image: the image.
@@ -445,11 +504,33 @@ class Classifier:
         t0 = now()
         source = name or (os.fsdecode(image) if isinstance(image, (str, os.PathLike)) else "")
         pixels, dicom = load_image(image, self.spec.preprocessing, name=name)
-        if dicom is not None:
+        reason = None
+        if self._gate is not None:
+            reason = self._before_model(image, pixels, dicom, name)
+        elif dicom is not None:
             check_modality(dicom, self._modalities, source or "<image>")
         # quantised input: pixel -> input value by table (the same numbers as normalise + quantise)
         inp = self._lut[pixels] if self._lut is not None else self._quantize_input(normalize(pixels, self.spec.preprocessing))
-        return _Prepared(source, inp, dicom, (now() - t0) * 1e3)
+        return _Prepared(source, inp, dicom, (now() - t0) * 1e3, reason, pixels if self._gate is not None else None)
+
+    def _before_model(self, image, pixels: np.ndarray, dicom: Optional[DicomInfo], name: Optional[str]):
+        """(stage, reason) when a cheap check refuses the image before the model, else None."""
+        if dicom is not None:
+            why = check_dicom(dicom.modality, dicom.body_part, dicom.view_position, self._modalities,
+                              chest=self._chest, frontal=self._frontal)
+            if why:
+                return "dicom", why
+        size = None
+        if dicom is None and not isinstance(image, np.ndarray):
+            try:
+                size = image_size(image, name)
+            except (ImageError, OSError):
+                size = None
+        elif isinstance(image, np.ndarray) and image.ndim >= 2:
+            size = (int(image.shape[1]), int(image.shape[0]))
+        why = check_frame(pixels, size, self._gate.aspect_range, self._gate.structure_floor,
+                          self._gate.saturation_limit)
+        return ("frame", why) if why else None
 
     def _infer(self, prep: "_Prepared", heatmap: bool) -> Prediction:
         """Run the interpreter on a prepared input and decide (the calling thread owns the interpreter)."""
@@ -459,6 +540,9 @@ class Classifier:
         try:
             if heatmap:
                 probs, cams = self._run_heatmap(self._heatmap(), prep.input[None, ...])
+                if self._score_out is not None:  # the score comes from the default signature
+                    self._interpreter.set_tensor(self._in_index, prep.input[None, ...])
+                    self._interpreter.invoke()
             else:
                 self._interpreter.set_tensor(self._in_index, prep.input[None, ...])
                 probs = self._invoke()
@@ -470,7 +554,8 @@ class Classifier:
         idx, applied = self._decide(probs)
         if cams is not None and not np.all(np.isfinite(cams)):
             raise OutputError(f"the model's heat map is not finite for this image: {source!r}")
-        return Prediction(
+        verdict = self._verdict(prep)
+        prediction = Prediction(
             label=self._labels[idx],
             probabilities={name: float(p) for name, p in zip(self._labels, probs)},
             source=prep.source,
@@ -482,7 +567,45 @@ class Classifier:
             heatmap=None if cams is None else np.ascontiguousarray(cams[:, :, idx], dtype=np.float32),
             index=idx,
             categories=self._categories(probs),
+            domain=verdict,
         )
+        if verdict is not None and not verdict.in_domain and not self.allow_out_of_domain:
+            return Refusal(prep.source or "<image>", f"{verdict.text()}: {source!r}", verdict,
+                           dataclasses.replace(prediction, heatmap=None), prep.dicom)
+        return prediction
+
+    def _verdict(self, prep: "_Prepared") -> Optional[DomainVerdict]:
+        """The domain verdict for the last invoke's score (None without a score output)."""
+        if self._score_out is None:
+            return None
+        score = self._last_score()
+        gate = self._gate
+        if gate is None:  # a score but no gate (being converted, or the gate turned off): never refuses
+            return DomainVerdict(True, score, None)
+        if prep.refused is not None:
+            stage, why = prep.refused
+            return DomainVerdict(False, score, gate.threshold, why, stage)
+        if not np.isfinite(score):
+            return DomainVerdict(False, score, gate.threshold, "the domain score is not finite", "score")
+        verdict = gate.judge(score)
+        if verdict.in_domain and prep.pixels is not None and gate.needs_polarity_check(score):
+            verdict = gate.judge_polarity(score, self._inverse_score(prep.pixels))
+        return verdict
+
+    def _inverse_score(self, pixels: np.ndarray) -> float:
+        """The domain score of the image with its grey levels inverted (a second invoke)."""
+        inverse = 255 - pixels
+        x = self._lut[inverse] if self._lut is not None else self._quantize_input(
+            normalize(inverse, self.spec.preprocessing))
+        self._interpreter.set_tensor(self._in_index, x[None, ...])
+        self._interpreter.invoke()
+        return self._last_score()
+
+    def _last_score(self) -> float:
+        y = self._interpreter.get_tensor(self._score_out["index"]).reshape(-1)[0]
+        if self._score_q is not None:
+            y = dequantize(np.asarray([y]), *self._score_q)[0]
+        return float(y)
 
     def _categories(self, probs: np.ndarray) -> Tuple[Category, ...]:
         order = np.argsort(-probs, kind="stable")
@@ -495,6 +618,12 @@ class Classifier:
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities for one already-preprocessed float input (H, W, C)."""
         return self._run(x)
+
+    def predict_with_score(self, x: np.ndarray) -> Tuple[np.ndarray, Optional[float]]:
+        """(class probabilities, domain score or None) for one preprocessed float input (H, W, C);
+        no check before the model and no refusal (conversion and evaluation read the raw score)."""
+        probs = self._run(x)
+        return probs, (self._last_score() if self._score_out is not None else None)
 
     def classify_many(self, sources: Iterable[ImageSource], progress: bool = False,
                       heatmap: bool = False, workers: Optional[int] = None) -> Iterator[Union[Prediction, Failure]]:
@@ -603,6 +732,10 @@ class _Prepared:
     input: np.ndarray
     dicom: Optional[DicomInfo]
     ms: float
+    #: (stage, reason) when a check before the model refused the image
+    refused: Optional[Tuple[str, str]] = None
+    #: the decoded uint8 pixels (the polarity check inverts them)
+    pixels: Optional[np.ndarray] = None
 
 
 def default_workers() -> int:
@@ -674,6 +807,17 @@ def _has_heatmap_signature(interpreter, classes: int) -> bool:
     except Exception:  # tflite-runtime builds without signatures
         return False
     return bool(sig) and sorted(sig.get("outputs", [])) == ["heatmap", "probabilities"] and sig.get("inputs") == ["image"]
+
+
+def _split_outputs(outputs: list, name: str):
+    """(class output, domain score output or None): the score is the (1, 1) output."""
+    if len(outputs) == 1:
+        return outputs[0], None
+    shapes = [tuple(int(x) for x in o["shape"]) for o in outputs]
+    scores = [i for i, s in enumerate(shapes) if s == (1, 1)]
+    if len(scores) != 1:
+        raise ModelError(f"expected a class output and a (1, 1) domain score output, got shapes {shapes}: {name!r}")
+    return outputs[1 - scores[0]], outputs[scores[0]]
 
 
 def _dequantize(y: np.ndarray, q) -> np.ndarray:

@@ -66,12 +66,15 @@ class DicomInfo:
     bits_stored: int = 0
     transfer_syntax: str = ""
     voi: str = ""  # how the grey levels were chosen: "window C/W", "VOI LUT", "as stored", "min-max"
+    body_part: str = ""  # BodyPartExamined
+    view_position: str = ""  # ViewPosition (PA, AP, LATERAL...)
     phi: dict = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self, keep_phi: bool = False) -> dict:
         d = {"sop_instance_uid": self.sop_instance_uid, "modality": self.modality,
              "photometric": self.photometric, "bits_stored": self.bits_stored,
-             "transfer_syntax": self.transfer_syntax, "voi": self.voi}
+             "transfer_syntax": self.transfer_syntax, "voi": self.voi, "body_part": self.body_part,
+             "view_position": self.view_position}
         if keep_phi:
             d["phi"] = dict(self.phi)
         return d
@@ -227,7 +230,8 @@ def _info(ds) -> DicomInfo:
                      modality=str(ds.get("Modality", "") or ""),
                      photometric=str(ds.get("PhotometricInterpretation", "") or "").strip().upper(),
                      bits_stored=_int(ds.get("BitsStored", ds.get("BitsAllocated", 0))),
-                     transfer_syntax=ts_name, phi=phi)
+                     transfer_syntax=ts_name, phi=phi, body_part=str(ds.get("BodyPartExamined", "") or ""),
+                     view_position=str(ds.get("ViewPosition", "") or ""))
 
 
 def _check_decoder(ds, name: str) -> None:

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .classifier import Classifier, Failure
+from .classifier import Classifier, Failure, Refusal
 from .data import list_labelled_folder
 from .metrics import classification_metrics
 
@@ -21,6 +21,13 @@ class LabelledOutputs:
     probabilities: np.ndarray       # (N, classes) as the device computes them
     predicted: Tuple[Optional[str], ...]  # every listed image's predicted label, None when unreadable
     failures: Tuple[dict, ...]      # ``Failure.to_dict()`` of each unreadable image
+    #: ``Refusal.to_dict()`` of each image the domain gate refused (not in the arrays above)
+    refused: Tuple[dict, ...] = ()
+    #: every usable image, refused ones included with what the model would have said
+    all_y: Optional[np.ndarray] = None
+    all_probabilities: Optional[np.ndarray] = None
+    #: the domain score of each image in ``paths`` (None for a file without one)
+    scores: Optional[np.ndarray] = None
 
 
 def labelled_outputs(clf: Classifier, data_dir: str, progress: bool = True, limit: Optional[int] = None,
@@ -35,8 +42,15 @@ def labelled_outputs(clf: Classifier, data_dir: str, progress: bool = True, limi
     paths, labels = list(files.paths), list(files.labels)
     if limit:
         paths, labels = paths[:limit], labels[:limit]
-    kept, y_true, probs, failures, predicted = [], [], [], [], []
+    kept, y_true, probs, failures, predicted, refused, all_y, all_p, scores = [], [], [], [], [], [], [], [], []
     for path, truth, res in zip(paths, labels, clf.classify_many(paths, progress=progress, workers=workers)):
+        if isinstance(res, Refusal):
+            refused.append(res.to_dict())
+            predicted.append(None)
+            if res.hidden is not None:
+                all_y.append(truth)
+                all_p.append([res.hidden.probabilities[name] for name in clf.labels])
+            continue
         if isinstance(res, Failure):
             failures.append(res.to_dict())
             predicted.append(None)
@@ -45,9 +59,15 @@ def labelled_outputs(clf: Classifier, data_dir: str, progress: bool = True, limi
         kept.append(path)
         y_true.append(truth)
         probs.append([res.probabilities[name] for name in clf.labels])
+        all_y.append(truth)
+        all_p.append(probs[-1])
+        scores.append(res.domain.score if res.domain is not None else None)
+    n = len(clf.labels)
     return LabelledOutputs(tuple(kept), np.asarray(y_true, dtype=np.int64),
-                           np.asarray(probs, dtype=np.float64).reshape(len(kept), len(clf.labels)),
-                           tuple(predicted), tuple(failures))
+                           np.asarray(probs, dtype=np.float64).reshape(len(kept), n),
+                           tuple(predicted), tuple(failures), tuple(refused), np.asarray(all_y, dtype=np.int64),
+                           np.asarray(all_p, dtype=np.float64).reshape(len(all_y), n),
+                           None if not scores or scores[0] is None else np.asarray(scores, dtype=np.float64))
 
 
 def evaluate_classifier(clf: Classifier, data_dir: str, progress: bool = True, limit: Optional[int] = None,
@@ -71,9 +91,28 @@ def evaluate_classifier(clf: Classifier, data_dir: str, progress: bool = True, l
     else:
         metrics = classification_metrics([], [], clf.labels)
     metrics["failures"] = list(out.failures)
+    metrics["domain"] = _coverage(clf, out)
     if keep_predictions:
         metrics["predictions"] = list(out.predicted)
     metrics["model"] = clf.describe()
     metrics["data"] = str(data_dir)
     metrics["decision"] = "threshold" if clf.use_threshold else "argmax"
     return metrics
+
+
+def _coverage(clf: Classifier, out: LabelledOutputs) -> dict:
+    """The domain gate's share of the usable images: refused, coverage, and the metrics on all
+    usable images (the refused ones with the class the model would have given) beside the
+    metrics on the accepted ones (the report's main figures)."""
+    if clf.domain is None:
+        return {"gate": "none" if clf.describe()["domain_gate"] == "none" else "off"}
+    from .decision import decide
+
+    usable = len(out.y_true) + len(out.refused)
+    row = {"gate": "on", "threshold": clf.domain.threshold, "refused": len(out.refused), "accepted": len(out.y_true),
+           "coverage": (len(out.y_true) / usable) if usable else None, "refused_images": list(out.refused)}
+    if out.all_y is not None and len(out.all_y):
+        th = clf.spec.threshold if clf.use_threshold else None
+        pred = decide(out.all_probabilities, clf.labels, th)
+        row["all_images"] = classification_metrics(out.all_y.tolist(), pred.tolist(), clf.labels, out.all_probabilities)
+    return row

@@ -338,6 +338,9 @@ def _standard_record(spec: ModelSpec, model, schema) -> bytes:
                 "readers of this record see the scores only." if threshold else "")
     if p.contrast_text:
         decision += f" Apply {p.contrast_text} to the resized image before the model, as lungedge does."
+    if spec.domain is not None:
+        decision += (f" Out of domain (no class should be given) when output domain_score > "
+                     f"{spec.domain.threshold:.4g}.")
     version = spec.versions.get("lungedge") if isinstance(spec.versions, dict) else None
     return build_standard_metadata(
         name=f"lungedge {spec.recipe or 'image'} classifier",
@@ -351,7 +354,14 @@ def _standard_record(spec: ModelSpec, model, schema) -> bytes:
         mean=p.mean, std=p.std, input_range=input_range,
         output_range=(0.0, 1.0) if spec.output == "probabilities" else None,
         score_calibration=score_calibration_text(spec) is not None,
+        extra_outputs=[("domain_score", _DOMAIN_DESCRIPTION)] if len(graph.outputs) == 2 else [],
     )
+
+
+#: The standard record's words for the domain score output (``edge_runtime.domain``).
+_DOMAIN_DESCRIPTION = ("Domain score: how unlike the training images the input is (Mahalanobis distance of the "
+                       "model's features, about 1 for training-like images). lungedge refuses an image whose score "
+                       "is above the threshold in the lungedge record; apps should too.")
 
 
 def score_calibration_text(spec: ModelSpec) -> Optional[str]:

@@ -312,16 +312,19 @@ class RecalibratedFile:
     failures: Tuple[dict, ...]
     out: str
     plot: Optional[str]
+    #: the domain threshold re-chosen on the site's images (``site_domain_threshold``), or None
+    domain: Optional[dict] = None
 
 
 def recalibrate_file(model: str, data_dir: str, target_recall: float, out: str, *,
                      positive_label: Optional[str] = None, temperature: bool = True, plot: Optional[str] = None,
                      workers: Optional[int] = None, threads: Optional[int] = None, progress: bool = False,
-                     seed: int = 0) -> RecalibratedFile:
+                     seed: int = 0, domain_threshold: bool = True) -> RecalibratedFile:
     """Run ``model`` (a lungedge ``.tflite``) on the labelled folder ``data_dir``, choose the new
     operating point (``recalibrate_outputs``) and write the recalibrated file to ``out``
     (atomically; the model's bytes are unchanged, only its records), and the reliability diagram
-    to ``plot`` when given.
+    to ``plot`` when given. With ``domain_threshold`` and a file with a domain gate, the gate's
+    acceptance threshold is re-chosen on the site's images too (``site_domain_threshold``).
 
     Raises:
         ConfigError: ``out`` the same file as ``model``.
@@ -336,7 +339,7 @@ def recalibrate_file(model: str, data_dir: str, target_recall: float, out: str, 
 
     if Path(out).resolve() == Path(model).resolve():
         raise ConfigError(f"--out must be a new file, not the model itself: {out!r}")
-    clf = Classifier(model, threads=threads)
+    clf = Classifier(model, threads=threads, domain_gate=False)  # the site's images are in its domain
     data = clf.model_bytes  # the one read: the file written is the file that ran
     spec = read_spec(data, name=model)
     if spec is None:
@@ -352,6 +355,10 @@ def recalibrate_file(model: str, data_dir: str, target_recall: float, out: str, 
     record = calibration_set_record(outputs.paths, outputs.y_true, clf.labels, unreadable=len(outputs.failures),
                                     folder=data_dir)
     new_spec = recalibrated_spec(spec, result, record)
+    domain = None
+    if domain_threshold and spec.domain is not None and outputs.scores is not None:
+        domain = site_domain_threshold(spec.domain, outputs.scores, record)
+        new_spec = new_spec.replace(domain=domain["gate"])
     atomic_write_bytes(str(out), embed_spec(data, new_spec))
     if plot:
         from .reliability_plot import draw_reliability
@@ -364,7 +371,27 @@ def recalibrate_file(model: str, data_dir: str, target_recall: float, out: str, 
                                       + (f", threshold {th.value:.3f}" if th else ", argmax"),
                          label_after=f"after: T {result.temperature:.2f}, ECE {result.ece[1]:.3f}, "
                                      f"threshold {result.threshold.value:.3f}")
-    return RecalibratedFile(result, record, new_spec, outputs.failures, str(out), plot)
+    return RecalibratedFile(result, record, new_spec, outputs.failures, str(out), plot, domain)
+
+
+def site_domain_threshold(gate, scores: np.ndarray, calibration_set: dict) -> dict:
+    """The domain gate's acceptance threshold re-chosen on a site's own images (its scanner is in
+    the model's domain): their split-conformal 99th percentile, as at conversion. Returns the new
+    gate and the site's refusal before and after."""
+    import dataclasses
+
+    from .domain import refused_share, threshold_from
+
+    value = threshold_from(scores, gate.percentile)
+    short = calibration_set["sha256"][:12]
+    refusal = dict(gate.refusal)
+    refusal["site (recalibration)"] = refused_share(scores, value)
+    new = dataclasses.replace(gate, threshold=value, refusal=refusal,
+                              chosen_on=f"site recalibration: {len(scores)} images, sha256 {short}, "
+                                        f"{calibration_set['date'][:10]}, split-conformal 99th percentile "
+                                        f"(before: {gate.threshold:.4g}, {gate.chosen_on})")
+    return {"gate": new, "before": gate.threshold, "after": value, "images": int(len(scores)),
+            "refused_before": refused_share(scores, gate.threshold), "refused_after": refused_share(scores, value)}
 
 
 def format_recalibration(r: RecalibratedFile) -> list:
@@ -387,5 +414,10 @@ def format_recalibration(r: RecalibratedFile) -> list:
         cells = "".join(f"{v[0]:>8.4f} ({v[1]:.3f}-{v[2]:.3f})" for v in (rates.sensitivity, rates.specificity,
                                                                            rates.accuracy))
         lines.append(f"{name:<8}{cells}")
+    if r.domain:
+        d = r.domain
+        lines.append(f"domain threshold: {d['before']:.4g} -> {d['after']:.4g} (split-conformal 99th percentile of the "
+                     f"site's {d['images']} images); site images refused: {100 * d['refused_before']:.1f} % -> "
+                     f"{100 * d['refused_after']:.1f} %")
     lines.append(f"wrote {r.out}" + (f" and the reliability diagram {r.plot}" if r.plot else ""))
     return lines

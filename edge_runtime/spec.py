@@ -15,6 +15,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Tuple
 
+from .domain import DomainGate
 from .errors import ConfigError
 
 SCHEMA = "lungedge.model/1"
@@ -152,6 +153,11 @@ class ModelSpec:
     source_model_sha256: Optional[str] = None
     extra: dict = field(default_factory=dict)
     temperature: float = 1.0
+    #: what the model is for: ``{"modality", "view", "body_part", "population", "site", "note"}``
+    #: (written at training from the recipe and the data; shown by ``inspect``, the card, the web page)
+    intended: dict = field(default_factory=dict)
+    #: the domain gate (``edge_runtime.domain``): None for a file without a ``domain_score`` output
+    domain: Optional[DomainGate] = None
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:
@@ -174,7 +180,11 @@ class ModelSpec:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ConfigError(f"{name} must be text or null, got {_short(value)}")
-        for name in ("versions", "extra"):
+        if isinstance(self.domain, dict):
+            object.__setattr__(self, "domain", DomainGate.from_dict(self.domain))
+        if self.domain is not None and not isinstance(self.domain, DomainGate):
+            raise ConfigError(f"domain must be an object or null, got {_short(self.domain)}")
+        for name in ("versions", "extra", "intended"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name} must be an object, got {_short(getattr(self, name))}")
         if not _is_number(self.temperature) or not 0.01 <= float(self.temperature) <= 100.0:
@@ -201,6 +211,11 @@ class ModelSpec:
         d["labels"] = list(self.labels)
         d["preprocessing"] = self.preprocessing.to_dict()
         d["threshold"] = self.threshold.to_dict() if self.threshold else None
+        d["domain"] = self.domain.to_dict() if self.domain else None
+        if not self.intended:  # files without them read as before
+            del d["intended"]
+        if self.domain is None:
+            del d["domain"]
         return d
 
     def to_json(self) -> str:

@@ -107,7 +107,8 @@ def build_standard_metadata(*, name: str, description: str, version: str, author
                             color_space: str, mean: Sequence[float], std: Sequence[float],
                             input_range: Tuple[float, float], output_range: Optional[Tuple[float, float]],
                             labels_file: str = LABELS_FILE, input_name: str = "image",
-                            output_name: str = "probability", score_calibration: bool = False) -> bytes:
+                            output_name: str = "probability", score_calibration: bool = False,
+                            extra_outputs: Sequence[Tuple[str, str]] = ()) -> bytes:
     """A ``ModelMetadata`` flatbuffer (identifier ``M001``) for a one-input image classifier.
 
     Args:
@@ -122,6 +123,8 @@ def build_standard_metadata(*, name: str, description: str, version: str, author
             ``scale,slope,offset`` lines of ``CALIBRATION_FILE`` (``TENSOR_AXIS_SCORE_CALIBRATION``,
             packed separately): MediaPipe Tasks and the Task Library then report
             ``scale / (1 + exp(-(slope * score + offset)))``.
+        extra_outputs: (name, description) of each output after the classes (a feature without
+            labels: MediaPipe reports it as a further classification head), e.g. ``domain_score``.
     """
     import flatbuffers
 
@@ -224,7 +227,21 @@ def build_standard_metadata(*, name: str, description: str, version: str, author
     b.PrependUOffsetTRelativeSlot(_TM_FILES, files, 0)
     out_tensor = b.EndObject()
 
-    ins, outs = tables([in_tensor]), tables([out_tensor])
+    more = []
+    for extra_name, extra_desc in extra_outputs:
+        b.StartObject(0)
+        props = b.EndObject()
+        b.StartObject(3)
+        b.PrependUint8Slot(_CT_TYPE, _CONTENT_FEATURE, 0)
+        b.PrependUOffsetTRelativeSlot(_CT_PROPS, props, 0)
+        content = b.EndObject()
+        n_off, d_off = string(extra_name), string(extra_desc)
+        b.StartObject(7)
+        b.PrependUOffsetTRelativeSlot(_TM_NAME, n_off, 0)
+        b.PrependUOffsetTRelativeSlot(_TM_DESCRIPTION, d_off, 0)
+        b.PrependUOffsetTRelativeSlot(_TM_CONTENT, content, 0)
+        more.append(b.EndObject())
+    ins, outs = tables([in_tensor]), tables([out_tensor] + more)
     b.StartObject(10)  # SubGraphMetadata
     b.PrependUOffsetTRelativeSlot(_SG_INPUTS, ins, 0)
     b.PrependUOffsetTRelativeSlot(_SG_OUTPUTS, outs, 0)

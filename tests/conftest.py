@@ -85,6 +85,28 @@ def pytest_report_header(config):
             "(run everything with: python -m pytest --full)")
 
 
+#: Fixtures that cost minutes and are shared by several tests. With pytest-xdist (the README's
+#: ``-n 2 --dist loadgroup``) the tests using one run on the same worker, so each is built once;
+#: ``interop_run`` (conftest) is shared across files, the others within their file.
+SHARED_EXPENSIVE = ("interop_run", "readme_demo", "trained", "converted", "tiny_run", "xray_gate",
+                    "tiny_mobilenet", "run_dir", "int8_file", "server", "tiny_models", "dicoms")
+
+
+def _group_for_workers(items) -> None:
+    """An xdist group per file (needs pytest < 9.2: pytest-xdist issue 1386), split into the tests that use one of its expensive fixtures and the
+    rest (``interop_run``'s tests, from several files, form one group): ``loadgroup`` then spreads
+    the suite over the workers without building a fixture twice."""
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if "interop_run" in names:
+            group = "interop_run"
+        else:
+            shared = any(f in names for f in SHARED_EXPENSIVE)
+            group = f"{Path(str(item.fspath)).name}:{'shared fixtures' if shared else 'rest'}"
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Mark tests that use ../shared; deselect the full-only tests unless --full; without
     TensorFlow installed, needs_tf tests skip with a reason (a device install)."""
@@ -93,6 +115,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SHARED_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.needs_shared)
+    if config.pluginmanager.hasplugin("xdist"):
+        _group_for_workers(items)
     if not _full(config):
         keep = [i for i in items if not any(m in i.keywords for m in FULL_ONLY)]
         dropped = [i for i in items if i not in keep]
@@ -110,16 +134,14 @@ def pytest_collection_modifyitems(config, items):
 _OVER_TIME: list = []
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
+def pytest_runtest_logreport(report):
     """The time watch: an unmarked test whose call takes longer than TIME_LIMIT is listed at the end
     of the run, so that the default command cannot slowly grow back to half an hour. Listed, not
-    failed: a duration depends on the machine, and a test's verdict must not."""
-    outcome = yield
-    report = outcome.get_result()
+    failed: a duration depends on the machine, and a test's verdict must not. (A report hook, so
+    that it also sees the tests pytest-xdist's workers ran.)"""
     if (report.when == "call" and report.passed and report.duration > TIME_LIMIT
-            and not any(m in item.keywords for m in FULL_ONLY)):
-        _OVER_TIME.append((item.nodeid, report.duration))
+            and not any(m in report.keywords for m in FULL_ONLY)):
+        _OVER_TIME.append((report.nodeid, report.duration))
 
 
 def pytest_terminal_summary(terminalreporter):

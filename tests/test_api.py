@@ -60,7 +60,9 @@ def test_readme_api_example_runs_as_written(interop_run, fullres_dir, tmp_path, 
     label, index, score, applied = lines[0].split()
     assert label in ("NORMAL", "PNEUMONIA") and index == str(("NORMAL", "PNEUMONIA").index(label))
     assert 0.0 <= float(score) <= 1.0 and applied in ("True", "False")
-    categories = [ln.split() for ln in lines[1:-1]]  # max_results=2, score_threshold=0.01
+    # the domain verdict: an X-ray of the training kind, accepted, with its score and the threshold
+    assert lines[1].startswith("True {'in_domain': True, 'domain_score': "), lines
+    categories = [ln.split() for ln in lines[2:-1]]  # max_results=2, score_threshold=0.01
     assert 1 <= len(categories) <= 2 and all(float(c[2]) >= 0.01 for c in categories), lines
     assert {c[1] for c in categories} <= {"NORMAL", "PNEUMONIA"} and lines[-1].startswith("['NORMAL', 'PNEUMONIA']")
 

@@ -150,7 +150,7 @@ def test_cli_bench_and_compare(coral_dir, tmp_path):
                                  "-o", str(tmp_path / "cmp")])
     assert res.exit_code == 0, res.output
     md = (tmp_path / "cmp" / "compare_report.md").read_text()
-    rows = [ln for ln in md.splitlines() if "mobilenet_v2_1.0_224_quant.tflite" in ln]
+    rows = [ln for ln in md.splitlines() if ln.startswith("|") and "mobilenet_v2_1.0_224_quant.tflite" in ln]
     assert len(rows) == 2 and any("pi4/aarch64" in r for r in rows)
     assert json.loads((tmp_path / "cmp" / "compare_report.json").read_text())["kind"] == "comparison"
 

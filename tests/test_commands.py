@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from images import make_images
 
@@ -115,11 +116,72 @@ def test_inspect_classify_and_evaluate_the_converted_file(trained, data, tmp_pat
     rows = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")] or json.loads(r.stdout)
     labels = [row["label"] for row in rows]
     assert labels.count("PNEUMONIA") >= 2 and labels.count("NORMAL") >= 2, labels
+    assert all(row["in_domain"] is True and row["domain_score"] <= row["domain_threshold"] for row in rows), rows
     out = tmp_path / "eval.json"
     r = lungedge("evaluate", "-m", model, "-d", data, "--json", "--out", out)
-    assert r.returncode == 0, r.stderr
     assert_clean(r)
-    assert json.loads(out.read_text())["accuracy"] >= 0.75
+    result = json.loads(out.read_text())
+    gate = result["domain"]
+    # images like the training images: the gate refuses few (its threshold is the validation
+    # images' conformal 99th percentile); any refusal makes the exit code 1 (one rule)
+    assert gate["gate"] == "on" and gate["coverage"] >= 0.95, {k: gate[k] for k in ("refused", "accepted")}
+    assert r.returncode == (1 if gate["refused"] else 0), (gate["refused"], r.stderr[-500:])
+    assert result["accuracy"] >= 0.75 and gate["all_images"]["accuracy"] >= 0.75
+
+
+def test_images_the_model_was_not_built_for_are_refused_in_every_output(trained, data, tmp_path):
+    """Frames the checks before the model refuse (blank, saturated, tiny, far too wide), and a real
+    image through a copy of the file whose gate threshold is set below every score (the score
+    stage): each OUT OF DOMAIN with its reason and no class in text, --json and --report; exit
+    code 1; --allow-out-of-domain answers and marks them. (Which real images the score refuses is
+    measured on real data: tests/test_domain.py, docs/DOMAIN.md.)"""
+    from PIL import Image
+
+    from lungedge.edge_runtime.metadata import embed_spec, read_spec
+
+    model = trained["run"] / "model_int8.tflite"
+    white = np.full((128, 128), 255, np.uint8)
+    white[60:66, 60:66] = 30  # a failed exposure: all white but a speck
+    odd = {"blank.png": (np.zeros((128, 128), np.uint8), "blank or near-constant frame"),
+           "white.png": (white, "saturated frame"),
+           "tiny.png": (np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8), "too small"),
+           "wide.png": (np.tile(np.linspace(0, 255, 1000, dtype=np.uint8), (60, 1)), "aspect ratio")}
+    for name, (a, _) in odd.items():
+        Image.fromarray(a).save(tmp_path / name)
+    real = sorted((data / "NORMAL").iterdir())[0]
+    paths = [tmp_path / n for n in odd] + [real]
+    r = lungedge("classify", "-m", model, *paths)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = {name: next(ln for ln in r.stdout.splitlines() if f"{name} " in ln) for name in list(odd) + [real.name]}
+    for name, (_, reason) in odd.items():
+        line = lines[name]
+        assert "OUT OF DOMAIN" in line and reason in line and "NORMAL" not in line and "PNEUMONIA" not in line, line
+    assert "OUT OF DOMAIN" not in lines[real.name] and "4 refused (out of domain)" in r.stdout + r.stderr
+    r = lungedge("classify", "--json", "-m", model, *paths)
+    rows = {Path(row["source"]).name: row for row in map(json.loads, r.stdout.splitlines())}
+    for name in odd:
+        row = rows[name]
+        assert row["in_domain"] is False and row["domain_reason"] and "label" not in row, row
+        assert row["domain_threshold"] > 0
+    assert rows[real.name]["in_domain"] is True and rows[real.name]["label"] in ("NORMAL", "PNEUMONIA")
+    r = lungedge("classify", "--json", "--allow-out-of-domain", "-m", model, *paths)
+    assert r.returncode == 0, r.stderr
+    rows = {Path(row["source"]).name: row for row in map(json.loads, r.stdout.splitlines())}
+    assert all(rows[n]["in_domain"] is False and rows[n]["label"] in ("NORMAL", "PNEUMONIA") for n in odd), rows
+    r = lungedge("classify", "-m", model, "--report", tmp_path / "report", *paths)
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert page.count("OUT OF DOMAIN") == len(odd) and "4 refused" in page
+    assert (tmp_path / "report" / "results.csv").read_text().count("OUT OF DOMAIN") == len(odd)
+    # the score stage: the same file with its threshold below any score refuses the real image
+    raw = model.read_bytes()
+    spec = read_spec(raw)
+    strict = tmp_path / "strict.tflite"
+    strict.write_bytes(embed_spec(raw, spec.replace(domain=type(spec.domain)(**{**spec.domain.__dict__,
+                                                                                  "threshold": 1e-9}))))
+    r = lungedge("classify", "--json", "-m", strict, real)
+    row = json.loads(r.stdout)
+    assert r.returncode == 1 and row["in_domain"] is False and "label" not in row, row
+    assert row["domain_score"] > row["domain_threshold"] and "unlike the images" in row["domain_reason"], row
 
 
 def test_bench_measures_both_files(trained, data, tmp_path):
@@ -147,6 +209,14 @@ def test_pipeline_runs_every_stage_and_ships_a_file(data, tmp_path):
     assert summary["ship"] in ("float32", "int8") and (out / "run" / f"model_{summary['ship']}.tflite").is_file()
     assert summary["shipped"]["learning_floor"]["status"] == "learned"
     assert (out / "index.html").is_file()
+    # --resume: the complete training run is kept, the later stages run again
+    trained_at = (out / "run" / "model.keras").stat().st_mtime_ns
+    r = lungedge("pipeline", *TINY, "--data", data, "--out", out, "--variants", "float32,int8",
+                 "--calibration", "16", "--bench-runs", "1", "--bench-threads", "1", "--no-bias-correction",
+                 "--resume")
+    assert r.returncode == 0 and "already complete" in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (out / "run" / "model.keras").stat().st_mtime_ns == trained_at
+    assert json.loads((out / "summary.json").read_text())["ship"] == summary["ship"]
 
 
 def test_serve_answers_an_upload_of_a_generated_image(trained, data):
@@ -267,3 +337,105 @@ def test_classify_inspect_bench_on_damaged_models_and_images(trained, tmp_path):
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 3 and all(any(n in e for e in errors) for n in ("junk.jpeg", "empty.png", "missing.png"))
     assert_clean(r)
+
+
+@pytest.mark.needs_tf
+def test_convert_micro_verifies_in_tflm_and_writes_c_sources_that_compile_and_agree(trained, data, tmp_path):
+    """`lungedge convert --variants micro`: TFLM runs the file (tflite-micro), its class output
+    equals LiteRT's reference kernels' within one step on every test image and its decisions
+    LiteRT's, the arena is TFLM's own figure, and the C sources compile with g++ -std=c++17; a
+    harness built on model_settings.h gives the Python runtime's model inputs, frame checks and
+    decisions exactly."""
+    pytest.importorskip("tflite_micro")
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("no g++ to compile the generated sources")
+    from lungedge.edge_runtime.decision import decide, output_probabilities
+    from lungedge.edge_runtime.domain import check_frame
+    from lungedge.edge_runtime.metadata import read_spec
+    from lungedge.edge_runtime.preprocess import load_pixels, normalize
+    from lungedge.edge_runtime.quant import quantize
+
+    out = tmp_path / "micro-run"
+    r = lungedge("convert", trained["run"], "--variants", "micro", "--calibration", "16", "--no-bias-correction",
+                 "--out", out, "--no-progress")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert_clean(r)
+    assert re.search(r"micro micro: \d+ KiB model, TFLM arena \d+ KiB .* in TFLM on \d+ test images: accuracy", r.stdout), r.stdout
+    model = out / "model_micro.tflite"
+    micro = out / "micro"
+    report = json.loads((micro / "micro_report.json").read_text())
+    conv = json.loads((out / "quantization_report.json").read_text())
+    row = next(v for v in conv["variants"] if v["variant"] == "micro")
+    assert row["gate"] == "passed" and row["micro"]["comparison"] == report["comparison"]
+    c = report["comparison"]
+    assert c["images"] == row["n"] and c["max_steps"]["reference"]["classes"] <= 1, c
+    agree = c["agreement_with_xnnpack"]
+    assert agree["class"] >= 0.9 and agree["in_domain"] >= 0.9, c
+    # TFLM's own answers passed the same gate as LiteRT's
+    assert report["tflm_metrics"]["accuracy"] >= row["accuracy"] - 0.1, report["tflm_metrics"]
+    data_bytes = model.read_bytes()
+    assert report["model_bytes"] == len(data_bytes)
+    assert report["arena"]["header_bytes"] >= report["arena"]["measured_total"] > 0
+    assert "CONV_2D" in report["operators"] and "AddConv2D" in report["resolver"]
+    # the C array holds the file's bytes, the header its length
+    cc = (micro / "model_data.cc").read_text()
+    body = cc[cc.index("{") + 1 : cc.index("};")]
+    assert bytes(int(b, 16) for b in re.findall(r"0x([0-9a-f]{2})", body)) == data_bytes
+    assert f"g_lungedge_model_len = {len(data_bytes)};" in cc and "alignas(16)" in cc
+    ops_h = (micro / "model_ops.h").read_text()
+    assert all(f"resolver.{m}()" in ops_h for m in report["resolver"])
+    assert f"MicroMutableOpResolver<kNumOperators>" in ops_h and f"kNumOperators = {len(report['resolver'])}" in ops_h
+    # compiles: the data file alone, and a harness over model_settings.h (no TFLM headers needed)
+    build = tmp_path / "build"
+    build.mkdir()
+    for args in (["-c", str(micro / "model_data.cc"), "-o", str(build / "model_data.o")],
+                 [f"-I{micro}", str(Path(__file__).parent / "micro" / "harness.cc"), "-o", str(build / "harness")]):
+        cc_run = subprocess.run([gxx, "-std=c++17", "-Wall", "-Werror", *args], capture_output=True, text=True, timeout=300)
+        assert cc_run.returncode == 0, cc_run.stderr[-3000:]
+    # the same frames through Python and through the harness
+    spec = read_spec(data_bytes)
+    pre = spec.preprocessing
+    images = sorted(p for p in data.rglob("*.png"))[:12]
+    frames = [load_pixels(p, pre) for p in images]
+    rng = np.random.default_rng(0)
+    frames += [np.full((pre.height, pre.width, pre.channels), 128, np.uint8),
+               rng.integers(0, 256, (pre.height, pre.width, pre.channels), dtype=np.uint8),
+               np.zeros((pre.height, pre.width, pre.channels), np.uint8)]
+    (build / "frames.bin").write_bytes(b"".join(f.tobytes() for f in frames))
+    from ai_edge_litert.interpreter import Interpreter
+
+    lite = Interpreter(model_content=data_bytes)
+    lite.allocate_tensors()
+    inp, outs = lite.get_input_details()[0], lite.get_output_details()
+    cls = outs[c["class_output"]]
+    scale, zero = inp["quantization"]
+    want_inputs, rows = [], []
+    for f in frames:
+        q = quantize(normalize(f, pre), scale, zero, np.int8)
+        want_inputs.append(q)
+        lite.set_tensor(inp["index"], q[None])
+        lite.invoke()
+        rows.append(lite.get_tensor(cls["index"]).reshape(-1).astype(np.int8))
+    (build / "rows.bin").write_bytes(b"".join(r.tobytes() for r in rows))
+    h = subprocess.run([str(build / "harness"), str(build / "frames.bin"), str(build / "inputs.bin"),
+                        str(build / "rows.bin")], capture_output=True, text=True, timeout=120)
+    assert h.returncode == 0, h.stderr
+    got_inputs = np.frombuffer((build / "inputs.bin").read_bytes(), np.int8).reshape(len(frames), -1)
+    np.testing.assert_array_equal(got_inputs, np.stack([q.reshape(-1) for q in want_inputs]))
+    lines = dict(((kind, int(k)), int(v)) for kind, k, v in (ln.split() for ln in h.stdout.splitlines() if ln.count(" ") == 2))
+    s_cls, z_cls = cls["quantization"]
+    for k, row_q in enumerate(rows):
+        probs = output_probabilities((row_q.astype(np.float64) - z_cls) * s_cls, spec.output, spec.temperature)
+        assert lines[("row", k)] == int(decide(probs[None], spec.labels, spec.threshold)[0]), k
+    gate = spec.domain
+    assert gate is not None, "the tiny run's file should carry the domain gate"
+    for k, f in enumerate(frames):
+        reason = check_frame(f, structure_floor=gate.structure_floor, saturation_limit=gate.saturation_limit)
+        code = lines[("frame", k)]
+        assert (code == 0) == (reason is None), (k, code, reason)
+    assert [lines[("frame", k)] for k in range(len(frames) - 3, len(frames))][0] == 1  # the grey frame is blank
+    assert lines[("frame", len(frames) - 1)] in (1, 2)  # the black frame: blank (and saturated)
+    # the example application names the operators' header, the arena and the example image
+    main_cc = (micro / "main.cc").read_text()
+    assert "lungedge::kTensorArenaSize" in main_cc and "kExampleImage" in main_cc and "RegisterOps" in main_cc

@@ -38,7 +38,8 @@ FLOAT32_TOLERANCE = 1e-4
 
 # ---- no TensorFlow needed ------------------------------------------------------------------
 def test_variants_named_and_unknown_refused_with_list():
-    assert set(VARIANTS) == {"float32", "float16", "dynamic", "int8", "uint8", "int8-float-io", "int8-mixed"}
+    assert set(VARIANTS) == {"float32", "float16", "dynamic", "int8", "uint8", "int8-float-io", "int8-mixed", "micro"}
+    assert get_variant("micro").micro and get_variant("micro").integer_only and get_variant("micro").io_dtype == "int8"
     assert get_variant("uint8").io_dtype == "uint8" and get_variant("uint8").integer_only
     assert get_variant("int8-mixed").float_stem_ops > 0 and not get_variant("int8-mixed").integer_only
     assert get_variant("INT8").io_dtype == "int8"
@@ -205,7 +206,7 @@ def test_every_variant_converts_loads_and_carries_metadata(tiny_run, converted):
     train_spec = ModelSpec.from_json((tiny_run / "spec.json").read_text())
     source_sha = hashlib.sha256((tiny_run / "model.keras").read_bytes()).hexdigest()
     expected_io = {"float32": "float32", "float16": "float32", "dynamic": "float32", "int8": "int8",
-                   "int8-float-io": "float32", "int8-mixed": "float32"}
+                   "int8-float-io": "float32", "int8-mixed": "float32", "micro": "int8"}
     assert [v["variant"] for v in report["variants"]] == list(VARIANTS)
     for name, io_dtype in expected_io.items():
         path = out / f"model_{name}.tflite"

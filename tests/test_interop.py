@@ -84,7 +84,7 @@ def test_mediapipe_image_classifier_agrees_with_lungedge(interop_run, fullres_di
         with pytest.raises(Exception, match="uint8/float32, got INT8"):
             vision.ImageClassifier.create_from_options(options)
         return
-    clf = Classifier(path, use_threshold=False)
+    clf = Classifier(path, use_threshold=False, allow_out_of_domain=True)
     if variant == "float32":  # the model must tell the images apart, or agreement says little
         tops = [clf.classify(p).categories[0].label for p in _fullres(fullres_dir)]
         assert min(tops.count("NORMAL"), tops.count("PNEUMONIA")) >= 4, tops
@@ -97,6 +97,14 @@ def test_mediapipe_image_classifier_agrees_with_lungedge(interop_run, fullres_di
             result = mpc.classify(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(pixels)))
             top = result.classifications[0].categories[0]
             assert top.category_name in clf.labels  # the labels came from the file
+            # the domain score is MediaPipe's second head, the same number lungedge reads
+            heads = {c.head_name: c for c in result.classifications}
+            assert list(heads) == ["probability", "domain_score"], list(heads)
+            mp_score = heads["domain_score"].categories[0].score
+            # exact for the same arithmetic; a float input quantised inside may move it (as it may move
+            # the probabilities, see below): then within a tenth of the threshold, the scale it is judged on
+            slack = 0.1 * ours.domain.threshold if variant in SCORE_TOLERANCE else 1e-4 * (1 + abs(ours.domain.score))
+            assert abs(mp_score - ours.domain.score) <= slack, (mp_score, ours.domain)
             # the variants that quantise a float input inside may move an image by up to the
             # tolerance: one whose top score is that close to a tie may flip, and proves nothing
             if ours.categories[0].score - 0.5 < tolerance and variant in SCORE_TOLERANCE:
@@ -219,7 +227,10 @@ def test_mediapipe_reads_a_recalibrated_file_as_lungedge_does(interop_run, xray_
     spec = read_spec(out.read_bytes())
     assert spec.temperature == pytest.approx(done.result.temperature) and spec.temperature != 1.0
     assert score_calibration_text(spec).startswith(f"1.0,{2.0 / spec.temperature!r},0.0")
-    clf = Classifier(out)
+    # the domain threshold was re-chosen on the site's images too, and recorded as such
+    assert done.domain is not None and spec.domain.threshold == pytest.approx(done.domain["after"])
+    assert spec.domain.chosen_on.startswith("site recalibration: 80 images")
+    clf = Classifier(out, allow_out_of_domain=True)  # this test compares probabilities, refused or not
     options = vision.ImageClassifierOptions(base_options=mp_python.BaseOptions(model_asset_path=str(out)), max_results=2)
     worst = 0.0
     with vision.ImageClassifier.create_from_options(options) as mpc:

@@ -458,6 +458,30 @@ RECIPES: Dict[str, Recipe] = {
             fine_tune=FineTune(epochs=10, blocks=6, learning_rate=1e-5),
             target_recall=0.95,
         ),
+        _PAPER_XRAY.replace(
+            name="xray-pneumonia-micro",
+            description="X-ray for a microcontroller (`lungedge convert RUN --variants micro`): MobileNetV2 alpha "
+            "0.35 at 96 px (TFLM arena under 400 KiB) trained whole from random initialisation (no ImageNet file "
+            "for this width offline; --weights imagenet where Keras can download it), patient-grouped 75/15/10, "
+            "class weights, site-shift augmentation, no Dense hidden layer, dropout 0.2, Adam 2e-3 with cosine "
+            "decay, batch 32, up to 40 epochs, early stopping on val loss (patience 8), best epoch restored; "
+            "threshold: the highest with pneumonia recall >= 0.95 on validation.",
+            split="grouped",
+            weights="none",
+            alpha=0.35,
+            image_size=96,
+            head_units=0,
+            dropout=0.2,
+            learning_rate=2e-3,
+            lr_schedule="cosine",
+            epochs=40,
+            augment=SITE_SHIFT,
+            class_weights=True,
+            patience=8,
+            monitor="val_loss",
+            target_recall=0.95,
+            threshold_rule="fewest-false-positives",
+        ),
         _DEMO,
         _DEMO.replace(
             name="demo-scratch",

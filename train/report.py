@@ -228,8 +228,18 @@ def _card_metrics(recipe, spec, metrics, argmax_metrics, val_metrics, verdict, i
 def _card_limitations(recipe, spec, is_ct: bool) -> List[str]:
     lines = ["## Intended use",
              "- Research and engineering of on-device lung-image classification (conversion to TFLite, "
-             "benchmarks). Not a medical device; not for diagnosis or triage of real patients.",
-             "", "## Limitations"]
+             "benchmarks). Not a medical device; not for diagnosis or triage of real patients."]
+    intended = getattr(spec, "intended", None) or {}
+    lines += [f"- Built for: {k.replace('_', ' ')} {v}" for k, v in intended.items()]
+    lines += ["- Every converted file carries a domain gate that refuses images unlike these (another modality, "
+              "a photo, a blank or failed exposure...): its refusal rates are in the section "
+              "\"Domain gate\" that `lungedge convert` adds below.", "", "## Limitations"]
+    if intended.get("population", "").startswith("children"):
+        lines.append("- **Population shift:** the training images are of young children from one hospital; adults' "
+                     "chest X-rays look different (body size, bone density, other disease). The domain gate is fitted to "
+                     "these images and was not measured on adults' X-rays (none were available): do not count on it "
+                     "to refuse them; expect lower accuracy on adults (NORMAL recall especially) and validate "
+                     "before any such use.")
     synthetic = recipe.name.startswith("demo")
     if synthetic:
         lines.append("- Trained and tested on procedurally generated radiograph-like images (`lungedge demo`): the "

@@ -32,6 +32,7 @@ from lungedge.edge_runtime.version import package_version
 from . import checkpoint as ck
 from .data import (Dataset, class_weights, drop_unreadable, fingerprint, kfold_assignments, load_dataset,
                    read_manifest, split_dataset, write_manifest)
+from .intended import intended_for
 from .recipes import Recipe, get_recipe, recipe_diff
 from .labels import resolve_label
 from .runfolder import CARD, CHECKPOINTS, HISTORY, IMAGE_CACHE, MANIFEST, METRICS, MODEL, PLOTS, RECIPE, SPEC
@@ -470,7 +471,8 @@ def _fit_and_report_splits(recipe: Recipe, ds: Dataset, assignment: np.ndarray, 
         labels=tuple(sp.names), preprocessing=sp.prep, output="probabilities", positive_label=positive,
         threshold=threshold, recipe=recipe.name, variant=None, training_fingerprint=fingerprint(ds, assignment),
         versions={"tensorflow": ctx.tf.__version__, "keras": ctx.keras.__version__, "lungedge": package_version()},
-        extra={"alpha": recipe.alpha, "split": recipe.split, "weights": recipe.weights})
+        extra={"alpha": recipe.alpha, "split": recipe.split, "weights": recipe.weights},
+        intended=intended_for(recipe.name, sp.names))
     metrics = _write_run(out, recipe, built, spec, sp, probs, evaluation, state, ds, ctx, seconds)
     verdict = evaluation["verdict"]
     _cleanup(state.folder)

@@ -146,7 +146,7 @@ def convert_run(
             domain_row = {"note": gate_note, "dev_sets": rates}
         rows.append(_judge(path, v, ref, spec, limits, seconds, progress, learning_floor))
         if v.micro:
-            _micro(path, ref, rows[-1], spec, limits, progress)
+            _micro(path, ref, rows[-1], spec, limits, progress, learning_floor)
         if note:
             rows[-1]["threshold_note"] = note
         if domain_row is not None:
@@ -343,7 +343,7 @@ def _judge(path, v, ref: _Reference, spec, limits, seconds, progress, learning_f
     }
 
 
-def _micro(path: Path, ref: _Reference, row: dict, spec, limits, progress: bool) -> None:
+def _micro(path: Path, ref: _Reference, row: dict, spec, limits, progress: bool, learning_floor: bool = True) -> None:
     """Verify a micro file in TensorFlow Lite Micro and write its C sources. TFLM's own answers
     on the test images face the same gate as LiteRT's; a file TFLM cannot run (an operator it
     lacks, a class output off LiteRT's reference kernels) fails the gate with the reason."""
@@ -362,7 +362,8 @@ def _micro(path: Path, ref: _Reference, row: dict, spec, limits, progress: bool)
     threshold = file_spec.threshold
     m = summarize(ref.y, tflm["probs"], spec, threshold)
     verdict = floor.judge(ref.y, tflm["class"], spec.labels)
-    reasons = gate.variant_reasons(ref.metrics, m, ref.disease, *limits, learned=not verdict.failed,
+    reasons = gate.variant_reasons(ref.metrics, m, ref.disease, *limits,
+                                   learned=not (verdict.failed and learning_floor),
                                    floor_sentence=verdict.sentence(), paired=(ref.y, ref.pred, tflm["class"]))
     row["micro"] = report
     if reasons:

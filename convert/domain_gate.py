@@ -114,15 +114,34 @@ def benign_variants(pixels: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def choose_threshold(path, val_x) -> tuple:
-    """(threshold, the file's scores of ``val_x``, of their benign variations)."""
+    """(threshold, the file's scores of ``val_x``, of their benign variations, of their negatives)."""
     from .calibration import NormalizedImages
 
     scores = file_scores(path, val_x)
     pixels = getattr(val_x, "pixels", None)
-    varied = np.zeros(0)
+    varied, inverse = np.zeros(0), np.zeros(0)
     if pixels is not None and len(pixels):
         varied = file_scores(path, NormalizedImages(benign_variants(np.asarray(pixels)), val_x.spec))
-    return threshold_from(np.concatenate([scores, varied])), scores, varied
+        inverse = file_scores(path, NormalizedImages(255 - np.asarray(pixels), val_x.spec))
+    return threshold_from(np.concatenate([scores, varied])), scores, varied, inverse
+
+
+def polarity_decision(scores: np.ndarray, inverse: np.ndarray, threshold: float) -> tuple:
+    """(on, record): whether the file gets the polarity check, from its validation images' scores
+    and their negatives': on when it refuses at most ``POLARITY_MAX_REFUSAL`` of the images; the
+    record says what it refused and what it caught (negatives the score let through)."""
+    from lungedge.edge_runtime.domain import POLARITY_MAX_REFUSAL, polarity_refusals
+
+    if not len(inverse):
+        return True, {"measured": False}
+    wrong = float(np.mean(polarity_refusals(scores, inverse, threshold)))
+    passed = inverse <= threshold  # negatives the score alone accepts; inverted back they are the originals
+    caught = polarity_refusals(inverse[passed], scores[passed], threshold)
+    record = {"measured": True, "images": int(len(scores)), "validation_refused": wrong,
+              "negatives_passing_the_score": float(np.mean(passed)),
+              "of_those_caught": float(np.mean(caught)) if passed.any() else None,
+              "max_refusal": POLARITY_MAX_REFUSAL}
+    return wrong <= POLARITY_MAX_REFUSAL, record
 
 
 def set_threshold(path, data: bytes, domain: DomainFit, facts: dict, val_x, source: str) -> tuple:
@@ -131,21 +150,26 @@ def set_threshold(path, data: bytes, domain: DomainFit, facts: dict, val_x, sour
     (``benign_variants``): the gate must take a site's own images of the kind it was built for
     (without the variations, 5 of 24 full-resolution Kermany originals, resized by the device,
     scored above a threshold chosen on the dataset's stored copies)."""
-    threshold, scores, varied = choose_threshold(path, val_x)
+    threshold, scores, varied, inverse = choose_threshold(path, val_x)
+    polarity, polarity_record = polarity_decision(scores, inverse, threshold)
     ceiling = score_ceiling(path)
     fit_record = domain.record()
+    fit_record["polarity"] = polarity_record
     if ceiling is not None:
         fit_record["score_ceiling"] = ceiling
     gate = DomainGate(threshold=threshold, layer=domain.layer, dimension=domain.dim,
                       chosen_on=f"{source}: {len(scores)} images and one benign variation of each, split-conformal "
                                 f"99th percentile of this file's scores",
                       aspect_range=facts.get("aspect_range"), structure_floor=facts.get("structure_floor"),
-                      saturation_limit=facts.get("saturation_limit"),
+                      saturation_limit=facts.get("saturation_limit"), polarity=polarity,
                       refusal={"validation": refused_share(scores, threshold),
                                **({"validation, benign variations": refused_share(varied, threshold)} if len(varied) else {})},
                       fit=fit_record)
     spec = read_spec(data).replace(domain=gate)
     note = f"domain threshold {threshold:.4g} ({source}, {len(scores)} images)"
+    if not polarity:
+        note += (f"; polarity check off (it refused {100 * polarity_record['validation_refused']:.1f} % of the "
+                 f"validation images as negatives: the model's features do not tell an image from its negative)")
     if ceiling is not None and threshold >= ceiling:
         note += f"; WARNING: at the integer output's ceiling {ceiling:.4g}, out-of-domain images cannot score above it"
     return embed_spec(data, spec), note

@@ -198,13 +198,15 @@ def _gate_lines(spec, report: dict) -> List[str]:
         f"//  b. output {report['comparison']['score_output']} is the domain score (Mahalanobis distance of the model's own",
         "//     features to the training images'): refuse when it is above kDomainThreshold;",
         "//  c. a score of at least kPolarityBand * kDomainThreshold: invoke again on the inverted image",
-        "//     (pixel p -> 255 - p); refuse as a negative when that scores lower (main.cc does it).",
+        "//     (pixel p -> 255 - p); refuse as a negative when that scores lower (main.cc does it),",
+        "//     when kPolarityCheck (off when conversion measured it refusing the model's own images).",
         "constexpr bool kHasDomainGate = true;",
         f"constexpr int kScoreOutput = {report['comparison']['score_output']};",
         f"constexpr float kScoreScale = {_float(sc['scale'])};",
         f"constexpr int kScoreZeroPoint = {int(sc['zero_point'])};",
         f"constexpr float kDomainThreshold = {_float(gate.threshold)};",
         f"constexpr float kPolarityBand = {_float(POLARITY_BAND)};",
+        f"constexpr bool kPolarityCheck = {'true' if gate.polarity else 'false'};",
         f"constexpr float kMinPixelStd = {_float(MIN_PIXEL_STD)};",
         f"constexpr float kSaturationLimit = {_float(limit)};",
         f"constexpr float kStructureFloor = {_float(floor)};  // -2: the check is off for this model",
@@ -275,7 +277,7 @@ def _main_cc(spec, report: dict) -> str:
     std::printf("OUT OF DOMAIN: score %.3f above the threshold %.3f\\n", score, lungedge::kDomainThreshold);
     return 0;
   }
-  if (score >= lungedge::kPolarityBand * lungedge::kDomainThreshold) {
+  if (lungedge::kPolarityCheck && score >= lungedge::kPolarityBand * lungedge::kDomainThreshold) {
     int8_t kept[lungedge::kNumClasses];
     for (int i = 0; i < lungedge::kNumClasses; ++i) kept[i] = classes[i];
     Fill(input, true);

@@ -54,6 +54,10 @@ MIN_SIDE = 32
 #: (docs/DOMAIN.md). An upright image's negative scores far higher than it, so the rule needs no
 #: threshold of its own.
 POLARITY_BAND = 0.7
+#: The polarity check is written into a file only when, on the file's own validation images, it
+#: refuses at most this share of them (a weakly trained model's features may not tell an image
+#: from its negative: a 2-epoch test model refused 10 % of its X-rays as negatives, measured).
+POLARITY_MAX_REFUSAL = 0.005
 #: The structure check (neighbouring pixels' correlation, ``structure``) refuses below half the
 #: training images' 1st percentile, at most this: radiographs and CT slices resized to the model
 #: measure 0.79-0.99 (IQ-OTH/NCCD, Kermany), noise about 0. Training images without structure
@@ -122,6 +126,9 @@ class DomainGate:
     structure_floor: Optional[float] = None
     #: refuse frames with more than this share of black or of white pixels (None: ``MAX_SATURATED``)
     saturation_limit: Optional[float] = None
+    #: the polarity check (``judge_polarity``) is on (conversion turns it off when it measured
+    #: refusing more than ``POLARITY_MAX_REFUSAL`` of the validation images)
+    polarity: bool = True
     refusal: dict = None  # type: ignore[assignment]
     fit: dict = None  # type: ignore[assignment]
 
@@ -147,6 +154,8 @@ class DomainGate:
                     or not 0.5 <= float(self.saturation_limit) <= 1.0:
                 raise ConfigError(f"domain saturation_limit must be a number from 0.5 to 1, got {self.saturation_limit!r}")
             object.__setattr__(self, "saturation_limit", float(self.saturation_limit))
+        if not isinstance(self.polarity, bool):
+            raise ConfigError(f"domain polarity must be true or false, got {self.polarity!r}")
         for name in ("refusal", "fit"):
             value = getattr(self, name)
             if value is None:
@@ -157,7 +166,7 @@ class DomainGate:
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("threshold", "method", "version", "output", "layer", "dimension",
                                            "percentile", "chosen_on", "structure_floor", "saturation_limit",
-                                           "refusal", "fit")}
+                                           "polarity", "refusal", "fit")}
         d["aspect_range"] = list(self.aspect_range) if self.aspect_range else None
         return d
 
@@ -176,12 +185,12 @@ class DomainGate:
 
     def needs_polarity_check(self, score: float) -> bool:
         """Whether an accepted ``score`` is close enough to the threshold to check the polarity."""
-        return POLARITY_BAND * self.threshold <= score <= self.threshold
+        return self.polarity and POLARITY_BAND * self.threshold <= score <= self.threshold
 
     def judge_polarity(self, score: float, inverse_score: float) -> DomainVerdict:
         """The verdict once the image's negative scored ``inverse_score``: a negative that is
         closer to the training images than the image itself means the image is the negative."""
-        if np.isfinite(inverse_score) and inverse_score < score:
+        if is_negative(score, inverse_score):
             return DomainVerdict(False, float(score), self.threshold,
                                  f"looks like a negative (inverted grey levels): inverted back it scores "
                                  f"{inverse_score:.3g}, closer to the training images than its own {score:.3g}",
@@ -285,6 +294,18 @@ def check_dicom(modality: str, body_part: str, view: str, expected: Optional[Seq
     if frontal and v not in FRONTAL_VIEWS:
         return f"DICOM view position {view!r}, the model is for frontal (PA/AP) chest X-rays"
     return None
+
+
+def polarity_refusals(scores: np.ndarray, inverse_scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Which images (``scores``, their negatives' ``inverse_scores``) the polarity check refuses."""
+    s, inv = np.asarray(scores, np.float64), np.asarray(inverse_scores, np.float64)
+    band = (s >= POLARITY_BAND * threshold) & (s <= threshold)
+    return band & is_negative(s, inv)
+
+
+def is_negative(score, inverse_score):
+    """The polarity rule: an image whose negative fits the training images better is the negative."""
+    return np.isfinite(inverse_score) & (inverse_score < score)
 
 
 def threshold_from(scores: np.ndarray, percentile: float = PERCENTILE) -> float:

@@ -92,10 +92,28 @@ SHARED_EXPENSIVE = ("interop_run", "readme_demo", "trained", "converted", "tiny_
                     "tiny_mobilenet", "run_dir", "int8_file", "server", "tiny_models", "dicoms")
 
 
+#: The groups that take longest in a full run (measured with ``--durations=0`` in CI rehearsals,
+#: heaviest first: the README demo's training, the pipeline runs, the interop models, the training
+#: runs). xdist hands groups out in the order of the collection (``--no-loadscope-reorder``, set in
+#: ``pytest_configure``), so these start first and the many short groups fill the gaps at the end;
+#: by default xdist would order groups by their number of tests, and the two longest, which hold
+#: few tests, ran last, one worker alone for their last 15 minutes.
+LONGEST_FIRST = ("test_pipeline.py:shared fixtures", "test_pipeline.py:rest", "interop_run",
+                 "test_train_run.py:rest", "test_convert.py:shared fixtures", "test_commands.py:shared fixtures",
+                 "test_serve.py:shared fixtures", "test_heatmap.py:shared fixtures")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def _group_for_workers(items) -> None:
     """An xdist group per file (needs pytest < 9.2: pytest-xdist issue 1386), split into the tests that use one of its expensive fixtures and the
     rest (``interop_run``'s tests, from several files, form one group): ``loadgroup`` then spreads
-    the suite over the workers without building a fixture twice."""
+    the suite over the workers without building a fixture twice. The items are then ordered so that
+    the groups of LONGEST_FIRST come first (a stable sort: the order within a group is kept)."""
+    groups = {}
     for item in items:
         names = getattr(item, "fixturenames", ())
         if "interop_run" in names:
@@ -104,6 +122,9 @@ def _group_for_workers(items) -> None:
             shared = any(f in names for f in SHARED_EXPENSIVE)
             group = f"{Path(str(item.fspath)).name}:{'shared fixtures' if shared else 'rest'}"
         item.add_marker(pytest.mark.xdist_group(group))
+        groups[item.nodeid] = group
+    rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(groups[item.nodeid], len(rank)))
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -105,6 +105,27 @@ def test_polarity_check_runs_near_the_threshold_and_refuses_a_negative():
     assert not v.in_domain and v.stage == "polarity" and "negative" in v.reason, v
     assert v.text().startswith("OUT OF DOMAIN: looks like a negative") and "1.8 vs threshold 2" in v.text()
     assert gate.judge_polarity(1.8, 9.0).in_domain and gate.judge_polarity(1.8, float("nan")).in_domain
+    off = DomainGate(threshold=2.0, polarity=False)  # a file whose conversion measured the check failing
+    assert not off.needs_polarity_check(1.8) and DomainGate.from_dict(off.to_dict()).polarity is False
+    assert DomainGate.from_dict({"threshold": 2.0}).polarity is True  # the record without the field
+    with pytest.raises(ConfigError, match="polarity"):
+        DomainGate(threshold=2.0, polarity="yes")
+
+
+def test_conversion_turns_the_polarity_check_off_when_it_refuses_the_models_own_images():
+    from lungedge.convert.domain_gate import polarity_decision
+
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.2, 2.0, 400)  # validation images' scores under a threshold of 2
+    # a model that tells an image from its negative: every negative scores far higher
+    on, record = polarity_decision(scores, scores + 5.0, 2.0)
+    assert on and record["validation_refused"] == 0.0 and record["negatives_passing_the_score"] == 0.0
+    # one whose negatives score about as its images: the check would refuse about half the band
+    inverse = scores * rng.uniform(0.5, 1.5, 400)
+    on, record = polarity_decision(scores, inverse, 2.0)
+    band = scores >= POLARITY_BAND * 2.0
+    assert not on and record["validation_refused"] == pytest.approx(np.mean(band & (inverse < scores)))
+    assert 0.0 < record["of_those_caught"] < 1.0
 
 
 @pytest.mark.needs_tf

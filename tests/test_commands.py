@@ -369,7 +369,10 @@ def test_convert_micro_verifies_in_tflm_and_writes_c_sources_that_compile_and_ag
     row = next(v for v in conv["variants"] if v["variant"] == "micro")
     assert row["gate"] == "passed" and row["micro"]["comparison"] == report["comparison"]
     c = report["comparison"]
+    # both outputs within one step of LiteRT's reference kernels (the score too: built from SUB, MUL
+    # and FULLY_CONNECTED, whose TFLM kernels give LiteRT's numbers)
     assert c["images"] == row["n"] and c["max_steps"]["reference"]["classes"] <= 1, c
+    assert c["max_steps"]["reference"].get("domain_score", 0) <= 1, c
     agree = c["agreement_with_xnnpack"]
     assert agree["class"] >= 0.9 and agree["in_domain"] >= 0.9, c
     # TFLM's own answers passed the same gate as LiteRT's

@@ -340,6 +340,7 @@ def test_classify_inspect_bench_on_damaged_models_and_images(trained, tmp_path):
 
 
 @pytest.mark.needs_tf
+@pytest.mark.slow  # 22-34 s: TFLM on every test image and g++ on a 3 MB source; `convert` itself is in the fast suite
 def test_convert_micro_verifies_in_tflm_and_writes_c_sources_that_compile_and_agree(trained, data, tmp_path):
     """`lungedge convert --variants micro`: TFLM runs the file (tflite-micro), its class output
     equals LiteRT's reference kernels' within one step on every test image and its decisions

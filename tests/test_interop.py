@@ -23,6 +23,9 @@ from lungedge.edge_runtime.tflite_metadata import STANDARD_NAME
 #: (one output step), int8-float-io 0.043 and, on another training of the same model, 0.11.
 SCORE_TOLERANCE = {"int8-float-io": 0.15, "dynamic": 0.05, "int8-mixed": 0.05}
 DEFAULT_SCORE_TOLERANCE = 1e-3
+#: The same for the domain score, as a share of the file's threshold (its scale): the largest move
+#: measured was 0.21 (int8-float-io, Intel Xeon); the typical image must move under 0.05.
+SCORE_SLACK = 0.3
 #: Standard record + labels zip: what the second record costs in bytes (measured about 1.2 kB).
 MAX_STANDARD_OVERHEAD = 2048
 
@@ -102,10 +105,13 @@ def test_mediapipe_image_classifier_agrees_with_lungedge(interop_run, fullres_di
             assert list(heads) == ["probability", "domain_score"], list(heads)
             mp_score = heads["domain_score"].categories[0].score
             # exact for the same arithmetic; a float input quantised inside may move it (as it may move
-            # the probabilities, see below): then within a tenth of the threshold, the scale it is judged on,
-            # but for one image (measured: one moved by 0.21 of the threshold on an Intel Xeon)
+            # the probabilities, see below): judged on the threshold's scale (measured: one image moved
+            # by 0.21 of the threshold on an Intel Xeon); the verdict must agree away from the threshold
             if variant in SCORE_TOLERANCE:
-                score_diffs.append(abs(mp_score - ours.domain.score) / ours.domain.threshold)
+                thr = ours.domain.threshold
+                score_diffs.append(abs(mp_score - ours.domain.score) / thr)
+                if abs(ours.domain.score - thr) > SCORE_SLACK * thr:
+                    assert (mp_score > thr) == (ours.domain.score > thr), (mp_score, ours.domain)
             else:
                 assert abs(mp_score - ours.domain.score) <= 1e-4 * (1 + abs(ours.domain.score)), (mp_score, ours.domain)
             # the variants that quantise a float input inside may move an image by up to the
@@ -134,7 +140,7 @@ def test_mediapipe_image_classifier_agrees_with_lungedge(interop_run, fullres_di
     # the other side of a rounding step, which this small from-scratch model can amplify (one image
     # moved by 0.26 on one CPU, measured); at most one image may flip, and the typical image agrees
     assert agree >= 24 - boundary - 1 and float(np.median(diffs)) <= tolerance, (agree, boundary, diffs)
-    assert sorted(score_diffs)[-2] <= 0.1 and float(np.median(score_diffs)) <= 0.05, score_diffs
+    assert max(score_diffs) <= SCORE_SLACK and float(np.median(score_diffs)) <= 0.05, score_diffs
 
 
 @pytest.mark.needs_tf

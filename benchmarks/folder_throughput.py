@@ -155,7 +155,7 @@ def main() -> None:
             "lungedge classify --workers 0 (wall, with start-up)": best(lambda: command(a.model, tmp, n, a.threads, 0)),
             "lungedge classify (wall, with start-up)": best(lambda: command(a.model, tmp, n, a.threads, None)),
         }
-    from lungedge.edge_runtime.classifier import default_workers
+    from lungedge.edge_runtime.batch import default_workers
     from lungedge.edge_runtime.timing import machine_info
 
     m = machine_info()

@@ -71,11 +71,12 @@ def file_scores(path, x) -> np.ndarray:
 
 def score_ceiling(path) -> Optional[float]:
     """The largest score an integer file's output can hold (its quantised range), None for float."""
-    from lungedge.edge_runtime.classifier import Classifier, _quant
+    from lungedge.edge_runtime.classifier import Classifier
+    from lungedge.edge_runtime.quant import tensor_quantization
 
     with Classifier(path, use_threshold=False, domain_gate=False, guard=False) as clf:
         details = clf._score_out
-        q = _quant(details) if details is not None else None
+        q = tensor_quantization(details) if details is not None else None
         if q is None:
             return None
         top = 255 if np.dtype(details["dtype"]) == np.uint8 else 127

@@ -129,3 +129,12 @@ def quiet_runtime():
             capture.close()
             if kept:
                 os.write(2, b"".join(kept))
+
+
+def runtime_message(exc: BaseException) -> str:
+    """What a runtime's exception says, on one line: its specific lines first (the C++ side often
+    prints a generic one last), without the "See instructions" and "Node number" boilerplate."""
+    text = str(exc).strip() or type(exc).__name__
+    lines = [ln.strip() for ln in text.replace("; See instructions", "\nSee instructions").splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("See instructions", "Node number"))] or lines
+    return "; ".join(lines[:2])[:300]

@@ -146,7 +146,8 @@ def _bench_threads(path, sources, threads, runs, warmup, backend, labels, mean, 
     }
     rec["throughput_ips"] = 1e3 / rec["end_to_end"]["mean_ms"]
     # the folder path as `lungedge classify` runs it: decoding on a worker pool overlapping invoke
-    from .classifier import Failure, default_workers
+    from .batch import default_workers
+    from .results import Failure
 
     workers = default_workers()
     batch = [cycle() for _ in range(max(runs, 2 * workers))]

@@ -139,7 +139,7 @@ def test_graph_score_is_the_mahalanobis_distance_of_its_definition(tmp_path):
     from lungedge.convert.domain import extract, feature_model, fit, gated_model
     from lungedge.convert.keras_convert import tflite_bytes
     from lungedge.convert.variants import get_variant
-    from lungedge.edge_runtime.classifier import _split_outputs
+    from lungedge.edge_runtime.loader import split_outputs as _split_outputs
 
     keras.utils.set_random_seed(0)
     base = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, include_top=False, weights=None)

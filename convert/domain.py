@@ -6,15 +6,19 @@ nearest class mean of the training images, with one shared covariance shrunk by 
     score(x) = min_c (f(x) - m_c)' P (f(x) - m_c) / D
 
 where ``f`` is the global average of MobileNetV2's ``block_16_project_BN`` output (320 values
-for alpha 1.0: the last block's projection, before the 1x1 expansion to 1280), ``m_c`` the
-class means, ``P`` the shrunk precision and ``D`` the feature count, so that an image like the
+for alpha 1.0: the last block's projection, before the 1x1 expansion to 1280), concatenated
+with the global average of earlier blocks' outputs where the recipe lists them
+(``Recipe.domain_layers``: a small model's last block alone tells CT slices from X-rays less
+well, an early block sees the low-level difference), ``m_c`` the class means, ``P`` the shrunk precision and ``D`` the feature count, so that an image like the
 training images scores about 1. Softmax confidence cannot do this (AUROC 0.06-0.18 against the
 other modality); the empirical covariance collapses with a few hundred images per D dimensions;
 the top principal components lose what separates outliers; the pooled 1280-d output features
 catch rotated and inverted images less well and cost 16 times the weights.
 
 In the graph, ``f W`` with ``W`` the Cholesky factor of ``P`` (``P = W W'``) is one
-fully-connected op of D x D weights (102,400 for D = 320: 0.1 MB in an int8 file), then the
+fully-connected op per layer (its rows of ``W``; the sum of their outputs, so that each layer's
+features keep their own int8 scale), D x D weights in all (102,400 for D = 320: 0.1 MB in an
+int8 file), then the
 squared distance to each class's ``m_c W`` and the minimum: a second output, ``domain_score``,
 computed in the same invoke as the classes, in every variant.
 
@@ -30,7 +34,7 @@ TensorFlow and scikit-learn are imported inside the functions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -38,6 +42,8 @@ from lungedge.edge_runtime.domain import METHOD, METHOD_VERSION, SCORE_OUTPUT
 
 #: The layer whose pooled output is scored, when the base is a MobileNetV2.
 MOBILENET_LAYER = "block_16_project_BN"
+#: Between layer names in the file's record (``DomainGate.layer``).
+LAYER_SEPARATOR = "+"
 #: At most this many training images fit the statistics (stratified); more changes little.
 MAX_FIT_IMAGES = 3000
 
@@ -49,9 +55,11 @@ class DomainFit:
 
     means: np.ndarray
     whiten: np.ndarray
-    layer: str
+    layers: Tuple[str, ...]
     shrinkage: float
     images: int
+    #: each layer's feature count, in ``layers`` order (rows of ``whiten``)
+    widths: Tuple[int, ...] = ()
     #: the score an anchor row of the graph always has (``anchored``): the integer variants'
     #: calibrated output range reaches it, so out-of-domain images score up to it (0: no anchor)
     ceiling: float = 0.0
@@ -59,6 +67,16 @@ class DomainFit:
     @property
     def dim(self) -> int:
         return int(self.whiten.shape[0])
+
+    @property
+    def layer(self) -> str:
+        """The scored layers as one name, as the file's record has it."""
+        return LAYER_SEPARATOR.join(self.layers)
+
+    def whiten_rows(self) -> Tuple[np.ndarray, ...]:
+        """``whiten``'s rows for each layer's features, in ``layers`` order."""
+        widths = self.widths or (self.dim,)
+        return tuple(np.split(self.whiten, np.cumsum(widths)[:-1], axis=0))
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         """The score of each feature row (N, D), in float64: the reference the files approximate."""
@@ -90,26 +108,45 @@ def _base_and_pool(model):
     return None if parts is None else parts[:2]
 
 
-def feature_layer_name(base) -> str:
-    """The base's layer to score: ``MOBILENET_LAYER`` when it has one, else its output layer."""
+def feature_layers(base, wanted: Sequence[str] = (MOBILENET_LAYER,)) -> Tuple[str, ...]:
+    """The base's layers to score: those of ``wanted`` it has (a MobileNetV2 has them all), else
+    its output layer."""
     names = {layer.name for layer in base.layers}
-    return MOBILENET_LAYER if MOBILENET_LAYER in names else base.layers[-1].name
+    found = tuple(name for name in wanted if name in names)
+    return found or (base.layers[-1].name,)
 
 
-def feature_model(model):
-    """Keras model image -> pooled features of the scored layer, or None for a model that is not
-    base -> pooling -> head (such a file converts without a domain score)."""
+def _pooled(base, image, layers: Sequence[str], with_output: bool = False):
+    """Global averages of ``layers``' outputs on the Keras tensor ``image`` (and the base's own
+    output when ``with_output``): one run of the base."""
+    import keras
+
+    outputs = [base.get_layer(name).output for name in layers] + ([base.output] if with_output else [])
+    inner = keras.Model(base.inputs, outputs, name="base_with_domain_layers")(image, training=False)
+    inner = list(inner) if isinstance(inner, (list, tuple)) else [inner]
+    pooled = [keras.layers.GlobalAveragePooling2D(name=f"domain_pool_{k}")(t) for k, t in enumerate(inner[:len(layers)])]
+    return pooled, (inner[-1] if with_output else None)
+
+
+def feature_model(model, layers: Sequence[str] = (MOBILENET_LAYER,)):
+    """Keras model image -> the pooled features of the scored layers, concatenated, or None for a
+    model that is not base -> pooling -> head (such a file converts without a domain score)."""
     import keras
 
     parts = _base_and_pool(model)
     if parts is None:
         return None
-    base, _ = parts
-    layer = base.get_layer(feature_layer_name(base))
-    inner = keras.Model(base.inputs, layer.output, name="domain_features_inner")
+    base = parts[0]
     image = keras.Input(tuple(model.input.shape[1:]), name="image")
-    pooled = keras.layers.GlobalAveragePooling2D(name="domain_pool")(inner(image, training=False))
-    return keras.Model(image, pooled, name="domain_features")
+    pooled, _ = _pooled(base, image, feature_layers(base, layers))
+    features = keras.layers.Concatenate(name="domain_features_concat")(pooled) if len(pooled) > 1 else pooled[0]
+    return keras.Model(image, features, name="domain_features")
+
+
+def layer_widths(model, layers: Sequence[str]) -> Tuple[int, ...]:
+    """The channel count of each of ``layers`` in ``model``'s base."""
+    base = _base_and_pool(model)[0]
+    return tuple(int(base.get_layer(name).output.shape[-1]) for name in layers)
 
 
 def extract(features_model, images, batch: int = 32, progress: bool = False, desc: str = "domain features") -> np.ndarray:
@@ -130,10 +167,13 @@ def extract(features_model, images, batch: int = 32, progress: bool = False, des
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 
-def fit(features: np.ndarray, labels: Sequence[int], classes: int, layer: str) -> DomainFit:
+def fit(features: np.ndarray, labels: Sequence[int], classes: int, layers: Union[str, Sequence[str]],
+        widths: Sequence[int] = ()) -> DomainFit:
     """Class means and the Ledoit-Wolf shared covariance of ``features`` (N, D) by class.
 
-    A class without images gets no mean (the score is the distance to the classes seen).
+    ``layers`` names the layers whose pooled outputs ``features`` concatenates, ``widths`` their
+    feature counts (needed with more than one layer). A class without images gets no mean (the
+    score is the distance to the classes seen).
 
     Raises:
         ValueError: fewer than 2 images, or no class with images.
@@ -142,6 +182,10 @@ def fit(features: np.ndarray, labels: Sequence[int], classes: int, layer: str) -
 
     f = np.asarray(features, np.float64)
     y = np.asarray(labels)
+    layers = (layers,) if isinstance(layers, str) else tuple(layers)
+    widths = tuple(int(w) for w in widths)
+    if len(layers) > 1 and (len(widths) != len(layers) or sum(widths) != f.shape[1]):
+        raise ValueError(f"{len(layers)} layers need their widths summing to {f.shape[1]}, got {widths}")
     if len(f) < 2:
         raise ValueError(f"the domain score needs at least 2 training images, got {len(f)}")
     means, centred = [], []
@@ -157,7 +201,7 @@ def fit(features: np.ndarray, labels: Sequence[int], classes: int, layer: str) -
     precision = np.linalg.inv(lw.covariance_)
     precision = (precision + precision.T) / 2
     whiten = np.linalg.cholesky(precision)  # precision = W W'
-    return DomainFit(np.asarray(means), whiten, layer, float(lw.shrinkage_), int(len(f)))
+    return DomainFit(np.asarray(means), whiten, layers, float(lw.shrinkage_), int(len(f)), widths=widths)
 
 
 def gated_model(model, domain: DomainFit):
@@ -178,16 +222,18 @@ def base_with_score(base, image, domain: DomainFit):
     import keras
     from keras import ops
 
-    layer = base.get_layer(domain.layer)
-    two = keras.Model(base.inputs, [layer.output, base.output], name="base_with_domain_layer")
-    inner, features = two(image, training=False)
-    pooled = keras.layers.GlobalAveragePooling2D(name="domain_pool")(inner)
-    # 1/D folded into the whitening, so the squared distances are already the score
-    w = domain.whiten / np.sqrt(domain.dim)
-    whiten = keras.layers.Dense(domain.dim, use_bias=False, name="domain_whiten", trainable=False)
-    whiten.build((None, domain.dim))
-    whiten.set_weights([w.astype(np.float32)])
-    z = whiten(pooled)
+    pooled, features = _pooled(base, image, domain.layers, with_output=True)
+    # 1/D folded into the whitening, so the squared distances are already the score; one
+    # fully-connected op per layer, summed: each layer's features keep their own int8 scale
+    scale = 1.0 / np.sqrt(domain.dim)
+    parts = []
+    for k, (rows, x) in enumerate(zip(domain.whiten_rows(), pooled)):
+        whiten = keras.layers.Dense(domain.dim, use_bias=False, name=f"domain_whiten_{k}", trainable=False)
+        whiten.build((None, rows.shape[0]))
+        whiten.set_weights([(rows * scale).astype(np.float32)])
+        parts.append(whiten(x))
+    z = keras.layers.Add(name="domain_whitened")(parts) if len(parts) > 1 else parts[0]
+    w = domain.whiten * scale
     centres = domain.means @ w
     classes = len(centres)
     if domain.ceiling > 0:  # an anchor row at distance ~ceiling from every in-domain image

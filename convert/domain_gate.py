@@ -17,7 +17,7 @@ from lungedge.edge_runtime.domain import DomainGate, refused_share, threshold_fr
 from lungedge.edge_runtime.metadata import embed_spec, read_spec
 
 from .calibration import load_images
-from .domain import DomainFit, extract, feature_model, fit, split_for_fit
+from .domain import DomainFit, extract, feature_layers, feature_model, fit, layer_widths, split_for_fit
 
 
 def fit_run(run, model, picked: Sequence[int], seed: int, progress: bool, reference_x=None):
@@ -28,9 +28,13 @@ def fit_run(run, model, picked: Sequence[int], seed: int, progress: bool, refere
     from lungedge.edge_runtime.preprocess import image_size
     from lungedge.train.runfolder import calibration_split
 
-    fm = feature_model(model)
-    if fm is None:
+    from .domain import _base_and_pool
+
+    parts = _base_and_pool(model)
+    if parts is None:
         return None, "the model is not base -> pooling -> head: no domain score"
+    layers = feature_layers(parts[0], recipe_domain_layers(run))
+    fm = feature_model(model, layers)
     train = calibration_split(run)
     idx = split_for_fit(len(train), picked, seed)
     paths = [train.paths[i] for i in idx]
@@ -39,9 +43,6 @@ def fit_run(run, model, picked: Sequence[int], seed: int, progress: bool, refere
         return None, f"only {len(x)} training images could be read for the domain score"
     feats = extract(fm, x, progress=progress)
     labels = [train.labels[idx[k]] for k in kept]
-    from .domain import feature_layer_name, _base_and_pool
-
-    layer = feature_layer_name(_base_and_pool(model)[0])
     aspects = []
     for k in kept:
         try:
@@ -55,10 +56,23 @@ def fit_run(run, model, picked: Sequence[int], seed: int, progress: bool, refere
     facts = {"aspect_range": (float(min(aspects)), float(max(aspects))) if aspects else None,
              "structure_floor": structure_floor_from([structure(p) for p in x.pixels]),
              "saturation_limit": saturation_limit_from([saturated_share(p) for p in x.pixels])}
-    fitted = fit(feats, labels, run.spec.num_classes, layer)
+    fitted = fit(feats, labels, run.spec.num_classes, layers, layer_widths(model, layers))
     if reference_x is not None and len(reference_x):  # unseen images: where the anchor goes
         fitted = fitted.anchored(fitted.scores(extract(fm, reference_x, progress=progress, desc="domain reference")))
     return fitted, facts
+
+
+def recipe_domain_layers(run):
+    """The layers the run's recipe (its ``recipe.json``) asks the score to read; the recipe
+    default for a run folder without one."""
+    import json
+
+    from lungedge.train.recipes import Recipe
+    from lungedge.train.runfolder import RECIPE
+
+    path = Path(run.path) / RECIPE
+    stored = json.loads(path.read_text()).get("domain_layers") if path.is_file() else None
+    return Recipe(name="default", domain_layers=stored).domain_layers if stored else Recipe(name="default").domain_layers
 
 
 def file_scores(path, x) -> np.ndarray:

@@ -307,3 +307,40 @@ def test_benign_variants_change_the_images_but_not_their_kind():
     assert all(np.abs(out[i].astype(int) - pixels[i]).mean() > 1 for i in range(4))  # changed
     assert all(structure(out[i]) > 0.8 for i in range(4))  # still an image, not noise
     np.testing.assert_array_equal(out, benign_variants(pixels, seed=0))  # seeded
+
+
+@pytest.mark.needs_tf
+def test_two_layer_score_in_the_file_is_the_fitted_score():
+    """A score reading two layers (block 16 and block 5, as the micro recipe declares): the fit
+    on the concatenated pooled features and the float32 file's ``domain_score`` (one whitening op
+    per layer, summed) give the same numbers, and the record names both layers."""
+    import keras
+    from ai_edge_litert.interpreter import Interpreter
+
+    from lungedge.convert.domain import extract, feature_layers, feature_model, fit, layer_widths
+    from lungedge.convert.keras_convert import tflite_bytes
+    from lungedge.convert.variants import get_variant
+
+    keras.utils.set_random_seed(2)
+    base = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, include_top=False, weights=None)
+    inp = keras.Input((32, 32, 3), name="image")
+    model = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(base(inp))))
+    layers = feature_layers(base, ("block_16_project_BN", "block_5_project_BN", "no_such_layer"))
+    assert layers == ("block_16_project_BN", "block_5_project_BN")
+    x = np.random.default_rng(2).uniform(-1, 1, (60, 32, 32, 3)).astype(np.float32)
+    feats = extract(feature_model(model, layers), x)
+    widths = layer_widths(model, layers)
+    assert feats.shape[1] == sum(widths) and len(widths) == 2 and min(widths) > 0
+    f = fit(feats, np.arange(60) % 2, 2, layers, widths)
+    assert f.record()["layer"] == "block_16_project_BN+block_5_project_BN" and f.dim == sum(widths)
+    it = Interpreter(model_content=tflite_bytes(model, get_variant("float32"), domain=f))
+    it.allocate_tensors()
+    outs = it.get_output_details()
+    got = []
+    for i in range(5):
+        it.set_tensor(it.get_input_details()[0]["index"], x[i : i + 1])
+        it.invoke()
+        got.append(float(it.get_tensor(outs[1]["index"])[0, 0]))
+    np.testing.assert_allclose(got, f.scores(feats[:5]), rtol=2e-3)
+    with pytest.raises(ValueError, match="widths"):
+        fit(feats, np.arange(60) % 2, 2, layers, (widths[0],))

@@ -62,9 +62,12 @@ def test_overrides_are_validated_and_recipe_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.epochs = 4  # frozen dataclass
     for bad in ({"epochs": 0}, {"fractions": (0.5, 0.5, 0.5)}, {"split": "by-luck"}, {"alpha": 0.3},
-                {"dropout": 1.0}, {"monitor": "loss"}, {"target_recall": 1.5}, {"image_size": "224"}):
+                {"dropout": 1.0}, {"monitor": "loss"}, {"target_recall": 1.5}, {"image_size": "224"},
+                {"domain_layers": []}, {"domain_layers": "block_16_project_BN"}, {"domain_layers": ["a", "a"]}):
         with pytest.raises(ConfigError):
             r.replace(**bad)
+    assert r.replace(domain_layers=["block_16_project_BN", "block_5_project_BN"]).domain_layers == \
+        ("block_16_project_BN", "block_5_project_BN")  # a JSON list becomes a tuple
     with pytest.raises(ConfigError, match="unknown recipe field"):
         r.replace(epoch=3)
     with pytest.raises(ConfigError, match="positive_label"):

@@ -161,6 +161,9 @@ class Recipe:
     positive_label: Optional[str] = None
     weights: str = "imagenet"
     alpha: float = 1.0
+    #: the base's layers whose pooled outputs the domain score reads (``convert.domain``), chosen
+    #: per recipe by ``experiments/domain_layers.py`` (train/SELECTION.md)
+    domain_layers: Tuple[str, ...] = ("block_16_project_BN",)
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -228,6 +231,8 @@ class Recipe:
         if not _is_number(self.alpha) or float(self.alpha) not in (0.35, 0.5, 0.75, 1.0, 1.3, 1.4):
             raise ConfigError(f"alpha must be one of 0.35, 0.5, 0.75, 1.0, 1.3, 1.4, got {self.alpha!r}")
         object.__setattr__(self, "alpha", float(self.alpha))
+        _check_layers(self.domain_layers)
+        object.__setattr__(self, "domain_layers", tuple(self.domain_layers))
         _check_int("seed", self.seed, 0, 2**31 - 1)
 
     @property
@@ -266,6 +271,7 @@ class Recipe:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["fractions"] = list(self.fractions)
+        d["domain_layers"] = list(self.domain_layers)
         return d
 
     def to_json(self) -> str:
@@ -278,6 +284,12 @@ class Recipe:
     @classmethod
     def from_json(cls, text: str) -> "Recipe":
         return cls.from_dict(json_object(text, "recipe"))
+
+
+def _check_layers(layers) -> None:
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple)) or not layers \
+            or not all(isinstance(x, str) and x for x in layers) or len(set(layers)) != len(layers):
+        raise ConfigError(f"domain_layers must be a non-empty list of distinct layer names, got {layers!r}")
 
 
 def apply_overrides(recipe: Recipe, pairs) -> Recipe:
@@ -481,6 +493,7 @@ RECIPES: Dict[str, Recipe] = {
             monitor="val_loss",
             target_recall=0.95,
             threshold_rule="fewest-false-positives",
+            domain_layers=("block_16_project_BN", "block_5_project_BN"),
         ),
         _DEMO,
         _DEMO.replace(

@@ -357,8 +357,18 @@ def test_convert_micro_verifies_in_tflm_and_writes_c_sources_that_compile_and_ag
     from lungedge.edge_runtime.preprocess import load_pixels, normalize
     from lungedge.edge_runtime.quant import quantize
 
+    from lungedge.train.recipes import get_recipe
+
+    # the run as the micro recipe would have written it: its domain score reads the layers that
+    # recipe declares (two, summed in the graph), and TFLM must give LiteRT's score for that graph
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    recipe = json.loads((run / "recipe.json").read_text())
+    layers = list(get_recipe("xray-pneumonia-micro").domain_layers)
+    assert len(layers) == 2
+    (run / "recipe.json").write_text(json.dumps({**recipe, "domain_layers": layers}))
     out = tmp_path / "micro-run"
-    r = lungedge("convert", trained["run"], "--variants", "micro", "--calibration", "16", "--no-bias-correction",
+    r = lungedge("convert", run, "--variants", "micro", "--calibration", "16", "--no-bias-correction",
                  "--out", out, "--no-progress")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert_clean(r)
@@ -369,6 +379,7 @@ def test_convert_micro_verifies_in_tflm_and_writes_c_sources_that_compile_and_ag
     conv = json.loads((out / "quantization_report.json").read_text())
     row = next(v for v in conv["variants"] if v["variant"] == "micro")
     assert row["gate"] == "passed" and row["micro"]["comparison"] == report["comparison"]
+    assert conv["domain_fit"]["layer"] == "+".join(layers), conv["domain_fit"]
     c = report["comparison"]
     # both outputs within one step of LiteRT's reference kernels (the score too: built from SUB, MUL
     # and FULLY_CONNECTED, whose TFLM kernels give LiteRT's numbers)

@@ -25,7 +25,7 @@ def plot_rows(rows: List[dict], path: str, title: str = "") -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lungedge.edge_runtime.data import atomic_write_bytes
+    from lungedge.edge_runtime.atomic_write import atomic_write_bytes
 
     machines = {r.get("machine") for r in rows}
     labels, inv, inv90, e2e, e2e90 = [], [], [], [], []
@@ -87,7 +87,7 @@ def plot_tradeoff(rows: List[dict], path: str, title: str = "", note: str = "") 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lungedge.edge_runtime.data import atomic_write_bytes
+    from lungedge.edge_runtime.atomic_write import atomic_write_bytes
 
     fig, ax = plt.subplots(figsize=(8, 5.2))
     biggest = max(r["size_mb"] for r in rows) or 1.0

@@ -23,7 +23,7 @@ def write_report(report: dict, out_dir: str, name: str = REPORT_NAME) -> dict:
     Returns:
         ``{"json": path, "md": path, "png": path or None, "png_skipped": reason or None}``.
     """
-    from lungedge.edge_runtime.data import atomic_write_text
+    from lungedge.edge_runtime.atomic_write import atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

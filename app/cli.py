@@ -131,7 +131,7 @@ def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no
     (each is reported on its own line), 2 if the command line is wrong.
     """
     from lungedge.edge_runtime.classifier import Failure, Refusal
-    from lungedge.edge_runtime.data import expand_inputs
+    from lungedge.edge_runtime.image_files import expand_inputs
 
     clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard,
                             allow_out_of_domain=allow_out_of_domain)
@@ -175,7 +175,7 @@ def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no
         sink.line(_json_line(res, info, top_k, keep_phi) if as_json else _text_line(res, src, width, top_k))
     sink.close()
     if report_dir:
-        from lungedge.reading import model_facts, write_report
+        from lungedge.results_report import model_facts, write_report
 
         page = write_report(report_dir, entries, model_facts(clf), keep_phi=keep_phi)
         click.echo(f"report: {escape_text(str(page))}", err=True)
@@ -232,7 +232,7 @@ def _text_line(res, src: str, width: int, top_k: int) -> str:
 
 
 def _entry(src, res):
-    from lungedge.reading import Entry
+    from lungedge.results_report import Entry
 
     return Entry(src, res)
 
@@ -241,7 +241,7 @@ def _draw(res, src, index, heatmap_dir, report_dir, entries):
     """Heat-map file and report images for one result; a drawing failure becomes its Failure."""
     from lungedge.edge_runtime.classifier import Failure
     from lungedge.edge_runtime.errors import ImageError
-    from lungedge.reading import THUMB_SIDE, heatmap_file, images_for
+    from lungedge.results_report import THUMB_SIDE, heatmap_file, images_for
 
     try:
         if heatmap_dir and res.heatmap is not None:

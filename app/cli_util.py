@@ -124,7 +124,7 @@ class ResultSink:
 
     def close(self) -> None:
         if self.out is not None:
-            from lungedge.edge_runtime.data import atomic_write_text
+            from lungedge.edge_runtime.atomic_write import atomic_write_text
 
             atomic_write_text(self.out, "".join(ln + "\n" for ln in self._lines))
             return

@@ -59,7 +59,7 @@ def convert_cmd(run_dir, variants, data_dir, calibration_count, calibration_dir,
       lungedge convert runs/xray --variants float32,float16,int8
       lungedge convert runs/ct --variants int8 --data ct_test/ --calibration 500
 
-    The gate (convert/gate.py, the same rule as the pipeline's): a variant fails when it did
+    The gate (convert/quant_gate.py, the same rule as the pipeline's): a variant fails when it did
     not learn (accuracy not above the majority-class rate, binomial p < 0.01), falls more than
     --max-accuracy-drop points below the Keras model, or its disease-class recall more than
     --max-recall-drop. Exit code 1 unless every float variant and at least one integer variant

@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 from lungedge.edge_runtime.classifier import Failure, Prediction, Refusal
 from lungedge.edge_runtime.errors import ImageError, OutputError
-from lungedge.reading import Entry, images_for
+from lungedge.results_report import Entry, images_for
 
 Result = Union[Prediction, Refusal, Failure]
 

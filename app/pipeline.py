@@ -2,8 +2,8 @@
 
 Stages run in order; a failing stage stops the pipeline with a clear message, keeps what the
 earlier stages wrote, and the index says which stage failed and why. A training run that did
-not learn (``edge_runtime.floor``) fails the train stage: nothing is converted or shipped. A
-conversion that fails the gate (``convert.gate``, the same rule as ``lungedge convert``) marks
+not learn (``edge_runtime.learning_floor``) fails the train stage: nothing is converted or shipped. A
+conversion that fails the gate (``convert.quant_gate``, the same rule as ``lungedge convert``) marks
 the convert stage "gate failed", and the best passing file, if any, is still benchmarked and
 evaluated so the report can show why.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from lungedge.edge_runtime.data import atomic_write_text
+from lungedge.edge_runtime.atomic_write import atomic_write_text
 from lungedge.edge_runtime.errors import LungedgeError
 
 from lungedge.convert.variants import DEFAULT_VARIANTS
@@ -202,8 +202,8 @@ def _bench(stage: Stage, job: _Job) -> None:
 
 def _evaluate(stage: Stage, job: _Job) -> None:
     """The shipped file on every test image, as the device runs it: metrics, confusion matrix, ROC."""
-    from lungedge.edge_runtime import Classifier, floor
-    from lungedge.train.report import plot_confusion, plot_roc
+    from lungedge.edge_runtime import Classifier, learning_floor
+    from lungedge.train.run_report import plot_confusion, plot_roc
 
     ship = job.summary.get("ship")
     if not ship:
@@ -235,7 +235,7 @@ def _evaluate(stage: Stage, job: _Job) -> None:
                              "probabilities": pred.probabilities, "ms": round(pred.total_ms, 2)})
     probs = np.asarray(probs)
     m = classification_metrics(truth, pred_idx, list(clf.labels), probs)
-    verdict = floor.judge(truth, pred_idx, list(clf.labels))
+    verdict = learning_floor.judge(truth, pred_idx, list(clf.labels))
     plots = job.out / "shipped"
     plots.mkdir(exist_ok=True)
     plot_confusion(plots / "confusion_matrix.png", m["confusion_matrix"], clf.labels,

@@ -11,7 +11,7 @@ import html
 from pathlib import Path
 from typing import List, Optional
 
-from lungedge.edge_runtime.data import atomic_write_text
+from lungedge.edge_runtime.atomic_write import atomic_write_text
 
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;line-height:1.45}"
         "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"

@@ -79,7 +79,7 @@ class ResultStore:
 async def index(request):
     from starlette.responses import HTMLResponse, RedirectResponse
 
-    from lungedge.reading import facts_html
+    from lungedge.results_report import facts_html
     from lungedge.web_pages import page, upload_form
 
     state = request.app.state
@@ -94,7 +94,7 @@ async def index(request):
 
 
 def _csv_href(state, entries) -> str:
-    from lungedge.reading import csv_rows, csv_text
+    from lungedge.results_report import csv_rows, csv_text
 
     return f"/results/{state.results.remember(csv_text(csv_rows(entries, state.facts)))}.csv"
 
@@ -102,7 +102,7 @@ def _csv_href(state, entries) -> str:
 async def classify_page(request):
     from starlette.responses import HTMLResponse
 
-    from lungedge.reading import facts_html, results_table, summary_counts
+    from lungedge.results_report import facts_html, results_table, summary_counts
     from lungedge.web_pages import page, summary_html
     from lungedge.web_upload import run_uploads
 
@@ -161,7 +161,7 @@ def build_app(clf, token: Optional[str] = None, settings: Optional[ServeSettings
     from starlette.middleware import Middleware
     from starlette.routing import Route
 
-    from lungedge.reading import model_facts
+    from lungedge.results_report import model_facts
 
     settings = settings or ServeSettings(token=token)
     app = Starlette(routes=[Route(path, fn, methods=methods) for path, fn, methods in ROUTES],

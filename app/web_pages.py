@@ -6,7 +6,7 @@ import html
 from typing import List, Optional
 
 from lungedge.edge_runtime.classifier import Prediction, Refusal
-from lungedge.reading import NOT_A_DEVICE, STYLE, Entry
+from lungedge.results_report import NOT_A_DEVICE, STYLE, Entry
 
 ACCEPT = ".jpg,.jpeg,.png,.bmp,.gif,.tif,.tiff,.webp,.pgm,.ppm,.dcm,.dicom,application/dicom,image/*"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from lungedge.edge_runtime.errors import ImageError
 from lungedge.intake import classify_bytes, failed
-from lungedge.reading import Entry
+from lungedge.results_report import Entry
 from lungedge.web_guard import BodyTooLarge, authorised, check_upload_name, denied, too_large_text
 
 

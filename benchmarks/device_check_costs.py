@@ -37,7 +37,7 @@ def _median_ms(fn, n: int = 30) -> float:
 
 def stages(models) -> dict:
     from lungedge.edge_runtime.backend import load_backend
-    from lungedge.edge_runtime.guard import trial_load
+    from lungedge.edge_runtime.load_guard import trial_load
     from lungedge.edge_runtime.metadata import read_model_bytes, read_spec, verify_integrity
     from lungedge.edge_runtime.modelcheck import check_model_structure
 

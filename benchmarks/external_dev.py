@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _groups(paths):
-    from lungedge.edge_runtime.data import patient_id
+    from lungedge.edge_runtime.image_files import patient_id
 
     return np.array([patient_id(p) or Path(p).name for p in paths])
 

@@ -9,7 +9,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from lungedge.edge_runtime.data import list_labelled_folder
+from lungedge.edge_runtime.image_files import list_labelled_folder
 from lungedge.edge_runtime.errors import ConfigError, ImageError, InputError
 from lungedge.edge_runtime.preprocess import load_pixels, normalize
 from lungedge.edge_runtime.spec import Preprocessing
@@ -138,7 +138,7 @@ def calibration_from_folder(folder: str, spec: Preprocessing, class_names: Optio
             raise
         paths, labels = list(files.paths), list(files.labels)
     else:
-        from lungedge.edge_runtime.data import is_image_name
+        from lungedge.edge_runtime.image_files import is_image_name
 
         paths = sorted(str(f) for f in root.iterdir() if f.is_file() and is_image_name(f))
         labels = [0] * len(paths)

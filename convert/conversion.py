@@ -10,15 +10,15 @@ from typing import Iterable, Optional, Union
 
 import numpy as np
 
-from lungedge.edge_runtime import floor
+from lungedge.edge_runtime import learning_floor as floor
 from lungedge.edge_runtime.errors import ConfigError, ModelError
 
-from . import gate
+from . import quant_gate
 from .calibration import DEFAULT_COUNT, calibration_from_files, calibration_from_folder, load_images
-from .judge import compare, decide, keras_probabilities, rechoose_threshold, summarize, tflite_probabilities
+from .variant_eval import compare, decide, keras_probabilities, rechoose_threshold, summarize, tflite_probabilities
 from .keras_convert import (check_classifier, convert_keras_model, converter_versions, integer_source,
                             load_keras_model, model_sha256, tflite_bytes, write_tflite)
-from .report import report_paths, write_report
+from .quant_report import report_paths, write_report
 from lungedge.train.runfolder import calibration_split, class_counts, eval_split, load_run, tflite_name
 from .variants import DEFAULT_VARIANTS, get_variant, parse_variants
 
@@ -29,8 +29,8 @@ def convert_run(
     data_dir: Optional[str] = None,
     out_dir: Optional[str] = None,
     calibration_count: int = DEFAULT_COUNT,
-    max_accuracy_drop: float = gate.DEFAULT_MAX_ACCURACY_DROP,
-    max_recall_drop: float = gate.DEFAULT_MAX_RECALL_DROP,
+    max_accuracy_drop: float = quant_gate.DEFAULT_MAX_ACCURACY_DROP,
+    max_recall_drop: float = quant_gate.DEFAULT_MAX_RECALL_DROP,
     progress: bool = True,
     calibration_dir: Optional[str] = None,
     rethreshold: bool = False,
@@ -60,7 +60,7 @@ def convert_run(
             manifest's validation split with the quantised model's own probabilities
             (stored in that variant's metadata).
         seed: for the calibration pick.
-        learning_floor: refuse a Keras model that did not learn (``edge_runtime.floor``) and fail
+        learning_floor: refuse a Keras model that did not learn (``edge_runtime.learning_floor``) and fail
             variants that did not; False only records the verdicts (tests of the file contract
             on tiny untrained models).
         heatmap: give every variant a second signature with class activation maps (heat maps on
@@ -174,9 +174,9 @@ _CARD_START, _CARD_END = "<!-- domain gate: written by lungedge convert -->", "<
 
 def _card_domain_section(card: Path, report: dict) -> None:
     """Write the conversion's domain-gate section into the run's model card (replacing an earlier one)."""
-    from lungedge.edge_runtime.data import atomic_write_bytes
+    from lungedge.edge_runtime.atomic_write import atomic_write_bytes
 
-    from .report import domain_section
+    from .quant_report import domain_section
 
     text = card.read_text(encoding="utf-8")
     if _CARD_START in text and _CARD_END in text:
@@ -231,7 +231,7 @@ def _validation(run, progress: bool):
 
 def _report(run, ref: _Reference, rows: list, sha: str, calib_info: dict, bias_correction: bool, limits,
             base_size) -> dict:
-    verdict = gate.overall(rows)
+    verdict = quant_gate.overall(rows)
     return {
         "source": str(run.path),
         "created_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -246,7 +246,7 @@ def _report(run, ref: _Reference, rows: list, sha: str, calib_info: dict, bias_c
         "bias_correction": bias_correction,
         "gate": {"max_accuracy_drop": limits[0], "max_recall_drop": limits[1],
                  "disease_class": ref.disease or "every class", "learning_floor": floor.ALPHA,
-                 "paired_alpha": gate.PAIRED_ALPHA},
+                 "paired_alpha": quant_gate.PAIRED_ALPHA},
         "keras": _keras_row(ref.metrics),
         "variants": rows,
         "passed": verdict.passed,
@@ -313,7 +313,7 @@ def _judge(path, v, ref: _Reference, spec, limits, seconds, progress, learning_f
     m["learning_floor"] = verdict.to_dict()
     cmp_ = compare(ref.probs, probs, ref.pred, pred)
     drop = 100.0 * (ref.metrics["accuracy"] - m["accuracy"])
-    reasons = gate.variant_reasons(ref.metrics, m, ref.disease, *limits,
+    reasons = quant_gate.variant_reasons(ref.metrics, m, ref.disease, *limits,
                                    learned=not (verdict.failed and learning_floor), floor_sentence=verdict.sentence(),
                                    paired=(ref.y, ref.pred, pred))
     details = clf.describe()
@@ -362,7 +362,7 @@ def _micro(path: Path, ref: _Reference, row: dict, spec, limits, progress: bool,
     threshold = file_spec.threshold
     m = summarize(ref.y, tflm["probs"], spec, threshold)
     verdict = floor.judge(ref.y, tflm["class"], spec.labels)
-    reasons = gate.variant_reasons(ref.metrics, m, ref.disease, *limits,
+    reasons = quant_gate.variant_reasons(ref.metrics, m, ref.disease, *limits,
                                    learned=not (verdict.failed and learning_floor),
                                    floor_sentence=verdict.sentence(), paired=(ref.y, ref.pred, tflm["class"]))
     row["micro"] = report

@@ -102,7 +102,7 @@ class DomainFit:
 
 def _base_and_pool(model):
     """(base, pooling layer) of a base -> global average pooling -> head classifier, else None."""
-    from .heatmap import head_layers
+    from .heatmap_signature import head_layers
 
     parts = head_layers(model)
     return None if parts is None else parts[:2]

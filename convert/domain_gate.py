@@ -221,7 +221,7 @@ def folder_sets(root: Optional[str], spec) -> Dict[str, list]:
     """``{name: [paths]}`` for each subfolder of ``root`` (each a development out-of-domain set)."""
     if not root:
         return {}
-    from lungedge.edge_runtime.data import expand_inputs
+    from lungedge.edge_runtime.image_files import expand_inputs
 
     out = {}
     for sub in sorted(p for p in Path(root).iterdir() if p.is_dir()):

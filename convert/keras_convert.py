@@ -97,7 +97,7 @@ def centred_logits_model(model):
     a per-class sigmoid (``edge_runtime.metadata.score_calibration_text``). The layers before the
     last are shared with ``model``.
     """
-    from .heatmap import activation_name, is_softmax
+    from .heatmap_signature import activation_name, is_softmax
 
     _, keras = import_tf()
     last = model.layers[-1]
@@ -184,7 +184,7 @@ def tflite_bytes(model, variant: Variant, calibration: Optional[np.ndarray] = No
                  domain=None) -> bytes:
     """Run the TFLite converter for ``variant`` (no metadata).
 
-    With ``heatmap`` a classifier whose head ``convert.heatmap`` recognises gets a second
+    With ``heatmap`` a classifier whose head ``convert.heatmap_signature`` recognises gets a second
     signature, ``heatmap``, that also returns its class activation maps; the default signature
     (subgraph 0) stays image -> probabilities. Off by default: a file with two subgraphs is
     refused by MediaPipe's ImageClassifier ("assumed to have a single subgraph").
@@ -197,7 +197,7 @@ def tflite_bytes(model, variant: Variant, calibration: Optional[np.ndarray] = No
     if variant.calibrated and (calibration is None or len(calibration) == 0):
         raise ConfigError(f"variant {variant.name!r} needs calibration images, got none")
     if heatmap:
-        from .heatmap import heatmap_model, split_heatmap
+        from .heatmap_signature import heatmap_model, split_heatmap
 
         two_outputs = heatmap_model(model, domain)
         if two_outputs is not None:
@@ -406,6 +406,6 @@ def raw_pixel_spec(spec: ModelSpec, data: bytes) -> ModelSpec:
 
 def write_tflite(path: Union[str, "os.PathLike[str]"], data: bytes) -> None:
     """Write a model atomically (temp file + rename): a failure leaves no partial file."""
-    from lungedge.edge_runtime.data import atomic_write_bytes
+    from lungedge.edge_runtime.atomic_write import atomic_write_bytes
 
     atomic_write_bytes(str(path), data)

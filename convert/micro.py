@@ -320,14 +320,14 @@ def export(path: Path, x: np.ndarray, spec, y=None, progress: bool = False):
     Returns (the report, also ``micro/micro_report.json``; TFLM's own ``probs``, ``class`` and,
     with a gate, ``score`` and ``in_domain`` per image of ``x``).
     """
-    from lungedge.edge_runtime.data import atomic_write_text
+    from lungedge.edge_runtime.atomic_write import atomic_write_text
 
     from .micro_sources import sources
 
     data = Path(path).read_bytes()
     report, runs = verify(data, x, spec, progress)
     if y is not None and len(y):
-        from .judge import summarize
+        from .variant_eval import summarize
 
         tflm = runs["tflm"]
         m = summarize(np.asarray(y), tflm["probs"], spec, spec.threshold)

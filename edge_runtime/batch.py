@@ -11,7 +11,7 @@ import os
 from collections import deque
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
-from .data import expand_inputs
+from .image_files import expand_inputs
 from .errors import ImageError, OutputError
 from .preprocess import ImageSource
 from .results import Failure, Prediction

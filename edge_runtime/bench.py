@@ -213,8 +213,8 @@ class _Cycle:
 
 def _usable_images(images) -> tuple:
     """(sources, failures): readable image paths (or one synthetic JPEG) and bad ones."""
-    from .data import expand_inputs
-    from .scan import unreadable
+    from .image_files import expand_inputs
+    from .readability import unreadable
     from .spec import Preprocessing
 
     if images is None:

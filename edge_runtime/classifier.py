@@ -93,7 +93,7 @@ class Classifier:
     standard_error = _from_model("standard_error", "Why the standard record could not be read, or None.")
     backend = _from_model("backend", "The interpreter's backend (``edge_runtime.backend.Backend``).")
     threads = _from_model("threads", "Interpreter threads asked for (None: the backend's default).")
-    guarded = _from_model("guarded", "The first load ran in a child process (``edge_runtime.guard``).")
+    guarded = _from_model("guarded", "The first load ran in a child process (``edge_runtime.load_guard``).")
     load_ms = _from_model("load_ms", "Interpreter construction and allocation, ms.")
     first_invoke_ms = _from_model("first_invoke_ms", "The first invoke (XNNPACK packs weights there), ms.")
     has_heatmap = _from_model("has_heatmap", "The file has a ``heatmap`` signature.")

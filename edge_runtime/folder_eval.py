@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .classifier import Classifier, Failure, Refusal
-from .data import list_labelled_folder
+from .image_files import list_labelled_folder
 from .metrics import classification_metrics
 
 

@@ -1,5 +1,5 @@
 """Class activation maps from the model file: its ``heatmap`` signature (written by
-``convert.heatmap``), run on an interpreter of its own. Drawing them is ``edge_runtime.heatmap``."""
+``convert.heatmap_signature``), run on an interpreter of its own. Drawing them is ``edge_runtime.heatmap_overlay``."""
 
 from __future__ import annotations
 

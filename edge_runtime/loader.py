@@ -4,7 +4,7 @@
 tensors' details) and the interpreter built from it, allocated and run once. The checks, in order:
 a regular file within ``MAX_MODEL_BYTES``; the flatbuffer's structure (``edge_runtime.modelcheck``);
 the integrity record when there is one; the metadata's types and sizes; the guarded first load
-(``edge_runtime.guard``); the tensors an image classifier has; the labels against the output.
+(``edge_runtime.load_guard``); the tensors an image classifier has; the labels against the output.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Optional, Tuple
 from .backend import Backend, load_backend, quiet_runtime, runtime_message
 from .domain import DomainGate
 from .errors import ConfigError, InputError, LungedgeError, MissingDependencyError, ModelError
-from .guard import guard_available, trial_load
+from .load_guard import guard_available, trial_load
 from .heatmap_runner import has_heatmap_signature
 from .metadata import read_model_bytes, read_spec, read_standard, verify_integrity
 from .modelcheck import Structure, check_model_structure

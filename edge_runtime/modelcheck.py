@@ -18,7 +18,7 @@ should never be given:
   lengths, a per-channel dimension outside the shape, and quantised activations of
   arithmetic operators without a positive scale or with a zero point outside their type.
 
-What a static check cannot rule out is handled by ``edge_runtime.guard`` (the first load in a
+What a static check cannot rule out is handled by ``edge_runtime.load_guard`` (the first load in a
 child process).
 """
 

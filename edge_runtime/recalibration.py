@@ -333,7 +333,7 @@ def recalibrate_file(model: str, data_dir: str, target_recall: float, out: str, 
         ModelError: the model cannot be loaded, or has no lungedge metadata.
     """
     from .classifier import Classifier
-    from .data import atomic_write_bytes
+    from .atomic_write import atomic_write_bytes
     from .folder_eval import labelled_outputs
     from .metadata import embed_spec, read_spec
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence, Tuple
 
-from .data import atomic_write_bytes
+from .atomic_write import atomic_write_bytes
 
 SIZE = (640, 560)
 _MARGIN = (70, 52, 30, 70)  # left, top, right, bottom

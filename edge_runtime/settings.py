@@ -38,7 +38,7 @@ class RuntimeSettings:
         mean, std: normalisation for a model without metadata (None: its standard record's, else
             ``DEFAULT_MEAN_STD``).
         use_threshold: apply the model's decision threshold when it has one.
-        guard: build and run the model once in a child process first (``edge_runtime.guard``),
+        guard: build and run the model once in a child process first (``edge_runtime.load_guard``),
             so that a file that crashes the runtime becomes a ModelError instead of killing
             this process. Turn it off only for files known to load.
         max_results: keep at most this many ``Prediction.categories`` (None: all).

@@ -73,7 +73,7 @@ def measure(model: str, sets: dict, limit: int) -> dict:
 
 def build_sets(args) -> tuple:
     from lungedge.convert.domain_gate import generated_frames, transformed
-    from lungedge.edge_runtime.data import expand_inputs
+    from lungedge.edge_runtime.image_files import expand_inputs
     from lungedge.edge_runtime.preprocess import load_pixels
     from lungedge.train.runfolder import load_run
 

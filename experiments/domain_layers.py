@@ -55,7 +55,7 @@ def main(argv=None) -> int:
 
     from lungedge.convert.calibration import load_images
     from lungedge.convert.domain_gate import benign_variants, generated_frames, transformed
-    from lungedge.edge_runtime.data import expand_inputs
+    from lungedge.edge_runtime.image_files import expand_inputs
     from lungedge.edge_runtime.spec import ModelSpec
 
     t0 = time.time()

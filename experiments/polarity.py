@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from lungedge.edge_runtime.classifier import Classifier, Failure, Refusal
-from lungedge.edge_runtime.data import expand_inputs
+from lungedge.edge_runtime.image_files import expand_inputs
 
 
 def _pixels(path: str, invert: bool) -> np.ndarray:

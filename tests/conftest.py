@@ -195,7 +195,7 @@ def interop_run(xray_dir, tmp_path_factory) -> Path:
     import numpy as np
 
     from lungedge.convert.conversion import convert_run
-    from lungedge.edge_runtime.data import list_labelled_folder
+    from lungedge.edge_runtime.image_files import list_labelled_folder
     from lungedge.edge_runtime.preprocess import preprocess
     from lungedge.edge_runtime.spec import ModelSpec, Preprocessing
 

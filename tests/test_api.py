@@ -121,7 +121,7 @@ def test_wheel_installs_with_the_edge_extra_and_classifies_outside_the_checkout(
 
     top = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert {t for t in top if not t.endswith(".dist-info")} == {"lungedge"}, top
-    assert {"lungedge/train/recipes.py", "lungedge/convert/gate.py", "lungedge/edge_runtime/classifier.py"} <= set(
+    assert {"lungedge/train/recipes.py", "lungedge/convert/quant_gate.py", "lungedge/edge_runtime/classifier.py"} <= set(
         zipfile.ZipFile(wheel).namelist())
     clash = subprocess.run([str(py), "-c", "import importlib.util as u; print([m for m in ('train', 'convert', "
                             "'edge_runtime') if u.find_spec(m)])"], capture_output=True, text=True, cwd=work, env=env)

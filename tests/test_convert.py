@@ -20,10 +20,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from lungedge.convert.calibration import calibration_from_folder, stratified_pick
-from lungedge.convert.judge import decide
-from lungedge.convert.judge import rechoose_threshold as choose_threshold
-from lungedge.convert.gate import overall
-from lungedge.convert.gate import variant_reasons as gate_reasons
+from lungedge.convert.variant_eval import decide
+from lungedge.convert.variant_eval import rechoose_threshold as choose_threshold
+from lungedge.convert.quant_gate import overall
+from lungedge.convert.quant_gate import variant_reasons as gate_reasons
 from lungedge.convert.variants import VARIANTS, get_variant, parse_variants
 from lungedge.edge_runtime.errors import ConfigError, InputError, ModelError
 from lungedge.edge_runtime.spec import ModelSpec, Preprocessing, Threshold

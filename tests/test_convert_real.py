@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungedge.edge_runtime.data import list_labelled_folder
+from lungedge.edge_runtime.image_files import list_labelled_folder
 from lungedge.edge_runtime.spec import ModelSpec, Preprocessing, Threshold
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 100, 50

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lungedge.train import ct_leakage
-from lungedge.train.data import Dataset, kfold_assignments
+from lungedge.train.dataset import Dataset, kfold_assignments
 
 
 def _patients(counts=(120, 200, 150), per_patient=10, class_strength=0.0, seed=0):

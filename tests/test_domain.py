@@ -184,7 +184,7 @@ def xray_gate(xray_dir, shared_dir, imagenet_weights, tmp_path_factory):
     import keras
 
     from lungedge.convert.conversion import convert_run
-    from lungedge.edge_runtime.data import list_labelled_folder
+    from lungedge.edge_runtime.image_files import list_labelled_folder
     from lungedge.edge_runtime.preprocess import preprocess
     from lungedge.edge_runtime.spec import ModelSpec, Preprocessing
 
@@ -240,7 +240,7 @@ def test_an_xray_file_refuses_other_images_and_accepts_xrays(xray_gate, shared_d
     photos, generated frames, inverted / turned / upside-down validation X-rays), and on the
     external X-rays of ``chest_xray_test_dev`` (in domain: another split of the same hospital)."""
     from lungedge.edge_runtime.classifier import Classifier, Refusal
-    from lungedge.edge_runtime.data import expand_inputs
+    from lungedge.edge_runtime.image_files import expand_inputs
 
     run, report = xray_gate
     row = next(v for v in report["variants"] if v["variant"] == variant)

@@ -22,7 +22,7 @@ from PIL import Image
 from lungedge.edge_runtime import Classifier, ModelSpec, Preprocessing
 from lungedge.edge_runtime import metadata as meta
 from lungedge.edge_runtime.errors import ImageError, InputError, ModelError, OutputError, WriteError
-from lungedge.edge_runtime.guard import trial_load
+from lungedge.edge_runtime.load_guard import trial_load
 from lungedge.edge_runtime.modelcheck import check_model_structure
 from lungedge.cli import main
 
@@ -407,7 +407,7 @@ def _no_partial(folder: Path):
 
 def test_atomic_write_on_a_full_disk_leaves_nothing(full_disk):
     with pytest.raises(WriteError, match="No space left on device"):
-        from lungedge.edge_runtime.data import atomic_write_bytes
+        from lungedge.edge_runtime.atomic_write import atomic_write_bytes
 
         atomic_write_bytes(str(full_disk / "model.tflite"), b"x" * 100_000)
     assert _no_partial(full_disk) == []

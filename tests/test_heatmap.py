@@ -89,7 +89,7 @@ def test_default_signature_is_unchanged_and_heatmap_signature_is_there(trained):
 
 
 def test_map_is_the_logit_difference_over_locations_and_probabilities_agree(trained):
-    from lungedge.convert.heatmap import MASK_GAIN
+    from lungedge.convert.heatmap_signature import MASK_GAIN
     from lungedge.edge_runtime.classifier import Classifier
 
     clf = Classifier(trained["paths"]["float32"])
@@ -103,7 +103,7 @@ def test_map_is_the_logit_difference_over_locations_and_probabilities_agree(trai
         assert cam.shape == (7, 7) and cam.dtype == np.float32
         # the map is linear in the features: its mean over locations is the class's centred output
         # weights applied to the masked hidden layer of the pooled features, without the biases
-        # (convert/heatmap.py); computed here in numpy from the Keras model's own weights
+        # (convert/heatmap_signature.py); computed here in numpy from the Keras model's own weights
         i = LABELS.index(with_map.label)
         model = trained["model"]
         pooled = np.asarray(model.get_layer("gap")(model.layers[1](preprocess(img, clf.spec.preprocessing)[None])))[0]
@@ -121,7 +121,7 @@ def test_map_is_the_logit_difference_over_locations_and_probabilities_agree(trai
 
 def test_peak_falls_inside_a_synthetic_opacity_and_int8_agrees(trained):
     from lungedge.edge_runtime.classifier import Classifier
-    from lungedge.edge_runtime.heatmap import peak
+    from lungedge.edge_runtime.heatmap_overlay import peak
 
     assert trained["acc"] > 0.9, f"the test model did not learn the opacities (accuracy {trained['acc']:.2f})"
     clfs = {v: Classifier(p) for v, p in trained["paths"].items()}

@@ -223,7 +223,7 @@ def test_mediapipe_reads_a_recalibrated_file_as_lungedge_does(interop_run, xray_
     from mediapipe.tasks import python as mp_python
     from mediapipe.tasks.python import vision
 
-    from lungedge.edge_runtime.data import list_labelled_folder
+    from lungedge.edge_runtime.image_files import list_labelled_folder
     from lungedge.edge_runtime.metadata import read_spec, score_calibration_text
     from lungedge.edge_runtime.preprocess import load_pixels
     from lungedge.edge_runtime.recalibration import recalibrate_file

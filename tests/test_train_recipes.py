@@ -13,7 +13,7 @@ from PIL import Image
 from lungedge.edge_runtime.errors import ConfigError
 from lungedge.edge_runtime.spec import Preprocessing
 from lungedge.train import weights as weights_mod
-from lungedge.train.data import (Dataset, drop_unreadable, kfold_assignments, load_dataset, patient_id, read_manifest,
+from lungedge.train.dataset import (Dataset, drop_unreadable, kfold_assignments, load_dataset, patient_id, read_manifest,
                         split_dataset, write_manifest)
 from lungedge.train.recipes import RECIPES, Augment, FineTune, Recipe, apply_overrides, get_recipe
 from lungedge.edge_runtime.decision import apply_threshold
@@ -510,7 +510,7 @@ def test_weight_average_survives_an_interrupted_phase(tmp_path):
 def test_model_card_says_which_split_and_what_it_leaks():
     from types import SimpleNamespace
 
-    from lungedge.train.report import _card_limitations
+    from lungedge.train.run_report import _card_limitations
 
     spec = SimpleNamespace(threshold=None)
     assert get_recipe("ct-lung-cancer-plus").split == "blocked"  # the project's CT recipe: no neighbouring slices
@@ -524,7 +524,7 @@ def test_model_card_says_which_split_and_what_it_leaks():
 def test_a_random_split_ct_card_leads_its_metrics_with_the_leakage_warning():
     from types import SimpleNamespace
 
-    from lungedge.train.report import _card_metrics
+    from lungedge.train.run_report import _card_metrics
 
     m = {"accuracy": 0.97, "macro": {"precision": 1, "recall": 1, "f1": 1}, "weighted": {"f1": 1}, "auc": None,
          "per_class": {n: {"precision": 1, "recall": 1, "f1": 1, "specificity": 1, "support": 1}

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from lungedge.edge_runtime.data import atomic_write_text
+from lungedge.edge_runtime.atomic_write import atomic_write_text
 from lungedge.edge_runtime.errors import ConfigError, WriteError, first_line
 
 STATE = "state.json"

@@ -9,7 +9,7 @@ is trained on the images):
 
 - **neighbours**: for every slice, its nearest other slice in feature space (cosine, standardised
   features): same class? how far apart are their file numbers, against random pairs of the class?
-- **probes** under the folds ``lungedge train --cv K`` uses (``train.data.kfold_assignments``, the
+- **probes** under the folds ``lungedge train --cv K`` uses (``train.dataset.kfold_assignments``, the
   recipe's fractions and seed): a nearest-neighbour lookup (1-NN over the fold's train and
   validation slices, no training) and a logistic regression (balanced class weights, C chosen on
   the validation part by log loss), with split ``random`` and with split ``blocked`` at each
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # as the lungedge command: progress, not TensorFlow's start-up
 
     from lungedge.edge_runtime.errors import ConfigError, LungedgeError
-    from .data import kfold_assignments, slice_number
+    from .dataset import kfold_assignments, slice_number
     from .recipes import get_recipe
     from .training import _checked_dataset
 

@@ -7,12 +7,12 @@ from typing import Optional
 
 import numpy as np
 
-from lungedge.edge_runtime.data import list_labelled_folder
+from lungedge.edge_runtime.image_files import list_labelled_folder
 from lungedge.edge_runtime.errors import ModelError
 from lungedge.edge_runtime.metrics import classification_metrics
 from lungedge.edge_runtime.spec import ModelSpec, Preprocessing
 
-from .data import find_unreadable
+from .dataset import find_unreadable
 from lungedge.edge_runtime.decision import apply_threshold
 
 

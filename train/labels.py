@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from lungedge.edge_runtime.data import label_key as key
+from lungedge.edge_runtime.image_files import label_key as key
 from lungedge.edge_runtime.errors import ConfigError
 
 

@@ -26,7 +26,7 @@ from lungedge.edge_runtime.errors import ConfigError
 from lungedge.edge_runtime.spec import COLOR_MODES, CONTRAST_METHODS, THRESHOLD_RULES, dataclass_from_dict, json_object
 
 #: "blocked": groups of ``split_block`` consecutive slice numbers per class stand in for patients
-#: (numbered CT slices without patient ids; see ``train.data.Dataset.slice_blocks``). The default 16
+#: (numbered CT slices without patient ids; see ``train.dataset.Dataset.slice_blocks``). The default 16
 #: is about two benign IQ-OTH/NCCD patients, and the largest size for which every part of every fold
 #: of a 5-fold CV on the 96 benign slices here holds benign slices, for 20 of 20 seeds (18: 11 of 20).
 SPLITS = ("random", "grouped", "blocked")

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from lungedge.edge_runtime.data import atomic_write_text, list_labelled_folder
+from lungedge.edge_runtime.image_files import list_labelled_folder
+from lungedge.edge_runtime.atomic_write import atomic_write_text
 from lungedge.edge_runtime.errors import ConfigError, InputError, ModelError
 from lungedge.edge_runtime.spec import ModelSpec
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from lungedge.edge_runtime.data import atomic_write_text
+from lungedge.edge_runtime.atomic_write import atomic_write_text
 from lungedge.edge_runtime.preprocess import preprocess
 
 
@@ -35,7 +35,7 @@ def measure(data_dir: str, images: int = 512, epochs: int = 3, recipe_name: str 
     """
     import keras
 
-    from .data import drop_unreadable, load_dataset
+    from .dataset import drop_unreadable, load_dataset
     from .model import build_model, compile_model
     from .input_data import image_dataset
     from .recipes import get_recipe

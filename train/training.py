@@ -20,8 +20,8 @@ from typing import Optional, Union
 
 import numpy as np
 
-from lungedge.edge_runtime import floor
-from lungedge.edge_runtime.data import atomic_write_text
+from lungedge.edge_runtime import learning_floor as floor
+from lungedge.edge_runtime.atomic_write import atomic_write_text
 from lungedge.edge_runtime.decision import apply_threshold
 from lungedge.edge_runtime.errors import ConfigError, ModelError
 from lungedge.edge_runtime.metrics import classification_metrics, format_report
@@ -30,7 +30,7 @@ from lungedge.edge_runtime.spec import ModelSpec, Preprocessing, Threshold
 from lungedge.edge_runtime.version import package_version
 
 from . import checkpoint as ck
-from .data import (Dataset, class_weights, drop_unreadable, fingerprint, kfold_assignments, load_dataset,
+from .dataset import (Dataset, class_weights, drop_unreadable, fingerprint, kfold_assignments, load_dataset,
                    read_manifest, split_dataset, write_manifest)
 from .intended import intended_for
 from .recipes import Recipe, get_recipe, recipe_diff
@@ -132,7 +132,7 @@ def train_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, *, 
         resume: continue an interrupted run in ``out_dir`` from its last epoch checkpoint.
         strategy: "default", "mirrored" or "multi-worker".
         verbose: 0 silent, 1 Keras progress bars and messages, 2 one line per epoch.
-        learning_floor: raise when the model did not learn (``edge_runtime.floor``); False only
+        learning_floor: raise when the model did not learn (``edge_runtime.learning_floor``); False only
             records the verdict (tests of the run-folder contract on tiny untrained models).
         cache_mb: memory for decoded images, MB (``train.input_data.cache_budget_mb``: default
             LUNGEDGE_CACHE_MB or 2048); splits beyond it are cached on disk in the run folder.
@@ -607,7 +607,7 @@ def _evaluate(sp: _Splits, probs: dict, positive, threshold: Optional[Threshold]
 def _write_run(out: Path, recipe: Recipe, built, spec: ModelSpec, sp: _Splits, probs: dict, evaluation: dict,
                state, ds: Dataset, ctx: _Context, seconds: float) -> dict:
     """Model, spec, recipe, history, plots, metrics and model card: the run-folder contract."""
-    from .report import model_card, plot_confusion, plot_history, plot_roc, write_history
+    from .run_report import model_card, plot_confusion, plot_history, plot_roc, write_history
 
     th, verdict = spec.threshold, evaluation["verdict"]
     _write_model(built.model, out / MODEL)

@@ -1,7 +1,7 @@
 """The quantisation gate: one rule, used by ``lungedge convert``, the pipeline and the demo.
 
 Per variant: a variant **passes** when
-  1. it learned (``edge_runtime.floor``: accuracy above the majority-class rate, one-sided
+  1. it learned (``edge_runtime.learning_floor``: accuracy above the majority-class rate, one-sided
      binomial test at p < 0.01, on the same test images as the Keras model),
   2. its accuracy is at most ``max_accuracy_drop`` percentage points below the Keras model's, and
   3. its recall of the disease class (of every class when there is none) is at most

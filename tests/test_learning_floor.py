@@ -1,44 +1,44 @@
-"""The learning floor (edge_runtime.floor) and the one gate rule (convert.gate)."""
+"""The learning floor (edge_runtime.learning_floor) and the one gate rule (convert.quant_gate)."""
 
 from __future__ import annotations
 
 import pytest
 
-from lungedge.edge_runtime import floor
+from lungedge.edge_runtime import learning_floor
 
 
 @pytest.mark.parametrize("k,n,p", [(0, 10, 0.5), (7, 10, 0.5), (59, 60, 0.5), (330, 600, 0.5), (80, 100, 0.74),
                                    (5, 5, 0.9), (300, 1000, 0.27)])
 def test_binomial_tail_matches_scipy(k, n, p):
     stats = pytest.importorskip("scipy.stats", reason="scipy (with scikit-learn, the test extra) checks the sum")
-    assert floor.binomial_tail(k, n, p) == pytest.approx(float(stats.binom.sf(k - 1, n, p)), rel=1e-9, abs=1e-300)
+    assert learning_floor.binomial_tail(k, n, p) == pytest.approx(float(stats.binom.sf(k - 1, n, p)), rel=1e-9, abs=1e-300)
 
 
 def test_a_constant_model_did_not_learn_even_on_imbalanced_data():
     y = [1] * 74 + [0] * 26  # 74 % majority
-    v = floor.judge(y, [1] * 100, ["NORMAL", "PNEUMONIA"])
-    assert v.status == floor.NOT_LEARNED and v.failed and v.accuracy == pytest.approx(0.74)
+    v = learning_floor.judge(y, [1] * 100, ["NORMAL", "PNEUMONIA"])
+    assert v.status == learning_floor.NOT_LEARNED and v.failed and v.accuracy == pytest.approx(0.74)
     assert v.sentence().startswith("the model did not learn:") and "majority-class rate 0.7400" in v.sentence()
 
 
 def test_a_coin_toss_did_not_learn_and_a_good_model_did():
     y = [0, 1] * 30
-    assert floor.judge(y, [0] * 60, ["a", "b"]).failed
-    assert floor.judge(y, [1, 1] * 30, ["a", "b"]).failed  # half right
-    good = floor.judge(y, y[:-1] + [0], ["a", "b"])  # 59/60
+    assert learning_floor.judge(y, [0] * 60, ["a", "b"]).failed
+    assert learning_floor.judge(y, [1, 1] * 30, ["a", "b"]).failed  # half right
+    good = learning_floor.judge(y, y[:-1] + [0], ["a", "b"])  # 59/60
     assert good.learned and good.correct == 59 and good.accuracy_ci95[0] > 0.9
     assert good.sentence().startswith("the model learned:")
 
 
 def test_too_few_images_is_undetermined_not_failed():
-    v = floor.judge([0, 1, 0, 1], [0, 1, 0, 1], ["a", "b"])  # perfect, but 0.5**4 = 0.06
-    assert v.status == floor.UNDETERMINED and not v.failed and not v.learned
+    v = learning_floor.judge([0, 1, 0, 1], [0, 1, 0, 1], ["a", "b"])  # perfect, but 0.5**4 = 0.06
+    assert v.status == learning_floor.UNDETERMINED and not v.failed and not v.learned
 
 
 def test_wilson_interval_is_inside_zero_one_and_contains_the_estimate():
-    lo, hi = floor.wilson_interval(59, 60)
+    lo, hi = learning_floor.wilson_interval(59, 60)
     assert 0.0 < lo < 59 / 60 < hi <= 1.0
-    assert floor.wilson_interval(0, 0) == (0.0, 0.0)
+    assert learning_floor.wilson_interval(0, 0) == (0.0, 0.0)
 
 
 def _row(name, gate):
@@ -46,7 +46,7 @@ def _row(name, gate):
 
 
 def test_gate_ships_the_first_passing_integer_variant():
-    from lungedge.convert.gate import overall
+    from lungedge.convert.quant_gate import overall
 
     v = overall([_row("float32", "passed"), _row("float16", "passed"), _row("int8", "failed"),
                  _row("int8-mixed", "passed")])
@@ -55,14 +55,14 @@ def test_gate_ships_the_first_passing_integer_variant():
 
 
 def test_gate_fails_when_no_integer_variant_passes_but_names_the_best_file():
-    from lungedge.convert.gate import overall
+    from lungedge.convert.quant_gate import overall
 
     v = overall([_row("float32", "passed"), _row("float16", "passed"), _row("int8", "failed")])
     assert not v.passed and v.ship == "float16" and v.blocking == ["int8"] and v.message.startswith("FAILED")
 
 
 def test_gate_fails_when_a_float_variant_fails_and_ships_nothing_when_nothing_passes():
-    from lungedge.convert.gate import overall
+    from lungedge.convert.quant_gate import overall
 
     assert not overall([_row("float32", "failed"), _row("int8", "passed")]).passed
     nothing = overall([_row("float32", "failed"), _row("int8", "failed")])
@@ -70,7 +70,7 @@ def test_gate_fails_when_a_float_variant_fails_and_ships_nothing_when_nothing_pa
 
 
 def test_variant_that_did_not_learn_fails_its_gate_even_within_the_accuracy_margin():
-    from lungedge.convert.gate import variant_reasons
+    from lungedge.convert.quant_gate import variant_reasons
 
     m = {"accuracy": 0.5, "per_class": {"a": {"recall": 1.0}, "b": {"recall": 0.0}}}
     keras = {"accuracy": 0.5, "per_class": {"a": {"recall": 1.0}, "b": {"recall": 0.0}}}
@@ -80,7 +80,7 @@ def test_variant_that_did_not_learn_fails_its_gate_even_within_the_accuracy_marg
 
 
 def test_gate_treats_uint8_as_an_integer_variant_shipped_after_int8():
-    from lungedge.convert.gate import overall
+    from lungedge.convert.quant_gate import overall
 
     v = overall([_row("float32", "passed"), _row("int8", "failed"), _row("uint8", "passed"), _row("int8-mixed", "passed")])
     assert v.passed and v.ship == "uint8" and not v.blocking
@@ -95,7 +95,7 @@ def test_gate_counts_a_drop_only_when_the_test_set_can_tell_it_from_chance():
     flips of 600 (2 points) fail, with the paired counts in the reason."""
     import numpy as np
 
-    from lungedge.convert.gate import paired_worse, variant_reasons
+    from lungedge.convert.quant_gate import paired_worse, variant_reasons
     from lungedge.edge_runtime.metrics import classification_metrics
 
     def case(n, flips):

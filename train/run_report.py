@@ -9,7 +9,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from lungedge.edge_runtime.data import atomic_write_bytes, atomic_write_text
+from lungedge.edge_runtime.atomic_write import atomic_write_bytes, atomic_write_text
 
 from .recipes import customisations
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lungedge.edge_runtime.data import atomic_write_bytes, atomic_write_text
+from lungedge.edge_runtime.atomic_write import atomic_write_bytes, atomic_write_text
 
 
 def report_paths(out_dir) -> dict:
@@ -62,7 +62,7 @@ def markdown(report: dict) -> str:
         f"Calibration (integer variants): {report['calibration']['count']} images, "
         f"{report['calibration']['source']}, per class {_counts(report['calibration']['class_counts'])}; "
         f"layer-by-layer bias correction {'on' if report.get('bias_correction', True) else 'off'}.",
-        f"Gate (convert/gate.py): a variant fails when it did not learn (accuracy not above the majority-class "
+        f"Gate (convert/quant_gate.py): a variant fails when it did not learn (accuracy not above the majority-class "
         f"rate, one-sided binomial p < 0.01), its accuracy is more than {report['gate']['max_accuracy_drop']} "
         f"points below Keras, or its recall of {disease} more than {report['gate']['max_recall_drop']} points "
         "below, and that drop is more than chance on the images where the two disagree (McNemar's exact "

@@ -3,13 +3,12 @@ Kermany file name. No TensorFlow."""
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-from .errors import ConfigError, InputError, WriteError
+from .errors import ConfigError, InputError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm",
                               ".dcm", ".dicom"})
@@ -119,37 +118,6 @@ def label_key(name: str) -> str:
     """How class names are matched (folder names, recipes, labels files): lower case, letters and
     digits only ("Malignant cases" -> "malignantcases")."""
     return "".join(ch for ch in name.lower() if ch.isalnum())
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: never half a file.
-
-    Raises:
-        WriteError: the folder cannot be made or the file cannot be written (a full disk, a
-            read-only card); the temporary file is removed and ``path`` is left as it was.
-    """
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except OSError as exc:
-        raise WriteError(f"cannot write {str(p)!r} ({exc.strerror or type(exc).__name__}); "
-                         f"nothing was written") from None
-    finally:
-        try:
-            if tmp.exists():
-                tmp.unlink()
-        except OSError:
-            pass
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # Kermany chest X-ray: personNNN_bacteria_MMM / personNNN_virus_MMM (pneumonia),

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from lungedge.edge_runtime.data import list_labelled_folder, patient_id  # noqa: F401 - patient_id re-exported
+from lungedge.edge_runtime.image_files import list_labelled_folder, patient_id  # noqa: F401 - patient_id re-exported
 from lungedge.edge_runtime.errors import ConfigError, InputError
 from lungedge.edge_runtime.spec import Preprocessing
 
@@ -145,7 +145,7 @@ def _has_class_folders(p: Path) -> bool:
 
 def find_unreadable(paths: Sequence[str], prep: Preprocessing, workers: int = 0, progress: bool = True) -> List[Dict[str, str]]:
     """``[{"path": ..., "error": ...}]`` for each file the shared preprocessing cannot read, in input order."""
-    from lungedge.edge_runtime.scan import unreadable
+    from lungedge.edge_runtime.readability import unreadable
 
     return [{"path": p, "error": e} for p, e in unreadable(paths, prep, workers, progress)]
 

@@ -1,4 +1,4 @@
-"""Judge converted variants against the Keras model on the same preprocessed images.
+"""Evaluate converted variants against the Keras model on the same preprocessed images.
 
 The variants run in ``edge_runtime.Classifier`` (what the device runs); the Keras model gets
 exactly the same float arrays. Decisions use each model's own threshold record.

@@ -1,4 +1,4 @@
-"""What a reader files: a CSV and an HTML page of results, with thumbnails and heat maps.
+"""The results report: a CSV and an HTML page of results, with thumbnails and heat maps.
 
 Used by ``lungedge classify --report DIR`` and by the web page (``lungedge serve``); numpy and
 Pillow only (the device install). Every text that comes from a file (names, labels) is escaped
@@ -77,7 +77,7 @@ def is_refusal(result) -> bool:
 
 def images_for(source, prediction, name: Optional[str] = None, max_side: int = THUMB_SIDE) -> tuple:
     """(thumbnail PNG, heat-map overlay PNG or None) for one classified image."""
-    from lungedge.edge_runtime.heatmap import display_pixels, overlay
+    from lungedge.edge_runtime.heatmap_overlay import display_pixels, overlay
 
     pixels = display_pixels(source, max_side=max_side, name=name)
     thumb = png_bytes(Image.fromarray(pixels))
@@ -233,7 +233,7 @@ def write_report(out_dir: Union[str, Path], entries: Sequence[Entry], facts: dic
     Raises:
         WriteError: a file could not be written.
     """
-    from lungedge.edge_runtime.data import atomic_write_bytes, atomic_write_text
+    from lungedge.edge_runtime.atomic_write import atomic_write_bytes, atomic_write_text
 
     out = Path(out_dir)
     srcs = {}
@@ -251,7 +251,7 @@ def write_report(out_dir: Union[str, Path], entries: Sequence[Entry], facts: dic
 
 def heatmap_file(out_dir: Union[str, Path], name: str, index: int, png: bytes) -> Path:
     """Write one overlay PNG for ``--heatmap DIR``; returns its path."""
-    from lungedge.edge_runtime.data import atomic_write_bytes
+    from lungedge.edge_runtime.atomic_write import atomic_write_bytes
 
     p = Path(out_dir) / f"{safe_stem(name, index)}_heatmap.png"
     atomic_write_bytes(str(p), png)

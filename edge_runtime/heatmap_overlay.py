@@ -1,7 +1,7 @@
 """Drawing a class activation map over the image a reader sees: numpy and Pillow only.
 
 The map comes from the model file (``Classifier.classify(..., heatmap=True)``, the ``heatmap``
-signature written by ``convert.heatmap``): one value per location of the last convolutional
+signature written by ``convert.heatmap_signature``): one value per location of the last convolutional
 features (7x7 for MobileNetV2 at 224), in logit units, positive where the image argues for the
 predicted class. Only the positive part is drawn, scaled to the image's own maximum, so a
 location with no evidence keeps the radiograph's own grey; the scale's top (in logit units) is

@@ -7,7 +7,6 @@ that has only the ``edge`` extra.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -15,10 +14,6 @@ import click
 
 from lungedge import __version__
 from lungedge.cli_util import LazyGroup, EXIT_FAILED, EXIT_OK, ResultSink, dumps_strict, escape_text, handle_errors
-
-# TensorFlow's C++ start-up chatter hides the progress bars and results users need to see
-# (train.tfimport also silences what this variable does not reach; --verbose shows it all).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # Commands defined in other modules, imported only when that command runs (or --help lists them):
 # name -> "module:attribute". Their modules import TensorFlow only inside the command.
@@ -36,8 +31,7 @@ _LAZY_COMMANDS = {
 @click.version_option(__version__, prog_name="lungedge")
 @click.option("--verbose", "-v", is_flag=True, help="Also show TensorFlow's own start-up and Keras output.")
 @click.option("--quiet", "-q", is_flag=True, help="Only results and errors: no progress.")
-@click.pass_context
-def main(ctx, verbose: bool, quiet: bool) -> None:
+def main(verbose: bool, quiet: bool) -> None:
     """lungedge: lung-image classifiers from training to a cheap device.
 
     \b
@@ -48,11 +42,9 @@ def main(ctx, verbose: bool, quiet: bool) -> None:
       lungedge classify --model runs/xray/model_int8.tflite IMAGES...
       lungedge bench runs/xray/*.tflite --images DIR
     """
-    ctx.ensure_object(dict)
-    ctx.obj["verbosity"] = 0 if quiet else 2 if verbose else 1
-    if verbose:
-        os.environ["LUNGEDGE_VERBOSE"] = "1"
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    from lungedge.verbosity import NORMAL, QUIET, VERBOSE, configure
+
+    configure(QUIET if quiet else VERBOSE if verbose else NORMAL)
 
 
 def _model_options(f):

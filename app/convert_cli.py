@@ -44,7 +44,7 @@ from lungedge.convert.variants import DEFAULT_VARIANTS, VARIANTS
 @click.option("--no-gate", is_flag=True, help="Exit 0 even when a variant fails the gate (still reported).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: RUN_DIR).")
-@click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal, unless -q).")
 @handle_errors
 def convert_cmd(run_dir, variants, data_dir, calibration_count, calibration_dir, max_accuracy_drop,
                 max_recall_drop, rethreshold, no_bias_correction, heatmap, no_domain, ood_dir, no_gate, out_dir, progress):
@@ -67,11 +67,13 @@ def convert_cmd(run_dir, variants, data_dir, calibration_count, calibration_dir,
     """
     from lungedge.convert.conversion import convert_run
 
-    if progress is None:
-        progress = sys.stderr.isatty()
+    if progress is not None:
+        from lungedge.verbosity import show_progress
+
+        show_progress(progress)
     report = convert_run(run_dir, variants=variants, data_dir=data_dir, out_dir=out_dir,
                          calibration_count=calibration_count, max_accuracy_drop=max_accuracy_drop,
-                         max_recall_drop=max_recall_drop, progress=progress,
+                         max_recall_drop=max_recall_drop,
                          calibration_dir=calibration_dir, rethreshold=rethreshold,
                          bias_correction=not no_bias_correction, heatmap=heatmap, domain=not no_domain,
                          ood_dir=ood_dir)

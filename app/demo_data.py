@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lungedge.edge_runtime.progress import bar
+
 CLASSES = ("NORMAL", "PNEUMONIA")
 
 
@@ -59,8 +61,7 @@ def _soft(v: np.ndarray, width: float) -> np.ndarray:
     return np.clip(v / width, 0.0, 1.0)
 
 
-def make_demo_dataset(out_dir: str, per_class: int = 150, size: int = 224, seed: int = 0,
-                      progress: bool = True) -> Path:
+def make_demo_dataset(out_dir: str, per_class: int = 150, size: int = 224, seed: int = 0) -> Path:
     """Write ``out_dir/{NORMAL,PNEUMONIA}/demo_<i>.png``; returns the folder.
 
     Existing files with the same names are overwritten (the content depends only on the seed).
@@ -68,12 +69,7 @@ def make_demo_dataset(out_dir: str, per_class: int = 150, size: int = 224, seed:
     root = Path(out_dir)
     rng = np.random.default_rng(seed)
     jobs = [(cls, i) for i in range(per_class) for cls in CLASSES]
-    it = jobs
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(jobs, desc="demo images", unit="img", leave=False)
-    for cls, i in it:
+    for cls, i in bar(jobs, desc="demo images"):
         n_op = 0 if cls == "NORMAL" else int(rng.integers(1, 4))
         arr = synthetic_radiograph(rng, size, n_op)
         d = root / cls

@@ -11,7 +11,7 @@ evaluated so the report can show why.
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,8 @@ from lungedge.edge_runtime.errors import LungedgeError
 from lungedge.convert.variants import DEFAULT_VARIANTS
 
 from .report_index import write_index
+
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,7 +67,6 @@ class _Job:
     bench_threads: Sequence[int]
     gate: bool
     summary: dict
-    verbose: int = 1
     heatmap: bool = False
     convert_options: dict = field(default_factory=dict)
     resume: bool = False
@@ -89,8 +90,6 @@ def run_pipeline(
     title: str = "lungedge pipeline",
     notes: Sequence[str] = (),
     facts: Optional[dict] = None,
-    log: Callable[[str], None] = print,
-    verbose: int = 1,
     heatmap: bool = False,
     calibration_dir: Optional[str] = None,
     bias_correction: bool = True,
@@ -106,7 +105,6 @@ def run_pipeline(
         gate: a failing gate fails the pipeline (exit 1); without it, it is only reported.
         notes: lines added to the top of the index (e.g. how the data was made).
         facts: key facts for the index (e.g. ``{"imagenet_weights": False}``).
-        verbose: 0 quiet, 1 progress, 2 also Keras's own output.
         heatmap: converted files also carry the heat-map signature (not loadable by MediaPipe).
         calibration_dir, bias_correction: as ``convert.conversion.convert_run``.
         resume: continue an interrupted pipeline in ``out_dir``: training goes on from its last
@@ -120,12 +118,12 @@ def run_pipeline(
     summary: dict = {"recipe": recipe.name, "recipe_resolved": recipe.to_dict(), "data": str(data_dir),
                      "variants": list(variants), "notes": list(notes), "facts": dict(facts or {}), "ship": None}
     job = _Job(recipe, str(data_dir), out, tuple(variants), test_data, calibration_count, bench_runs,
-               tuple(bench_threads), gate, summary, verbose, heatmap,
+               tuple(bench_threads), gate, summary, heatmap,
                {"calibration_dir": calibration_dir, "bias_correction": bias_correction}, resume)
     stages = [Stage("train"), Stage("convert"), Stage("benchmark"), Stage("evaluate")]
     steps = {"train": _train, "convert": _convert, "benchmark": _bench, "evaluate": _evaluate}
     for stage in stages:
-        if not _run_stage(stage, steps[stage.name], job, log):
+        if not _run_stage(stage, steps[stage.name], job):
             if not (stage.name == "convert" and stage.status == "gate failed" and summary.get("ship")):
                 break
     summary["stages"] = [s.__dict__ for s in stages]
@@ -134,9 +132,9 @@ def run_pipeline(
     return PipelineResult(out, stages, index, summary)
 
 
-def _run_stage(stage: Stage, fn: Callable, job: _Job, log: Callable[[str], None]) -> bool:
+def _run_stage(stage: Stage, fn: Callable, job: _Job) -> bool:
     """Run one stage; a ``LungedgeError`` is the stage's failure message. A bug propagates."""
-    log(f"== {stage.name} ==")
+    _LOG.info(f"== {stage.name} ==")
     t0 = time.perf_counter()
     try:
         fn(stage, job)
@@ -147,7 +145,7 @@ def _run_stage(stage: Stage, fn: Callable, job: _Job, log: Callable[[str], None]
     finally:
         stage.seconds = time.perf_counter() - t0
     if stage.status != "passed":
-        log(f"{stage.name} stage {stage.status}: {stage.message}")
+        _LOG.info(f"{stage.name} stage {stage.status}: {stage.message}")
     return stage.status == "passed"
 
 
@@ -155,9 +153,7 @@ def _train(stage: Stage, job: _Job) -> None:
     from lungedge.train.training import train_run
 
     try:
-        # train_run: 0 silent, 1 Keras progress bars (a terminal), 2 one line per epoch (a log file)
-        train_run(job.recipe, job.data_dir, job.run_dir, resume=job.resume and job.run_dir.is_dir(),
-                  verbose=0 if job.verbose == 0 else 1 if sys.stdout.isatty() else 2)
+        train_run(job.recipe, job.data_dir, job.run_dir, resume=job.resume and job.run_dir.is_dir())
     finally:  # a run that did not learn still leaves its metrics for the report
         job.summary["train_metrics"] = _read_json(job.run_dir / "metrics.json")
         stage.outputs = _existing(job.run_dir, ["model_card.md", "metrics.json", "recipe.json", "spec.json",
@@ -168,7 +164,7 @@ def _convert(stage: Stage, job: _Job) -> None:
     from lungedge.convert.conversion import convert_run
 
     report = convert_run(job.run_dir, variants=job.variants, data_dir=job.test_data,
-                         calibration_count=job.calibration_count, progress=job.verbose > 0, heatmap=job.heatmap,
+                         calibration_count=job.calibration_count, heatmap=job.heatmap,
                          **job.convert_options)
     verdict = report["verdict"]
     job.summary["quantization"] = _quant_summary(report)

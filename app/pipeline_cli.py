@@ -59,9 +59,8 @@ def _print_result(result, started: float, next_steps: bool) -> None:
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted pipeline in --out: training from its last epoch checkpoint "
                    "(a complete run is kept), then the later stages again.")
-@click.pass_context
 @handle_errors
-def pipeline_cmd(ctx, recipe, data, out, overrides, variants, test_data, calibration, bench_runs, bench_threads,
+def pipeline_cmd(recipe, data, out, overrides, variants, test_data, calibration, bench_runs, bench_threads,
                  no_gate, heatmap, calibration_dir, no_bias_correction, resume):
     """Train, convert to float32/float16/int8/int8-mixed, gate the quantisation, benchmark,
     classify, and write one report folder with an index (index.html, index.md).
@@ -82,14 +81,12 @@ def pipeline_cmd(ctx, recipe, data, out, overrides, variants, test_data, calibra
 
     started = time.perf_counter()
     resolved = apply_overrides(get_recipe(recipe), overrides)
-    verbose = _verbosity(ctx)
     result = run_pipeline(resolved, data, out,
                           variants=[v.strip() for v in variants.split(",") if v.strip()], test_data=test_data,
                           calibration_count=calibration, bench_runs=bench_runs,
                           bench_threads=parse_int_list(bench_threads, "--bench-threads"), gate=not no_gate,
-                          title=f"lungedge pipeline: {recipe}", verbose=verbose, heatmap=heatmap,
-                          calibration_dir=calibration_dir, bias_correction=not no_bias_correction, resume=resume,
-                          log=(lambda m: click.echo(m, err=True)) if verbose else (lambda m: None))
+                          title=f"lungedge pipeline: {recipe}", heatmap=heatmap,
+                          calibration_dir=calibration_dir, bias_correction=not no_bias_correction, resume=resume)
     _print_result(result, started, next_steps=False)
     sys.exit(EXIT_OK if result.ok else EXIT_FAILED)
 
@@ -103,9 +100,8 @@ def pipeline_cmd(ctx, recipe, data, out, overrides, variants, test_data, calibra
               help="Training epochs (default: the recipe's; early stopping).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--bench-runs", type=click.IntRange(min=1), default=30, show_default=True)
-@click.pass_context
 @handle_errors
-def demo_cmd(ctx, out, images_per_class, epochs, seed, bench_runs):
+def demo_cmd(out, images_per_class, epochs, seed, bench_runs):
     """Run the whole pipeline offline on generated chest-radiograph-like images.
 
     Uses the MobileNetV2 ImageNet weights when it can find them (or fetch them the standard
@@ -121,19 +117,9 @@ def demo_cmd(ctx, out, images_per_class, epochs, seed, bench_runs):
     from lungedge.pipeline import run_pipeline
 
     started = time.perf_counter()
-    verbose = _verbosity(ctx)
-    log = (lambda m: click.echo(m, err=True)) if verbose else (lambda m: None)
-    plan = plan_demo(Path(out), images_per_class, epochs, seed, log=lambda m: click.echo(m, err=True),
-                     progress=verbose > 0 and sys.stderr.isatty())
+    plan = plan_demo(Path(out), images_per_class, epochs, seed)
     result = run_pipeline(plan.recipe, str(plan.data_dir), str(Path(out) / "report"), calibration_count=100,
-                          bench_runs=bench_runs, title="lungedge demo", notes=plan.notes, facts=plan.facts,
-                          log=log, verbose=verbose)
+                          bench_runs=bench_runs, title="lungedge demo", notes=plan.notes, facts=plan.facts)
     _print_result(result, started, next_steps=True)
     sys.exit(EXIT_OK if result.ok else EXIT_FAILED)
-
-
-def _verbosity(ctx) -> int:
-    """0 with the group's -q, 2 with --verbose, else 1."""
-    obj = (ctx.find_root().obj or {}) if ctx else {}
-    return int(obj.get("verbosity", 1))
 

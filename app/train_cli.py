@@ -95,17 +95,18 @@ def train_cmd(recipe_name, data_dir, out_dir, augment, class_weights, fine_tune_
         recipe = customize(recipe, fields, augment=augment, class_weights=class_weights,
                            fine_tune={"epochs": fine_tune_epochs, "blocks": fine_tune_blocks,
                                       "learning_rate": fine_tune_lr}, sets=sets)
-    verbose = 0 if quiet else 1
+    if quiet:
+        from lungedge.verbosity import QUIET, configure
+
+        configure(QUIET)
     if cv:
         from lungedge.train.training import cv_run
 
-        out = cv_run(recipe, data_dir, out_dir, cv, resume=resume, strategy=strategy, verbose=verbose,
-                     cache_mb=cache_mb)
+        out = cv_run(recipe, data_dir, out_dir, cv, resume=resume, strategy=strategy, cache_mb=cache_mb)
         click.echo(f"cross-validation written to {out}")
     else:
         from lungedge.train.training import train_run
 
-        out = train_run(recipe, data_dir, out_dir, resume=resume, strategy=strategy, verbose=verbose,
-                        cache_mb=cache_mb)
+        out = train_run(recipe, data_dir, out_dir, resume=resume, strategy=strategy, cache_mb=cache_mb)
         click.echo(f"run folder: {out}")
 

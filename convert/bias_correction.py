@@ -189,8 +189,8 @@ def _feed(it, x: np.ndarray) -> None:
     it.invoke()
 
 
-def correct_biases(quantized: bytes, reference: bytes, images: np.ndarray, max_images: int = DEFAULT_IMAGES,
-                   progress: bool = False) -> Tuple[bytes, Optional[dict]]:
+def correct_biases(quantized: bytes, reference: bytes, images: np.ndarray,
+                   max_images: int = DEFAULT_IMAGES) -> Tuple[bytes, Optional[dict]]:
     """Correct the int32 biases of ``quantized`` so each layer's mean output matches ``reference``.
 
     Args:
@@ -199,7 +199,6 @@ def correct_biases(quantized: bytes, reference: bytes, images: np.ndarray, max_i
         images: preprocessed float32 images (N, H, W, C) from the training split.
         max_images: use at most this many of ``images``, evenly spaced through the array (so
             a class-sorted calibration array gives each class its share).
-        progress: a progress bar over the layers on stderr.
 
     Returns:
         (corrected model bytes, record for the metadata), or (``quantized``, None) when it has no
@@ -209,7 +208,7 @@ def correct_biases(quantized: bytes, reference: bytes, images: np.ndarray, max_i
         ModelError: no images, or the two models do not share the ops' tensor names.
     """
     from ai_edge_litert import schema_py_generated as schema
-    from tqdm import tqdm
+    from lungedge.edge_runtime.progress import bar
 
     if not hasattr(images, "ndim"):
         images = np.asarray(images, np.float32)
@@ -228,7 +227,7 @@ def correct_biases(quantized: bytes, reference: bytes, images: np.ndarray, max_i
     with tempfile.TemporaryDirectory(prefix="lungedge-bias-") as folder:
         expected = _ReferenceOutputs(reference, _reference_names(model, ops), x, folder)
         changes = []
-        for k, op in enumerate(tqdm(ops, desc="bias correction", unit="layer", disable=not progress, leave=False)):
+        for k, op in enumerate(bar(ops, desc="bias correction", unit="layer")):
             it = _interpreter(probe)
             out = it._get_tensor_details(op.output, 0)
             scale, zero = out["quantization"]

@@ -12,6 +12,7 @@ import numpy as np
 from lungedge.edge_runtime.image_files import list_labelled_folder
 from lungedge.edge_runtime.errors import ConfigError, ImageError, InputError
 from lungedge.edge_runtime.preprocess import load_pixels, normalize
+from lungedge.edge_runtime.progress import bar
 from lungedge.edge_runtime.spec import Preprocessing
 
 DEFAULT_COUNT = 300
@@ -78,19 +79,16 @@ def stratified_pick(labels: Sequence[int], count: int, seed: int = 0) -> List[in
     return picked
 
 
-def load_images(paths: Sequence[str], spec: Preprocessing, progress: bool = False,
-                desc: str = "preprocess") -> Tuple[NormalizedImages, List[int], List[Tuple[str, str]]]:
+def load_images(paths: Sequence[str], spec: Preprocessing, desc: str = "preprocess") -> Tuple[NormalizedImages, List[int], List[Tuple[str, str]]]:
     """Decode and resize images through the shared preprocessing, kept as uint8.
 
     Returns:
         (images that read as the normalised float32 input, kept indices into ``paths``, failures
         as (path, reason)). Unreadable images are skipped and reported, not fatal.
     """
-    from tqdm import tqdm
-
     pixels = np.empty((len(paths), spec.height, spec.width, spec.channels), np.uint8)
     kept, failures = [], []
-    for i, p in enumerate(tqdm(paths, desc=desc, unit="img", disable=not progress, leave=False)):
+    for i, p in enumerate(bar(paths, desc=desc)):
         try:
             pixels[len(kept)] = load_pixels(p, spec)
             kept.append(i)
@@ -100,7 +98,7 @@ def load_images(paths: Sequence[str], spec: Preprocessing, progress: bool = Fals
 
 
 def calibration_from_files(paths: Sequence[str], labels: Sequence[int], spec: Preprocessing,
-                           count: int = DEFAULT_COUNT, seed: int = 0, progress: bool = False,
+                           count: int = DEFAULT_COUNT, seed: int = 0,
                            source: str = "files") -> np.ndarray:
     """A stratified calibration array from labelled image files.
 
@@ -110,7 +108,7 @@ def calibration_from_files(paths: Sequence[str], labels: Sequence[int], spec: Pr
     if len(paths) == 0:
         raise ConfigError(f"no calibration images in {source}")
     idx = stratified_pick(labels, count, seed)
-    x, _, failures = load_images([paths[i] for i in idx], spec, progress, desc="calibration")
+    x, _, failures = load_images([paths[i] for i in idx], spec, desc="calibration")
     if len(x) == 0:
         raise ConfigError(f"none of the {len(idx)} calibration images in {source} could be read "
                           f"(first: {failures[0][1] if failures else '?'})")
@@ -118,7 +116,7 @@ def calibration_from_files(paths: Sequence[str], labels: Sequence[int], spec: Pr
 
 
 def calibration_from_folder(folder: str, spec: Preprocessing, class_names: Optional[Sequence[str]] = None,
-                            count: int = DEFAULT_COUNT, seed: int = 0, progress: bool = False) -> np.ndarray:
+                            count: int = DEFAULT_COUNT, seed: int = 0) -> np.ndarray:
     """Calibration images from a class-folder tree ``folder/<class>/<image>``, or a flat
     folder of images (then one class).
 
@@ -144,4 +142,4 @@ def calibration_from_folder(folder: str, spec: Preprocessing, class_names: Optio
         labels = [0] * len(paths)
     if not paths:
         raise InputError(f"calibration folder has no images: {str(root)!r}")
-    return calibration_from_files(paths, labels, spec, count, seed, progress, source=repr(str(root)))
+    return calibration_from_files(paths, labels, spec, count, seed, source=repr(str(root)))

@@ -31,7 +31,6 @@ def convert_run(
     calibration_count: int = DEFAULT_COUNT,
     max_accuracy_drop: float = quant_gate.DEFAULT_MAX_ACCURACY_DROP,
     max_recall_drop: float = quant_gate.DEFAULT_MAX_RECALL_DROP,
-    progress: bool = True,
     calibration_dir: Optional[str] = None,
     rethreshold: bool = False,
     seed: int = 0,
@@ -54,7 +53,6 @@ def convert_run(
         calibration_count: training images for the integer variants (stratified by class).
         max_accuracy_drop: gate, in percentage points below the Keras model's accuracy.
         max_recall_drop: gate, in points below Keras on the disease class's recall.
-        progress: progress bars on stderr.
         calibration_dir: take calibration images from this labelled folder instead.
         rethreshold: for the integer variants, re-choose the decision threshold on the
             manifest's validation split with the quantised model's own probabilities
@@ -98,17 +96,17 @@ def convert_run(
     sha = model_sha256(run.model_path)
     calibration, calib_info, picked = None, {"count": 0, "source": "not needed", "class_counts": {}}, []
     if any(v.calibrated for v in chosen):  # before judging the model: a bad calibration folder is an input error
-        calibration, calib_info, picked = _calibration(run, spec, calibration_dir, calibration_count, seed, progress)
-    ref = _reference(run, model, data_dir, progress, learning_floor)
+        calibration, calib_info, picked = _calibration(run, spec, calibration_dir, calibration_count, seed)
+    ref = _reference(run, model, data_dir, learning_floor)
     want_val = (rethreshold and spec.threshold is not None) or domain
-    val = _validation(run, progress) if want_val else None
+    val = _validation(run) if want_val else None
     gate_x = val[0] if val is not None else calibration
     gate_source = "validation split" if val is not None else "calibration images (no validation split)"
     domain_fit, frame_facts, domain_note = None, None, "off (--no-domain)"
     if domain:
         from .domain_gate import fit_run
 
-        domain_fit, frame_facts = fit_run(run, model, picked, seed, progress, reference_x=gate_x)
+        domain_fit, frame_facts = fit_run(run, model, picked, seed, reference_x=gate_x)
         domain_note = "fitted" if domain_fit is not None else frame_facts
         if domain_fit is None:
             frame_facts = None
@@ -123,14 +121,14 @@ def convert_run(
         t0 = time.perf_counter()
         data = convert_keras_model(model, spec, v, calibration=calibration, source_sha256=sha,
                                    extra={"calibration": calib_info} if v.calibrated else None,
-                                   bias_correction=bias_correction, progress=progress, reference=reference,
+                                   bias_correction=bias_correction, reference=reference,
                                    heatmap=heatmap, domain=domain_fit)
         seconds = time.perf_counter() - t0
         path = out / tflite_name(v.name)
         write_tflite(path, data)
         note = None
         if val is not None and v.calibrated and rethreshold and spec.threshold is not None:
-            data, note = _rethreshold(path, data, val, spec, progress)
+            data, note = _rethreshold(path, data, val, spec)
             write_tflite(path, data)
         domain_row = None
         if domain_fit is not None:
@@ -144,9 +142,9 @@ def convert_run(
             data = _with_refusal(data, rates)
             write_tflite(path, data)
             domain_row = {"note": gate_note, "dev_sets": rates}
-        rows.append(_judge(path, v, ref, spec, limits, seconds, progress, learning_floor))
+        rows.append(_judge(path, v, ref, spec, limits, seconds, learning_floor))
         if v.micro:
-            _micro(path, ref, rows[-1], spec, limits, progress, learning_floor)
+            _micro(path, ref, rows[-1], spec, limits, learning_floor)
         if note:
             rows[-1]["threshold_note"] = note
         if domain_row is not None:
@@ -201,11 +199,11 @@ class _Reference:
     disease: Optional[str]
 
 
-def _reference(run, model, data_dir, progress: bool, learning_floor: bool) -> _Reference:
+def _reference(run, model, data_dir, learning_floor: bool) -> _Reference:
     """Read the test images, run the Keras model on them, and refuse a model that did not learn."""
     spec = run.spec
     test, note = eval_split(run, data_dir)
-    x, kept, failures = load_images(test.paths, spec.preprocessing, progress, desc="test images")
+    x, kept, failures = load_images(test.paths, spec.preprocessing, desc="test images")
     if len(x) == 0:
         raise ConfigError(f"none of the {len(test)} test images ({test.source}) could be read")
     y = np.asarray([test.labels[i] for i in kept])
@@ -220,12 +218,12 @@ def _reference(run, model, data_dir, progress: bool, learning_floor: bool) -> _R
     return _Reference(x, y, note, test.source, failures, probs, pred, metrics, disease)
 
 
-def _validation(run, progress: bool):
+def _validation(run):
     """The validation split's images and labels (to re-choose thresholds), or None when there is none."""
     val_split = run.split("val")
     if not len(val_split):
         return None
-    xv, kv, _ = load_images(val_split.paths, run.spec.preprocessing, progress, desc="val images")
+    xv, kv, _ = load_images(val_split.paths, run.spec.preprocessing, desc="val images")
     return xv, np.asarray([val_split.labels[i] for i in kv])
 
 
@@ -255,29 +253,29 @@ def _report(run, ref: _Reference, rows: list, sha: str, calib_info: dict, bias_c
     }
 
 
-def _calibration(run, spec, calibration_dir, count, seed, progress):
+def _calibration(run, spec, calibration_dir, count, seed):
     """(images, record, indices picked from the training split: [] for a folder)."""
     if calibration_dir is not None:
-        x = calibration_from_folder(calibration_dir, spec.preprocessing, spec.labels, count, seed, progress)
+        x = calibration_from_folder(calibration_dir, spec.preprocessing, spec.labels, count, seed)
         return x, {"count": int(len(x)), "source": f"folder {calibration_dir}", "class_counts": {}}, []
     train = calibration_split(run)
     from .calibration import stratified_pick
 
     picked = stratified_pick(train.labels, count, seed)
-    x = calibration_from_files(train.paths, train.labels, spec.preprocessing, count, seed, progress,
+    x = calibration_from_files(train.paths, train.labels, spec.preprocessing, count, seed,
                                source=train.source)
     return x, {"count": int(len(x)), "source": f"stratified from the {train.source}",
                "class_counts": class_counts([train.labels[i] for i in picked], spec.labels)}, picked
 
 
-def _rethreshold(path, data, val, spec, progress):
+def _rethreshold(path, data, val, spec):
     """Re-choose the threshold of a quantised file on the validation split; re-embed it."""
     from lungedge.edge_runtime.classifier import Classifier
     from lungedge.edge_runtime.metadata import embed_spec, read_spec
 
     xv, yv = val
     clf = Classifier(path, use_threshold=False)
-    probs = tflite_probabilities(clf, xv, progress, desc=f"val {path.name}")
+    probs = tflite_probabilities(clf, xv, desc=f"val {path.name}")
     old = spec.threshold
     new = rechoose_threshold(probs, yv, spec.labels, old, "validation (re-chosen for this quantised model)")
     file_spec = read_spec(data)
@@ -300,12 +298,12 @@ def _keras_row(m: dict) -> dict:
             "macro_f1": m["macro"]["f1"], "decision": m["decision"], "metrics": m}
 
 
-def _judge(path, v, ref: _Reference, spec, limits, seconds, progress, learning_floor=True):
+def _judge(path, v, ref: _Reference, spec, limits, seconds, learning_floor=True):
     """Load the written file in the runtime, run the test images, apply the gate."""
     from lungedge.edge_runtime.classifier import Classifier
 
     clf = Classifier(path)
-    probs, scores = tflite_probabilities(clf, ref.x, progress, desc=f"test {v.name}", with_scores=True)
+    probs, scores = tflite_probabilities(clf, ref.x, desc=f"test {v.name}", with_scores=True)
     threshold = clf.spec.threshold if clf.use_threshold else None
     m = summarize(ref.y, probs, spec, threshold)
     pred = decide(probs, spec.labels, threshold)
@@ -343,7 +341,7 @@ def _judge(path, v, ref: _Reference, spec, limits, seconds, progress, learning_f
     }
 
 
-def _micro(path: Path, ref: _Reference, row: dict, spec, limits, progress: bool, learning_floor: bool = True) -> None:
+def _micro(path: Path, ref: _Reference, row: dict, spec, limits, learning_floor: bool = True) -> None:
     """Verify a micro file in TensorFlow Lite Micro and write its C sources. TFLM's own answers
     on the test images face the same gate as LiteRT's; a file TFLM cannot run (an operator it
     lacks, a class output off LiteRT's reference kernels) fails the gate with the reason."""
@@ -353,7 +351,7 @@ def _micro(path: Path, ref: _Reference, row: dict, spec, limits, progress: bool,
 
     file_spec = read_spec(path.read_bytes())
     try:
-        report, tflm = export(path, ref.x, file_spec, ref.y, progress)
+        report, tflm = export(path, ref.x, file_spec, ref.y)
     except ModelError as exc:
         row["micro"] = {"error": str(exc)}
         row["gate"] = "failed"

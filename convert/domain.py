@@ -149,21 +149,16 @@ def layer_widths(model, layers: Sequence[str]) -> Tuple[int, ...]:
     return tuple(int(base.get_layer(name).output.shape[-1]) for name in layers)
 
 
-def extract(features_model, images, batch: int = 32, progress: bool = False, desc: str = "domain features") -> np.ndarray:
+def extract(features_model, images, batch: int = 32, desc: str = "domain features") -> np.ndarray:
     """Pooled features of ``images`` (an array or ``NormalizedImages``), in batches."""
-    out = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from lungedge.edge_runtime.progress import bar
 
-        bar = tqdm(total=len(images), desc=desc, unit="img", leave=False)
-    for i in range(0, len(images), batch):
-        x = np.asarray(images[i : i + batch], np.float32)
-        out.append(np.asarray(features_model(x, training=False), np.float64))
-        if bar is not None:
-            bar.update(len(x))
-    if bar is not None:
-        bar.close()
+    out = []
+    with bar(total=len(images), desc=desc) as progress_bar:
+        for i in range(0, len(images), batch):
+            x = np.asarray(images[i : i + batch], np.float32)
+            out.append(np.asarray(features_model(x, training=False), np.float64))
+            progress_bar.update(len(x))
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 

@@ -20,7 +20,7 @@ from .calibration import load_images
 from .domain import DomainFit, extract, feature_layers, feature_model, fit, layer_widths, split_for_fit
 
 
-def fit_run(run, model, picked: Sequence[int], seed: int, progress: bool, reference_x=None):
+def fit_run(run, model, picked: Sequence[int], seed: int, reference_x=None):
     """(DomainFit, frame facts) fitted on the run's training images other than a holdout of
     ``picked`` (the calibration images), or (None, reason) when the model has no place for a
     score. The frame facts are the training images' aspect range and structure floor
@@ -38,10 +38,10 @@ def fit_run(run, model, picked: Sequence[int], seed: int, progress: bool, refere
     train = calibration_split(run)
     idx = split_for_fit(len(train), picked, seed)
     paths = [train.paths[i] for i in idx]
-    x, kept, _ = load_images(paths, run.spec.preprocessing, progress, desc="domain fit images")
+    x, kept, _ = load_images(paths, run.spec.preprocessing, desc="domain fit images")
     if len(x) < 2:
         return None, f"only {len(x)} training images could be read for the domain score"
-    feats = extract(fm, x, progress=progress)
+    feats = extract(fm, x)
     labels = [train.labels[idx[k]] for k in kept]
     aspects = []
     for k in kept:
@@ -58,7 +58,7 @@ def fit_run(run, model, picked: Sequence[int], seed: int, progress: bool, refere
              "saturation_limit": saturation_limit_from([saturated_share(p) for p in x.pixels])}
     fitted = fit(feats, labels, run.spec.num_classes, layers, layer_widths(model, layers))
     if reference_x is not None and len(reference_x):  # unseen images: where the anchor goes
-        fitted = fitted.anchored(fitted.scores(extract(fm, reference_x, progress=progress, desc="domain reference")))
+        fitted = fitted.anchored(fitted.scores(extract(fm, reference_x, desc="domain reference")))
     return fitted, facts
 
 

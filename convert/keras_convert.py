@@ -273,7 +273,7 @@ def variant_spec(spec: ModelSpec, variant: Variant, source_sha256: Optional[str]
 def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Union[str, Variant],
                         calibration: Optional[np.ndarray] = None, source_sha256: Optional[str] = None,
                         extra: Optional[dict] = None, bias_correction: bool = True,
-                        progress: bool = False, reference: Optional[bytes] = None, heatmap: bool = False,
+                        reference: Optional[bytes] = None, heatmap: bool = False,
                         domain=None) -> bytes:
     """Convert any Keras classifier to one TFLite variant with the lungedge record inside.
 
@@ -289,7 +289,6 @@ def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Unio
         bias_correction: for the integer variants, correct each conv / fully connected op's
             int32 bias, in graph order, so its mean output on the calibration images matches
             the float32 model's (``convert.bias_correction``); recorded in the metadata.
-        progress: a progress bar for the bias correction on stderr.
         reference: the float32 ``.tflite`` of the model the integer variants are converted from
             (``integer_source``) for the bias correction (default: converted here); pass it when
             converting several integer variants of one model (with the same ``heatmap`` setting).
@@ -335,7 +334,7 @@ def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Unio
 
         if reference is None:
             reference = tflite_bytes(model, get_variant("float32"), heatmap=heatmap, domain=domain)
-        data, record = correct_biases(data, reference, calibration, progress=progress)
+        data, record = correct_biases(data, reference, calibration)
         extra["bias_correction"] = record or "not applied: no integer conv or fully connected op"
     if v.io_dtype == "uint8":
         spec = raw_pixel_spec(spec, data)

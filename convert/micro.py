@@ -170,11 +170,11 @@ def _litert(data: bytes, setup: str):
     return interp
 
 
-def compare_with_litert(data: bytes, x: np.ndarray, arena: int, progress: bool = False) -> dict:
+def compare_with_litert(data: bytes, x: np.ndarray, arena: int) -> dict:
     """Run every image of ``x`` (preprocessed float images) through TFLM and both LiteRT set-ups
     (``LITERT_SETUPS``) on the same int8 input: each runtime's output rows, and per set-up the
     largest difference from TFLM in quantisation steps, per output."""
-    from tqdm.auto import tqdm
+    from lungedge.edge_runtime.progress import bar
 
     tflm = _interpreter(data, arena)
     lites = {k: _litert(data, k) for k in LITERT_SETUPS}
@@ -187,7 +187,7 @@ def compare_with_litert(data: bytes, x: np.ndarray, arena: int, progress: bool =
             raise ModelError(f"output {i}: LiteRT shape {tuple(a['shape'])} vs TFLM {tuple(b['shape'])}")
     q_in = _quantize_inputs(x, l_in)
     rows: Dict[str, List[List[np.ndarray]]] = {k: [[] for _ in range(n_out)] for k in ("tflm", *LITERT_SETUPS)}
-    for k in tqdm(range(len(q_in)), desc="TFLM vs LiteRT", unit="img", disable=not progress, leave=False):
+    for k in bar(range(len(q_in)), desc="TFLM vs LiteRT"):
         one = q_in[k : k + 1]
         tflm.set_input(one, 0)
         tflm.invoke()
@@ -233,7 +233,7 @@ def decisions(result: dict, spec) -> dict:
     return {"agreement_with_xnnpack": agree, "class_output": class_i, "score_output": score_i, "_runs": got}
 
 
-def verify(data: bytes, x: np.ndarray, spec, progress: bool = False):
+def verify(data: bytes, x: np.ndarray, spec):
     """(``micro_report.json``'s facts about ``data``, each runtime's decisions on ``x``).
 
     Raises:
@@ -244,7 +244,7 @@ def verify(data: bytes, x: np.ndarray, spec, progress: bool = False):
     ops = model_operators(data)
     arena = measure_arena(data)
     header_arena = arena_with_margin(arena["total"])
-    result = compare_with_litert(data, x, header_arena, progress)
+    result = compare_with_litert(data, x, header_arena)
     verdicts = decisions(result, spec)
     runs = verdicts.pop("_runs")
     outs = result["outputs"]
@@ -314,7 +314,7 @@ def _tflm_version() -> str:
         return "unknown"
 
 
-def export(path: Path, x: np.ndarray, spec, y=None, progress: bool = False):
+def export(path: Path, x: np.ndarray, spec, y=None):
     """Verify ``path`` (a written ``model_micro.tflite``) in TFLM and write ``micro/`` beside it.
 
     Returns (the report, also ``micro/micro_report.json``; TFLM's own ``probs``, ``class`` and,
@@ -325,7 +325,7 @@ def export(path: Path, x: np.ndarray, spec, y=None, progress: bool = False):
     from .micro_sources import sources
 
     data = Path(path).read_bytes()
-    report, runs = verify(data, x, spec, progress)
+    report, runs = verify(data, x, spec)
     if y is not None and len(y):
         from .variant_eval import summarize
 

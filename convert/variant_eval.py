@@ -27,14 +27,13 @@ def keras_probabilities(model, x: np.ndarray, batch_size: int = 32) -> np.ndarra
     return np.concatenate(rows)
 
 
-def tflite_probabilities(clf, x: np.ndarray, progress: bool = False, desc: str = "evaluate",
+def tflite_probabilities(clf, x: np.ndarray, desc: str = "evaluate",
                          with_scores: bool = False):
     """Probabilities of an ``edge_runtime.Classifier`` for each preprocessed image; with
     ``with_scores`` also the domain scores (None for a file without them)."""
-    from tqdm import tqdm
+    from lungedge.edge_runtime.progress import bar
 
-    rows = [clf.predict_with_score(x[i]) for i in tqdm(range(len(x)), desc=desc, unit="img",
-                                                         disable=not progress, leave=False)]
+    rows = [clf.predict_with_score(x[i]) for i in bar(range(len(x)), desc=desc)]
     probs = np.asarray([r[0] for r in rows], np.float64).reshape(len(x), len(clf.labels))
     if not with_scores:
         return probs

@@ -58,11 +58,11 @@ def main(argv=None) -> int:
     rows = []
     for s in _seeds(args.seeds):
         recipe = get_recipe(args.recipe, seed=s, **{k: _value(v) for k, v in overrides.items()})
-        data = make_demo_dataset(out / f"data-{s}", per_class=args.per_class, size=args.size, seed=s, progress=False)
+        data = make_demo_dataset(out / f"data-{s}", per_class=args.per_class, size=args.size, seed=s)
         run = out / f"run-{s}"
         shutil.rmtree(run, ignore_errors=True)
         t0 = time.perf_counter()
-        train_run(recipe, str(data), str(run), verbose=0, learning_floor=False)
+        train_run(recipe, str(data), str(run), learning_floor=False)
         seconds = time.perf_counter() - t0
         m = json.loads((run / "metrics.json").read_text())
         hist = (run / "history.csv").read_text().splitlines()

@@ -13,6 +13,21 @@ REQUIRE_SHARED = os.environ.get("LUNGEDGE_REQUIRE_SHARED") == "1"
 CORAL = "models/coral_mobilenet_v2_quant"
 
 
+@pytest.fixture(autouse=True)
+def _lungedge_logging_restored():
+    """A command run in this process (click's runner) configures the ``lungedge`` loggers for a
+    terminal session; the next test starts from the library's defaults again."""
+    import logging
+
+    loggers = [logging.getLogger("lungedge"), logging.getLogger("lungedge.progress")]
+    saved = [(lg, lg.level, list(lg.handlers), lg.propagate) for lg in loggers]
+    yield
+    for lg, level, handlers, propagate in saved:
+        lg.setLevel(level)
+        lg.handlers[:] = handlers
+        lg.propagate = propagate
+
+
 def _missing_shared(reason: str):
     if REQUIRE_SHARED:
         pytest.fail(f"{reason} (LUNGEDGE_REQUIRE_SHARED=1 makes this a failure, not a skip)")
@@ -232,7 +247,7 @@ def interop_run(xray_dir, tmp_path_factory) -> Path:
         w.writerows([p, n, "test"] for p, n in train[::10])
     # the gate as users get it (learning floor and the default limits): the model learned, and the
     # float variants must follow it; an integer variant may fail, and the report must say why
-    report = convert_run(run, variants=ALL_VARIANTS, calibration_count=16, progress=False, bias_correction=False)
+    report = convert_run(run, variants=ALL_VARIANTS, calibration_count=16, bias_correction=False)
     rows = {v["variant"]: v for v in report["variants"]}
     for name in ("float32", "float16", "dynamic"):
         assert rows[name]["gate"] == "passed", (name, rows[name]["gate_reasons"])

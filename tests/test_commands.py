@@ -37,7 +37,6 @@ def lungedge(*args, timeout=300, env=None, cwd=None) -> subprocess.CompletedProc
     exe = shutil.which("lungedge", path=str(Path(sys.executable).parent))
     cmd = [exe] if exe else [sys.executable, "-m", "lungedge"]
     full_env = {**os.environ, **(env or {})}
-    full_env.pop("LUNGEDGE_VERBOSE", None)
     return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
                           env=full_env, stdin=subprocess.DEVNULL, cwd=cwd)
 

@@ -191,7 +191,7 @@ def converted(tiny_run, tmp_path_factory):
     # the tiny model is at chance (2 epochs on 16 noise-like images): this fixture checks the file
     # contract of every variant, so the learning floor and the accuracy margins are off here only
     report = convert_run(tiny_run, variants=list(VARIANTS), out_dir=str(out), calibration_count=16,
-                         progress=False, max_accuracy_drop=100.0, max_recall_drop=100.0, rethreshold=True,
+                         max_accuracy_drop=100.0, max_recall_drop=100.0, rethreshold=True,
                          learning_floor=False)
     return out, report
 
@@ -290,7 +290,7 @@ def test_failed_conversion_leaves_no_file(tiny_run, tmp_path, monkeypatch):
     from lungedge.convert.conversion import convert_run
 
     with pytest.raises(ModelError, match="simulated"):
-        convert_run(tiny_run, variants="float32", out_dir=str(tmp_path), progress=False, learning_floor=False)
+        convert_run(tiny_run, variants="float32", out_dir=str(tmp_path), learning_floor=False)
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
 
@@ -359,7 +359,7 @@ def test_cli_gate_exit_codes(tiny_run, tmp_path):
     assert not list(tmp_path.glob("*.tflite"))
     from lungedge.convert.conversion import convert_run
 
-    report = convert_run(tiny_run, variants="dynamic", out_dir=str(tmp_path), progress=False, learning_floor=False,
+    report = convert_run(tiny_run, variants="dynamic", out_dir=str(tmp_path), learning_floor=False,
                          bias_correction=False)
     assert report["variants"][0]["size_ratio"] is None and report["variants"][0]["learning_floor"] == "did not learn"
     assert report["bias_correction"] is False and "bias correction off" in (tmp_path / "quantization_report.md").read_text()

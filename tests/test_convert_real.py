@@ -81,7 +81,7 @@ def test_int8_agrees_with_keras_on_real_xrays(xray_dir, imagenet_weights, tmp_pa
     from lungedge.edge_runtime.metadata import read_spec_from_file
 
     run = _real_run(tmp_path, xray_dir, imagenet_weights)
-    report = convert_run(run, variants="float32,float16,int8", calibration_count=100, progress=False,
+    report = convert_run(run, variants="float32,float16,int8", calibration_count=100,
                          max_accuracy_drop=100.0, max_recall_drop=100.0)
     rows = {v["variant"]: v for v in report["variants"]}
     summary = {k: (v["size_bytes"], round(v["size_ratio"], 3), round(v["accuracy"], 3),

@@ -227,7 +227,7 @@ def xray_gate(xray_dir, shared_dir, imagenet_weights, tmp_path_factory):
     ood.mkdir()
     (ood / "ct").symlink_to(ct, target_is_directory=True)
     (ood / "photos").symlink_to(photos, target_is_directory=True)
-    report = convert_run(run, variants=["float32", "int8"], calibration_count=100, progress=False, ood_dir=str(ood))
+    report = convert_run(run, variants=["float32", "int8"], calibration_count=100, ood_dir=str(ood))
     return run, report
 
 

@@ -154,7 +154,7 @@ def test_uint8_variant_with_bias_correction(interop_run, fullres_dir):
 
     run = load_run(interop_run)
     train = calibration_split(run)
-    x = calibration_from_files(train.paths, train.labels, run.spec.preprocessing, 16, 0, False, source="train")
+    x = calibration_from_files(train.paths, train.labels, run.spec.preprocessing, 16, 0, source="train")
     data = convert_keras_model(run.model_path, run.spec, "uint8", calibration=x)
     spec = read_spec(data)
     assert spec.extra["conversion"]["bias_correction"]["layers"] == 53  # 52 convolutions + Dense

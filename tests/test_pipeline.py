@@ -185,7 +185,7 @@ def test_a_degraded_integer_model_fails_convert_and_the_pipeline_ships_the_next_
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("*.tflite", "quantization_*"))
     trained_at = (copy / "model.keras").stat().st_mtime_ns
     result = run_pipeline(recipe, data, str(tmp_path / "report"), variants=("float32", "int8"),
-                          calibration_count=16, bench_runs=3, bench_threads=(1,), log=lambda m: None, verbose=0,
+                          calibration_count=16, bench_runs=3, bench_threads=(1,),
                           calibration_dir=str(blank), bias_correction=False, resume=True)
     status = {s.name: s.status for s in result.stages}
     assert status == {"train": "passed", "convert": "gate failed", "benchmark": "passed", "evaluate": "passed"}, status
@@ -202,15 +202,14 @@ def test_a_model_at_chance_fails_train_and_the_pipeline_ships_nothing(tmp_path):
     from lungedge.pipeline import run_pipeline
     from lungedge.train.recipes import get_recipe
 
-    made = make_demo_dataset(tmp_path / "made", per_class=120, size=64, seed=7, progress=False)
+    made = make_demo_dataset(tmp_path / "made", per_class=120, size=64, seed=7)
     files = sorted(made.rglob("*.png"))
     random.Random(0).shuffle(files)
     for i, f in enumerate(files):  # a random half to each class, whatever the image shows
         dest = tmp_path / "data" / ("NORMAL" if i % 2 else "PNEUMONIA") / f"{f.parent.name}_{f.name}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(f, dest)
-    result = run_pipeline(get_recipe("demo-scratch", epochs=2), str(tmp_path / "data"), str(tmp_path / "report"),
-                          log=lambda m: None, verbose=0)
+    result = run_pipeline(get_recipe("demo-scratch", epochs=2), str(tmp_path / "data"), str(tmp_path / "report"))
     status = {s.name: s for s in result.stages}
     assert status["train"].status == "failed" and "the model did not learn" in status["train"].message
     assert status["convert"].status == "not run" and not result.ok and result.shipped is None
@@ -232,12 +231,11 @@ def test_pipeline_stops_at_a_failing_stage_and_keeps_earlier_output(tmp_path):
     from lungedge.pipeline import run_pipeline
     from lungedge.train.recipes import get_recipe
 
-    data = make_demo_dataset(tmp_path / "data", per_class=12, size=96, seed=2, progress=False)
+    data = make_demo_dataset(tmp_path / "data", per_class=12, size=96, seed=2)
     recipe = get_recipe("xray-pneumonia").replace(
         name="tiny", weights="none", alpha=0.35, image_size=96, epochs=1, batch_size=8, augment=False,
         fractions=(0.5, 0.25, 0.25))
-    result = run_pipeline(recipe, str(data), str(tmp_path / "report"), variants=("float32", "no-such-variant"),
-                          log=lambda m: None)
+    result = run_pipeline(recipe, str(data), str(tmp_path / "report"), variants=("float32", "no-such-variant"))
     status = {s.name: s for s in result.stages}
     assert status["train"].status == "passed"
     assert status["convert"].status == "failed" and "no-such-variant" in status["convert"].message

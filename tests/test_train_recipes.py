@@ -225,7 +225,7 @@ def test_unreadable_files_are_reported_and_left_out(tmp_path):
     (tmp_path / "Bengin cases" / "empty.png").write_bytes(b"")
     ds = load_dataset(str(tmp_path))
     assert ds.class_names == ("Bengin cases", "Normal cases") and len(ds) == 10
-    ok = drop_unreadable(ds, Preprocessing(height=32, width=32), progress=False)
+    ok = drop_unreadable(ds, Preprocessing(height=32, width=32))
     assert len(ok) == 8 and len(ok.failures) == 2
     assert {Path(f["path"]).name for f in ok.failures} == {"broken.jpg", "empty.png"}
     assert all(f["error"] for f in ok.failures)

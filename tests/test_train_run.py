@@ -74,7 +74,7 @@ def run_dir(data_dir, tmp_path_factory):
     # the fine-tuning phase keeps the moving average of its weights (the path of fine_tune.ema_epochs)
     recipe = tiny(patience=0, fine_tune={"epochs": 1, "blocks": 2, "learning_rate": 1e-3, "early_stopping": False,
                                          "ema_epochs": 0.5}, contrast="clahe")
-    return train_run(recipe, str(data_dir), str(out), verbose=0, learning_floor=False)
+    return train_run(recipe, str(data_dir), str(out), learning_floor=False)
 
 
 @pytest.mark.slow
@@ -114,7 +114,7 @@ def test_images_beyond_the_cache_budget_are_cached_on_disk_and_removed(run_dir, 
     n_train = m["counts"]["train"]
     assert m["image_cache"] == {"budget_mb": 2048, "splits": {"train": "memory", "val": "memory", "test": "memory"},
                                 "shuffle_buffer": sum(n_train.values())}
-    out = train_run(tiny(epochs=1, fine_tune={"epochs": 0}), str(data_dir), str(tmp_path / "disk"), verbose=0,
+    out = train_run(tiny(epochs=1, fine_tune={"epochs": 0}), str(data_dir), str(tmp_path / "disk"),
                     learning_floor=False, cache_mb=0)
     m = json.loads((out / "metrics.json").read_text())
     assert m["image_cache"] == {"budget_mb": 0, "splits": {"train": "disk", "val": "disk", "test": "disk"},
@@ -175,12 +175,12 @@ def test_model_file_opens_in_plain_keras(run_dir):
     np.save(run_dir.parent / "x.npy", x[None])
     code = ("import sys, numpy as np, keras; m = keras.models.load_model(sys.argv[1]); "
             "assert not any(k.startswith('lungedge') for k in sys.modules); "
-            "print('P', *m.predict(np.load(sys.argv[2]), verbose=0)[0])")
+            "print('P', *m.predict(np.load(sys.argv[2]))[0])")
     proc = _run_py(code, str(run_dir / "model.keras"), str(run_dir.parent / "x.npy"))
     log, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, log[-2000:]
     got = [float(v) for v in next(l for l in log.splitlines() if l.startswith("P "))[2:].split()]
-    want = keras.models.load_model(run_dir / "model.keras", compile=False).predict(x[None], verbose=0)[0]
+    want = keras.models.load_model(run_dir / "model.keras", compile=False).predict(x[None])[0]
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -262,7 +262,7 @@ def test_threshold_gives_the_target_recall_on_validation(run_dir, data_dir):
     rows = [r for r in csv.DictReader(open(run_dir / "split_manifest.csv")) if r["split"] == "val"]
     model = keras.models.load_model(run_dir / "model.keras", compile=False)
     x = np.stack([preprocess(data_dir / r["path"], spec.preprocessing) for r in rows])
-    p = model.predict(x, verbose=0)[:, spec.labels.index("PNEUMONIA")]
+    p = model.predict(x)[:, spec.labels.index("PNEUMONIA")]
     pos = np.asarray([r["label"] == "PNEUMONIA" for r in rows])
     assert (p[pos] >= spec.threshold.value - 1e-5).mean() >= 0.95
 
@@ -304,7 +304,7 @@ def test_paper_recipe_trains_the_head_on_cached_features_and_cv_table(data_dir, 
     from lungedge.train.training import cv_run
 
     recipe = tiny("ct-lung-cancer", fine_tune={"epochs": 0}, epochs=3, augment=False)
-    out = cv_run(recipe, str(data_dir), str(tmp_path / "cv"), 3, verbose=0, learning_floor=False)
+    out = cv_run(recipe, str(data_dir), str(tmp_path / "cv"), 3, learning_floor=False)
     summary = json.loads((out / "cv_summary.json").read_text())
     accs = [json.loads((out / f"fold_{i}" / "metrics.json").read_text())["accuracy"] for i in (1, 2, 3)]
     assert [r["accuracy"] for r in summary["folds"]] == accs
@@ -347,17 +347,17 @@ def test_cv_resume_keeps_complete_folds_and_continues_the_interrupted_one(data_d
 
     monkeypatch.setattr(training, "_write_run", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        training.cv_run(recipe, str(data_dir), str(out), 3, verbose=0, learning_floor=False)
+        training.cv_run(recipe, str(data_dir), str(out), 3, learning_floor=False)
     monkeypatch.setattr(training, "_write_run", real_write)
     fold1 = (out / "fold_1" / "model.keras").read_bytes()
     epochs_before = json.loads((out / "fold_2" / "checkpoints" / "state.json").read_text())["history"]
     assert len(epochs_before) == 3 and not (out / "fold_2" / "model.keras").exists() and not (out / "fold_3").exists()
     with pytest.raises(ConfigError, match="not empty; use --resume"):
-        training.cv_run(recipe, str(data_dir), str(out), 3, verbose=0, learning_floor=False)
+        training.cv_run(recipe, str(data_dir), str(out), 3, learning_floor=False)
     with pytest.raises(ConfigError, match="started with --cv 3; resume it with --cv 3"):
-        training.cv_run(None, str(data_dir), str(out), 2, resume=True, verbose=0, learning_floor=False)
+        training.cv_run(None, str(data_dir), str(out), 2, resume=True, learning_floor=False)
 
-    training.cv_run(None, str(data_dir), str(out), 3, resume=True, verbose=0, learning_floor=False)
+    training.cv_run(None, str(data_dir), str(out), 3, resume=True, learning_floor=False)
     assert (out / "fold_1" / "model.keras").read_bytes() == fold1  # kept, not trained again
     history2 = list(csv.DictReader(open(out / "fold_2" / "history.csv")))
     assert [float(h["loss"]) for h in history2] == [h["loss"] for h in epochs_before]  # its epochs were not re-run
@@ -372,10 +372,10 @@ def test_cv_resume_keeps_complete_folds_and_continues_the_interrupted_one(data_d
         m["learning_floor"].update(status=status, sentence=f"({status}: a fold that failed)")
         metrics.write_text(json.dumps(m))
     with pytest.raises(ModelError, match="did not learn: a fold that failed.*fold_2"):  # the floor holds on a kept fold
-        training.cv_run(None, str(data_dir), str(out), 3, resume=True, verbose=0)
+        training.cv_run(None, str(data_dir), str(out), 3, resume=True)
     metrics.write_text("{")
     with pytest.raises(ConfigError, match="damaged.*fold_2"):
-        training.cv_run(None, str(data_dir), str(out), 3, resume=True, verbose=0)
+        training.cv_run(None, str(data_dir), str(out), 3, resume=True)
     manifest = out / "fold_3" / "split_manifest.csv"
     lines = manifest.read_text().splitlines()
     manifest.write_text("\n".join([lines[0]] + [ln.replace(",test,", ",train,") for ln in lines[1:]]) + "\n")
@@ -425,9 +425,9 @@ def test_refuses_a_non_empty_out_and_unknown_strategy(run_dir, data_dir):
     from lungedge.train.training import train_run
 
     with pytest.raises(ConfigError, match="not empty"):
-        train_run(tiny(), str(data_dir), str(run_dir), verbose=0, learning_floor=False)
+        train_run(tiny(), str(data_dir), str(run_dir), learning_floor=False)
     with pytest.raises(ConfigError, match="strategy"):
-        train_run(tiny(), str(data_dir), str(run_dir / "x"), strategy="tpu", verbose=0, learning_floor=False)
+        train_run(tiny(), str(data_dir), str(run_dir / "x"), strategy="tpu", learning_floor=False)
 
 
 def test_cli_train_help_and_unknown_recipe():
@@ -454,7 +454,7 @@ import sys, json
 from lungedge.train.recipes import Recipe
 from lungedge.train.training import train_run
 recipe = Recipe.from_json(open(sys.argv[1]).read())
-train_run(recipe, sys.argv[2], sys.argv[3], resume=sys.argv[4] == "1", strategy=sys.argv[5], verbose=2, learning_floor=False)
+train_run(recipe, sys.argv[2], sys.argv[3], resume=sys.argv[4] == "1", strategy=sys.argv[5], learning_floor=False)
 """
 
 
@@ -495,7 +495,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from lungedge.train.recipes import Recipe
 from lungedge.train.training import train_run
-out = train_run(Recipe.from_json(open(sys.argv[1]).read()), sys.argv[2], sys.argv[3], strategy="mirrored", verbose=0, learning_floor=False)
+out = train_run(Recipe.from_json(open(sys.argv[1]).read()), sys.argv[2], sys.argv[3], strategy="mirrored", learning_floor=False)
 print("DEVICE", json.load(open(out / "metrics.json"))["device"])
 """
 

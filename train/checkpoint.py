@@ -8,8 +8,8 @@ weights live in ``RUN_DIR/checkpoints/`` and are written (temp + rename) at ever
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -145,7 +145,7 @@ def load_optimizer(optimizer, trainable_variables, path: Path) -> bool:
     return True
 
 
-def make_callback(state: TrainState, full_model, monitor: str, patience: int, phase_offset: int, verbose: int):
+def make_callback(state: TrainState, full_model, monitor: str, patience: int, phase_offset: int):
     """A Keras callback that, at every epoch end, records history, updates the restartable early
     stopping and writes the last weights, the optimizer state and (when improved) the best weights."""
     import keras
@@ -176,9 +176,8 @@ def make_callback(state: TrainState, full_model, monitor: str, patience: int, ph
                     if patience and state.wait >= patience:
                         self.model.stop_training = True
                         state.stopped = True
-                        if verbose:
-                            print(f"early stopping: {monitor} has not improved for {patience} epochs "
-                                  f"(best {state.best:.4f})", file=sys.stderr, flush=True)
+                        logging.getLogger(__name__).info(
+                            f"early stopping: {monitor} has not improved for {patience} epochs (best {state.best:.4f})")
             save_weights_atomic(self.model, state.path(LAST_WEIGHTS))
             save_optimizer(self.model.optimizer, state.path(LAST_OPTIMIZER))
             state.history.append(row)

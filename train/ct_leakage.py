@@ -174,6 +174,9 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks", default="5,10,16,20", help="Block sizes for split 'blocked' (comma-separated).")
     args = ap.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # as the lungedge command: progress, not TensorFlow's start-up
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the data check's lines, as the command shows them
 
     from lungedge.edge_runtime.errors import ConfigError, LungedgeError
     from .dataset import kfold_assignments, slice_number
@@ -183,7 +186,7 @@ def main(argv=None) -> int:
     try:
         blocks = [int(b) for b in args.blocks.split(",") if b.strip()]
         recipe = get_recipe(args.recipe)
-        ds = _checked_dataset(recipe, args.data, verbose=1)  # unreadable files: one line each, left out
+        ds = _checked_dataset(recipe, args.data)  # unreadable files: one line each, left out
         numbers = [slice_number(p) for p in ds.paths]
         if None in numbers:
             raise ConfigError(f"{ds.paths[numbers.index(None)]}: no slice number in the file name")

@@ -143,16 +143,18 @@ def _has_class_folders(p: Path) -> bool:
     return any(d.is_dir() and not d.name.startswith(".") for d in p.iterdir())
 
 
-def find_unreadable(paths: Sequence[str], prep: Preprocessing, workers: int = 0, progress: bool = True) -> List[Dict[str, str]]:
-    """``[{"path": ..., "error": ...}]`` for each file the shared preprocessing cannot read, in input order."""
+def find_unreadable(paths: Sequence[str], prep: Preprocessing, workers: int = 0) -> List[Dict[str, str]]:
+    """``[{"path": ..., "error": ...}]`` for each file the shared preprocessing cannot read, in input order
+    (a progress bar when ``edge_runtime.progress`` shows them)."""
+    from lungedge.edge_runtime.progress import shown
     from lungedge.edge_runtime.readability import unreadable
 
-    return [{"path": p, "error": e} for p, e in unreadable(paths, prep, workers, progress)]
+    return [{"path": p, "error": e} for p, e in unreadable(paths, prep, workers, shown())]
 
 
-def drop_unreadable(ds: Dataset, prep: Preprocessing, progress: bool = True) -> Dataset:
+def drop_unreadable(ds: Dataset, prep: Preprocessing) -> Dataset:
     """Check every file; return the dataset without unreadable ones, listed in ``failures``."""
-    failures = find_unreadable(ds.paths, prep, progress=progress)
+    failures = find_unreadable(ds.paths, prep)
     if not failures:
         return ds
     bad = {f["path"] for f in failures}

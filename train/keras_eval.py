@@ -36,7 +36,7 @@ def load_run_model(model_or_run_dir: str):
 
 
 def evaluate_keras(model_or_run_dir: str, data_dir: str, limit: Optional[int] = None, use_threshold: bool = True,
-                   batch_size: int = 32, progress: bool = False) -> dict:
+                   batch_size: int = 32) -> dict:
     """Classify every image of ``data_dir/<class>/...`` with the Keras model and compute metrics.
 
     Folder names are matched to the model's labels (case and spaces ignored). Unreadable images
@@ -66,7 +66,7 @@ def evaluate_keras(model_or_run_dir: str, data_dir: str, limit: Optional[int] = 
     paths, labels = list(files.paths), np.asarray(files.labels, dtype=np.int64)
     if limit:
         paths, labels = paths[:limit], labels[:limit]
-    failures = find_unreadable(paths, spec.preprocessing, progress=progress)
+    failures = find_unreadable(paths, spec.preprocessing)
     bad = {f["path"] for f in failures}
     keep = np.asarray([p not in bad for p in paths], dtype=bool)
     paths = [p for p, k in zip(paths, keep) if k]
@@ -75,7 +75,8 @@ def evaluate_keras(model_or_run_dir: str, data_dir: str, limit: Optional[int] = 
     names = list(spec.labels)
     if paths:
         ds = image_dataset(paths, None, spec.preprocessing, batch_size, cache=None)
-        probs = np.asarray(model.predict(ds, verbose=1 if progress else 0), dtype=np.float64)
+        # verbose 0: Keras draws its bar on stdout, where the results go
+        probs = np.asarray(model.predict(ds, verbose=0), dtype=np.float64)
         pos = names.index(th.label) if th else None
         pred = apply_threshold(probs, pos, th.value if th else None)
         metrics = classification_metrics(labels, pred, names, probs)

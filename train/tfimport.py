@@ -2,24 +2,33 @@
 
 TensorFlow prints start-up lines from C++ (oneDNN, CPU features, absl) straight to file
 descriptor 2 when it is imported; they hide the progress and results users came for. They
-reach the terminal only with ``lungedge --verbose`` (``LUNGEDGE_VERBOSE=1``).
+reach the terminal only when the ``lungedge`` logger is enabled for DEBUG (``lungedge --verbose``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import sys
 
 from lungedge.edge_runtime.errors import MissingDependencyError, ModelError, first_line
 
-VERBOSE_ENV = "LUNGEDGE_VERBOSE"
-
 
 def verbose() -> bool:
-    """True when TensorFlow's own output should be shown (``lungedge --verbose``)."""
-    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+    """True when TensorFlow's own output should be shown: ``lungedge`` logs DEBUG (``lungedge --verbose``)."""
+    return logging.getLogger("lungedge").isEnabledFor(logging.DEBUG)
+
+
+def keras_verbosity() -> int:
+    """Keras's own ``verbose`` for fit and predict: 0 when ``lungedge`` does not log INFO (quiet),
+    1 (progress bars) when progress is shown (``edge_runtime.progress``), else 2 (one line per epoch)."""
+    from lungedge.edge_runtime.progress import shown
+
+    if not logging.getLogger("lungedge").isEnabledFor(logging.INFO):
+        return 0
+    return 1 if shown() else 2
 
 
 def import_tf():

@@ -44,7 +44,7 @@ def measure(data_dir: str, images: int = 512, epochs: int = 3, recipe_name: str 
     recipe = get_recipe(recipe_name, image_size=image_size, alpha=alpha, weights=weights, batch_size=batch_size,
                         augment=augment, seed=seed)
     prep = preprocessing_for(recipe)
-    ds = drop_unreadable(load_dataset(data_dir), prep, progress=False)
+    ds = drop_unreadable(load_dataset(data_dir), prep)
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(ds), size=min(images, len(ds)), replace=False))
     paths = [ds.paths[i] for i in pick]

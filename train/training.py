@@ -10,9 +10,9 @@ for each fold of a stratified k-fold and writes the per-fold table with mean and
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import os
-import sys
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -36,7 +36,9 @@ from .intended import intended_for
 from .recipes import Recipe, get_recipe, recipe_diff
 from .labels import resolve_label
 from .runfolder import CARD, CHECKPOINTS, HISTORY, IMAGE_CACHE, MANIFEST, METRICS, MODEL, PLOTS, RECIPE, SPEC
-from .tfimport import import_tf
+from .tfimport import import_tf, keras_verbosity
+
+_LOG = logging.getLogger(__name__)
 
 #: a cross-validation folder's number of folds, written before the first fold (checked by --resume)
 CV_PLAN = "cv_plan.json"
@@ -94,11 +96,6 @@ def describe_device() -> str:
     return f"CPU ({os.cpu_count()} cores)"
 
 
-def _log(verbose: int, msg: str) -> None:
-    if verbose:
-        print(msg, file=sys.stderr, flush=True)
-
-
 def _prepare_out(out: Path, recipe: Optional[Recipe], resume: bool) -> Recipe:
     saved = out / RECIPE
     if resume:
@@ -121,7 +118,7 @@ def _prepare_out(out: Path, recipe: Optional[Recipe], resume: bool) -> Recipe:
 
 
 def train_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, *, resume: bool = False,
-              strategy: str = "default", verbose: int = 1, learning_floor: bool = True,
+              strategy: str = "default", learning_floor: bool = True,
               cache_mb: Optional[int] = None) -> Path:
     """Train one model and write a complete run folder.
 
@@ -131,7 +128,6 @@ def train_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, *, 
         out_dir: the run folder (created; must be empty unless ``resume``).
         resume: continue an interrupted run in ``out_dir`` from its last epoch checkpoint.
         strategy: "default", "mirrored" or "multi-worker".
-        verbose: 0 silent, 1 Keras progress bars and messages, 2 one line per epoch.
         learning_floor: raise when the model did not learn (``edge_runtime.learning_floor``); False only
             records the verdict (tests of the run-folder contract on tiny untrained models).
         cache_mb: memory for decoded images, MB (``train.input_data.cache_budget_mb``: default
@@ -156,27 +152,27 @@ def train_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, *, 
 
         scratch = tempfile.mkdtemp(prefix="lungedge-worker-")
         try:
-            _train_into(Path(scratch), recipe, data_dir, False, strategy, verbose, learning_floor, cache_mb)
+            _train_into(Path(scratch), recipe, data_dir, False, strategy, learning_floor, cache_mb)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return Path(out_dir)
-    return _train_into(Path(out_dir), recipe, data_dir, resume, strategy, verbose, learning_floor, cache_mb)
+    return _train_into(Path(out_dir), recipe, data_dir, resume, strategy, learning_floor, cache_mb)
 
 
-def _train_into(out: Path, recipe: Optional[Recipe], data_dir: str, resume: bool, strategy: str, verbose: int,
+def _train_into(out: Path, recipe: Optional[Recipe], data_dir: str, resume: bool, strategy: str,
                 learning_floor: bool, cache_mb: Optional[int] = None) -> Path:
     recipe = _prepare_out(out, recipe, resume)
     if resume and _run_complete(out):
-        _log(verbose, f"run in {out} is already complete")
+        _LOG.info(f"run in {out} is already complete")
         return out
-    ds = _checked_dataset(recipe, data_dir, verbose)
+    ds = _checked_dataset(recipe, data_dir)
     manifest = out / MANIFEST
     if resume and manifest.is_file():
         assignment = read_manifest(manifest, ds)
     else:
         assignment = split_dataset(ds, recipe.fractions, recipe.split, recipe.seed, recipe.split_block)
         write_manifest(manifest, ds, assignment)
-    ctx = _Context(strategy, verbose, cache_mb)
+    ctx = _Context(strategy, cache_mb)
     try:
         _fit_and_report(recipe, ds, assignment, out, ctx, learning_floor=learning_floor)
     finally:
@@ -185,7 +181,7 @@ def _train_into(out: Path, recipe: Optional[Recipe], data_dir: str, resume: bool
 
 
 def cv_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, k: int, *, resume: bool = False,
-           strategy: str = "default", verbose: int = 1, learning_floor: bool = True,
+           strategy: str = "default", learning_floor: bool = True,
            cache_mb: Optional[int] = None) -> Path:
     """Stratified k-fold cross-validation (patient-grouped when the recipe's split is "grouped", by
     blocks of consecutive slice numbers when "blocked").
@@ -213,14 +209,14 @@ def cv_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, k: int
     out.mkdir(parents=True, exist_ok=True)
     if not (out / RECIPE).is_file():
         atomic_write_text(str(out / RECIPE), recipe.to_json())
-    ds = _checked_dataset(recipe, data_dir, verbose)
+    ds = _checked_dataset(recipe, data_dir)
     train_f, val_f, _ = recipe.fractions
     folds = kfold_assignments(ds, k, val_f / (train_f + val_f), recipe.split, recipe.seed,
                               recipe.split_block)
     if resume:
         _check_saved_folds(out, ds, folds)
     atomic_write_text(str(out / CV_PLAN), json.dumps({"k": k, "data": str(data_dir)}))
-    ctx = _Context(strategy, verbose, cache_mb)
+    ctx = _Context(strategy, cache_mb)
     try:
         rows = _cv_folds(recipe, ds, folds, out, ctx, learning_floor)
     finally:
@@ -231,7 +227,7 @@ def cv_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, k: int
     atomic_write_text(str(out / "cv_summary.json"), json.dumps(summary, indent=2))
     table = cv_table_markdown(summary)
     atomic_write_text(str(out / "cv_table.md"), table)
-    _log(verbose, table)
+    _LOG.info(table)
     return out
 
 
@@ -285,17 +281,17 @@ def _cv_folds(recipe: Recipe, ds: Dataset, folds, out: Path, ctx: _Context, lear
     A complete fold folder (a resumed cross-validation) is read, not trained again."""
     features = None
     if ctx.feature_mode(recipe) and not all(_run_complete(out / f"fold_{i}") for i in range(1, len(folds) + 1)):
-        _log(ctx.verbose, f"computing base features once for all {len(ds)} images")
+        _LOG.info(f"computing base features once for all {len(ds)} images")
         built = ctx.build(recipe, len(ds.class_names))
         features = _predict_features(ctx, built, ds.paths, preprocessing_for(recipe), recipe.batch_size)
     rows = []
     for i, assignment in enumerate(folds, start=1):
         fold_dir = out / f"fold_{i}"
         if _run_complete(fold_dir):
-            _log(ctx.verbose, f"--- fold {i}/{len(folds)}: complete, kept ---")
+            _LOG.info(f"--- fold {i}/{len(folds)}: complete, kept ---")
             rows.append(_saved_fold_row(i, fold_dir, ds.class_names, learning_floor))
             continue
-        _log(ctx.verbose, f"--- fold {i}/{len(folds)} ---")
+        _LOG.info(f"--- fold {i}/{len(folds)} ---")
         fold_dir.mkdir(exist_ok=True)
         atomic_write_text(str(fold_dir / RECIPE), recipe.to_json())
         if not (fold_dir / MANIFEST).is_file():
@@ -327,16 +323,16 @@ def cv_table_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _checked_dataset(recipe: Recipe, data_dir: str, verbose: int) -> Dataset:
+def _checked_dataset(recipe: Recipe, data_dir: str) -> Dataset:
     ds = load_dataset(data_dir)
-    _log(verbose, f"data {data_dir}: {len(ds)} images, classes {dict(ds.counts())}")
-    ds = drop_unreadable(ds, preprocessing_for(recipe), progress=verbose > 0)
+    _LOG.info(f"data {data_dir}: {len(ds)} images, classes {dict(ds.counts())}")
+    ds = drop_unreadable(ds, preprocessing_for(recipe))
     if ds.failures:
-        _log(verbose, f"{len(ds.failures)} unreadable file(s) left out:")
+        _LOG.info(f"{len(ds.failures)} unreadable file(s) left out:")
         for f in ds.failures[:20]:
-            _log(verbose, f"  {f['error']}")
+            _LOG.info(f"  {f['error']}")
         if len(ds.failures) > 20:
-            _log(verbose, f"  ... and {len(ds.failures) - 20} more (all listed in metrics.json)")
+            _LOG.info(f"  ... and {len(ds.failures) - 20} more (all listed in metrics.json)")
     return ds
 
 
@@ -346,11 +342,12 @@ class _Context:
     On a GPU the global Keras policy becomes mixed_float16 for training; ``close()`` puts it back
     (the pipeline converts in the same process, and conversion must see float32)."""
 
-    def __init__(self, strategy: str, verbose: int, cache_mb: Optional[int] = None):
+    def __init__(self, strategy: str, cache_mb: Optional[int] = None):
         from .input_data import cache_budget_mb
 
         tf, keras = import_tf()
-        self.tf, self.keras, self.verbose = tf, keras, verbose
+        self.tf, self.keras = tf, keras
+        self.verbose = keras_verbosity()  # Keras's own output: 0 quiet, 1 progress bars, 2 a line per epoch
         self.cache_bytes = cache_budget_mb(cache_mb) * 2**20
         self.gpu = bool(tf.config.list_physical_devices("GPU"))
         self._previous_policy = keras.mixed_precision.global_policy().name
@@ -464,7 +461,7 @@ def _fit_and_report_splits(recipe: Recipe, ds: Dataset, assignment: np.ndarray, 
         features = _cached_features(ctx, built, ds, sp.prep, recipe.batch_size, state)
     _train_phases(recipe, built, sp, state, ctx, features)
     probs = {s: _predict(recipe, built, sp, s, features, ctx) for s in ("val", "test")}
-    threshold = _choose_threshold(recipe, positive, sp, probs["val"], ctx.verbose)
+    threshold = _choose_threshold(recipe, positive, sp, probs["val"])
     evaluation = _evaluate(sp, probs, positive, threshold)
     seconds = time.perf_counter() - t_start  # this process only; a resumed run adds its earlier epochs below
     spec = ModelSpec(
@@ -476,8 +473,8 @@ def _fit_and_report_splits(recipe: Recipe, ds: Dataset, assignment: np.ndarray, 
     metrics = _write_run(out, recipe, built, spec, sp, probs, evaluation, state, ds, ctx, seconds)
     verdict = evaluation["verdict"]
     _cleanup(state.folder)
-    _log(ctx.verbose, f"test ({metrics['decision']}):\n{format_report(evaluation['test'])}")
-    _log(ctx.verbose, verdict.sentence())
+    _LOG.info(f"test ({metrics['decision']}):\n{format_report(evaluation['test'])}")
+    _LOG.info(verdict.sentence())
     if verdict.failed and learning_floor:
         raise ModelError(f"{verdict.sentence()} (run folder {out} kept for diagnosis)")
     return metrics
@@ -488,7 +485,7 @@ def _cached_features(ctx, built, ds: Dataset, prep, batch_size: int, state) -> n
     cache = state.path("features.npy")
     if cache.is_file():
         return np.load(cache)
-    _log(ctx.verbose, f"base frozen, no augmentation: computing base features once for {len(ds)} images")
+    _LOG.info(f"base frozen, no augmentation: computing base features once for {len(ds)} images")
     features = _predict_features(ctx, built, ds.paths, prep, batch_size)
     state.folder.mkdir(parents=True, exist_ok=True)
     np.save(cache, features)
@@ -509,7 +506,7 @@ def _train_phases(recipe: Recipe, built, sp: _Splits, state, ctx: _Context, feat
 
     cw = class_weights(sp.y["train"], len(sp.names)) if recipe.class_weights else None
     if cw:
-        _log(ctx.verbose, "class weights: " + ", ".join(f"{sp.names[i]} {w:.3f}" for i, w in cw.items()))
+        _LOG.info("class weights: " + ", ".join(f"{sp.names[i]} {w:.3f}" for i, w in cw.items()))
     offset = 0
     for phase, epochs, lr, schedule in _phases(recipe):
         if phase not in state.done:
@@ -540,14 +537,14 @@ def _fit_phase(recipe: Recipe, built, sp: _Splits, state, ctx: _Context, feature
     if start > 0:
         _load_weights(fit_model, state.path(ck.LAST_WEIGHTS))
         ok = ck.load_optimizer(fit_model.optimizer, fit_model.trainable_variables, state.path(ck.LAST_OPTIMIZER))
-        _log(ctx.verbose, f"resuming phase {phase} after epoch {start}" + ("" if ok else " (optimizer state not restored)"))
+        _LOG.info(f"resuming phase {phase} after epoch {start}" + ("" if ok else " (optimizer state not restored)"))
     patience = recipe.patience if (phase != "fine_tune" or recipe.fine_tune.early_stopping) else 0
     if not state.stopped and start < epochs:
-        callback = ck.make_callback(state, built.model, recipe.monitor, patience, offset, ctx.verbose)
+        callback = ck.make_callback(state, built.model, recipe.monitor, patience, offset)
         n_trainable = sum(int(np.prod(v.shape)) for v in fit_model.trainable_variables)
-        _log(ctx.verbose, f"phase {phase}: up to {epochs} epochs at lr {lr}, {n_trainable:,} trainable parameters"
-                          + (" (head on cached base features)" if features is not None else "")
-                          + (f"; keeps the moving average of the weights (momentum {ema:.4f})" if ema else ""))
+        _LOG.info(f"phase {phase}: up to {epochs} epochs at lr {lr}, {n_trainable:,} trainable parameters"
+                  + (" (head on cached base features)" if features is not None else "")
+                  + (f"; keeps the moving average of the weights (momentum {ema:.4f})" if ema else ""))
         common = dict(epochs=epochs, initial_epoch=start, class_weight=cw, callbacks=[callback], verbose=ctx.verbose)
         if features is not None:
             fit_model.fit(features[sp.index["train"]], sp.y["train"], batch_size=recipe.batch_size, shuffle=True,
@@ -562,10 +559,10 @@ def _fit_phase(recipe: Recipe, built, sp: _Splits, state, ctx: _Context, feature
     elif ema and ok:  # every epoch ran in an earlier process: apply its restored average, as fit would have
         fit_model.optimizer.finalize_variable_values(fit_model.trainable_variables)
     elif ema and start > 0:  # no average to apply (it was not restored): never overwrite with a blank one
-        _log(ctx.verbose, f"phase {phase}: the weight average was not restored; the last epoch's weights are kept")
+        _LOG.info(f"phase {phase}: the weight average was not restored; the last epoch's weights are kept")
     if patience and state.path(ck.BEST_WEIGHTS).is_file():
         _load_weights(built.model, state.path(ck.BEST_WEIGHTS))
-        _log(ctx.verbose, f"restored the best weights ({recipe.monitor} {state.best:.4f})")
+        _LOG.info(f"restored the best weights ({recipe.monitor} {state.best:.4f})")
     ck.save_weights_atomic(built.model, state.path(f"phase_{phase}.weights.h5"))
     state.finish_phase()
 
@@ -580,13 +577,13 @@ def _predict(recipe: Recipe, built, sp: _Splits, s: str, features, ctx: _Context
     return np.asarray(built.model.predict(data, verbose=0), dtype=np.float64)
 
 
-def _choose_threshold(recipe: Recipe, positive, sp: _Splits, p_val: np.ndarray, verbose: int) -> Optional[Threshold]:
+def _choose_threshold(recipe: Recipe, positive, sp: _Splits, p_val: np.ndarray) -> Optional[Threshold]:
     """The operating point on the validation split (``edge_runtime.operating_point``), if the recipe asks."""
     if not (recipe.target_recall and positive):
         return None
     value = operating_point(p_val, sp.y["val"], sp.names.index(positive), recipe.target_recall, recipe.threshold_rule)
-    _log(verbose, f"threshold: {positive} when p >= {value:.4f} (validation recall >= {recipe.target_recall}, "
-                  f"rule {recipe.threshold_rule})")
+    _LOG.info(f"threshold: {positive} when p >= {value:.4f} (validation recall >= {recipe.target_recall}, "
+              f"rule {recipe.threshold_rule})")
     return Threshold(positive, value, recipe.target_recall, "validation", recipe.threshold_rule)
 
 

@@ -83,7 +83,7 @@ def how_to_provide(file_name: str) -> str:
             f"or set {ENV_VAR}=/path/to/{file_name}, or pass --weights /path/to/{file_name}")
 
 
-def download_imagenet_weights(alpha: float = 1.0, image_size: int = 224, progress: bool = True) -> Path:
+def download_imagenet_weights(alpha: float = 1.0, image_size: int = 224) -> Path:
     """Fetch the no-top weights the standard Keras way (cached in ``$KERAS_HOME/models/``).
 
     Only the 224 file is fetched: it serves every input size (see the module docstring).

@@ -42,7 +42,7 @@ def test_short_xray_training_beats_chance_and_majority(xray_dir, imagenet_weight
     data = _subset(xray_dir, tmp_path / "data", PER_CLASS)
     recipe = get_recipe("xray-pneumonia", split="grouped", augment=False, epochs=8, patience=3,
                         monitor="val_loss", fractions=(0.7, 0.15, 0.15))
-    run = train_run(recipe, str(data), str(tmp_path / "run"), verbose=0)
+    run = train_run(recipe, str(data), str(tmp_path / "run"))
     m = json.loads((run / "metrics.json").read_text())
     val = m["validation"]
     majority = max(val["per_class"][c]["support"] for c in val["class_names"]) / val["n"]

@@ -316,7 +316,7 @@ def test_weights_lookup_order_and_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
     fetched = []
 
-    def offline(alpha=1.0, image_size=224, progress=True):  # what Keras's download does without a network
+    def offline(alpha=1.0, image_size=224):  # what Keras's download does without a network
         fetched.append((alpha, image_size))
         raise weights_mod.WeightsUnavailable("download failed (Name or service not known); "
                                              + weights_mod.how_to_provide(name))

@@ -176,7 +176,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # as the lungedge command: progress, not TensorFlow's start-up
     import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the data check's lines, as the command shows them
+    log = logging.getLogger("lungedge")  # the data check's lines on stderr, as the lungedge command shows them
+    if not log.handlers:
+        lines = logging.StreamHandler()
+        lines.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(lines)
+    log.setLevel(logging.INFO)
 
     from lungedge.edge_runtime.errors import ConfigError, LungedgeError
     from .dataset import kfold_assignments, slice_number

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from lungedge.edge_runtime.progress import shown
 from lungedge.cli_util import EXIT_FAILED, EXIT_OK, handle_errors, parse_int_list
 
 
@@ -70,7 +71,7 @@ def bench_cmd(models, images, threads, runs, warmup, backend, data, labels, out,
     thread_list = parse_int_list(threads, "--threads")
     report = bench.run_bench(list(models), images=list(images) or None, threads=thread_list, runs=runs, warmup=warmup,
                              backend=backend, data_dir=data, labels=labels, isolate=not no_isolate,
-                             progress=sys.stderr.isatty())
+                             progress=shown())
     paths = bench_report.write_report(report, out or _default_out(models))
     click.echo(bench_report.format_markdown(report))
     _echo_paths(paths)

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from lungedge import __version__
+from lungedge.edge_runtime.progress import shown
 from lungedge.cli_util import LazyGroup, EXIT_FAILED, EXIT_OK, ResultSink, dumps_strict, escape_text, handle_errors
 
 # Commands defined in other modules, imported only when that command runs (or --help lists them):
@@ -138,7 +139,7 @@ def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no
     info = clf.describe()
     sink = ResultSink(out)
     if progress is None:
-        progress = len(items) > 20 and sys.stderr.isatty()
+        progress = len(items) > 20 and shown()
     if not as_json:
         sink.line(_model_line(clf, model, info, threads))
     failed = 0
@@ -296,7 +297,7 @@ def evaluate(model, data, threads, backend, labels, mean, std, no_threshold, no_
 
         clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard)
         try:
-            metrics = evaluate_classifier(clf, data, progress=sys.stderr.isatty(), limit=limit, workers=workers)
+            metrics = evaluate_classifier(clf, data, progress=shown(), limit=limit, workers=workers)
         except ConfigError as exc:  # the data folder does not fit the model: an input, not the command line
             raise InputError(str(exc)) from None
     if out:
@@ -375,7 +376,7 @@ def recalibrate(model, data, target_recall, out, positive_label, temperature, do
 
     plot = plot or str(Path(out).with_suffix("")) + ".reliability.png"
     done = recalibrate_file(model, data, target_recall, out, positive_label=positive_label, temperature=temperature,
-                            plot=plot, workers=workers, threads=threads, progress=sys.stderr.isatty(),
+                            plot=plot, workers=workers, threads=threads, progress=shown(),
                             domain_threshold=domain_threshold)
     sink = ResultSink()
     if as_json:

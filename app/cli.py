@@ -24,6 +24,9 @@ _LAZY_COMMANDS = {
     "bench": "lungedge.bench_cli:bench_cmd",
     "pipeline": "lungedge.pipeline_cli:pipeline_cmd",
     "demo": "lungedge.pipeline_cli:demo_cmd",
+    "serve": "lungedge.serve_cli:serve_cmd",
+    "listen": "lungedge.listen_cli:listen_cmd",
+    "audit": "lungedge.serve_cli:audit_cmd",
 }
 
 
@@ -391,45 +394,6 @@ def recalibrate(model, data, target_recall, out, positive_label, temperature, do
     for f in done.failures:
         click.echo(f"error: {escape_text(f['error'])}", err=True)
     sys.exit(EXIT_FAILED if done.failures else EXIT_OK)
-
-
-@main.command()
-@click.option("--model", "-m", required=True, help="A .tflite model (with lungedge metadata, or give --labels).")
-@_model_options
-@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
-              help="TCP port (0: any free port; the address is printed).")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on. The default is this machine only; 0.0.0.0 opens the page to the network.")
-@click.option("--token", default=None, envvar="LUNGEDGE_TOKEN",
-              help="Access token the page asks for (or env LUNGEDGE_TOKEN); open http://HOST:PORT/?token=... once.")
-@_ood_option
-@handle_errors
-def serve(model, threads, backend, labels, mean, std, no_threshold, no_guard, port, host, token, allow_out_of_domain):
-    """A local web page: upload images or DICOM files, see class, probabilities, threshold and
-    heat map, download the results as CSV. Needs the `serve` extra (no TensorFlow).
-
-    \b
-    Example:
-      lungedge serve --model model_int8.tflite              # http://127.0.0.1:8765/
-      lungedge serve -m model_int8.tflite --host 0.0.0.0 --token "$(openssl rand -hex 16)"
-
-    Uploads are spooled to a private temporary folder removed at exit; nothing else is written.
-    Not a medical device.
-    """
-    from lungedge.edge_runtime.errors import MissingDependencyError
-
-    try:
-        from lungedge.serve import serve as run_server
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-        import multipart  # noqa: F401
-    except ImportError as exc:
-        raise MissingDependencyError(f"lungedge serve needs the serve extra (pip install 'lungedge[serve]'): {exc}") from None
-    if host not in ("127.0.0.1", "localhost", "::1") and not token:
-        click.echo(f"warning: listening on {host} without --token: anyone on the network can use the page", err=True)
-    clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard,
-                            allow_out_of_domain=allow_out_of_domain)
-    run_server(clf, host=host, port=port, token=token, announce=lambda msg: click.echo(escape_text(msg)))
 
 
 @main.command()

@@ -18,10 +18,10 @@ Result = Union[Prediction, Refusal, Failure]
 
 
 def classify_bytes(clf, lock: threading.Lock, data: bytes, name: str, audit=None, source: str = "upload",
-                   sop_instance_uid: Optional[str] = None) -> Entry:
+                   sop_instance_uid: Optional[str] = None, **details) -> Entry:
     """Classify ``data`` (an image or DICOM file's bytes) named ``name``; never raises for bad input.
 
-    With ``audit`` (an ``AuditLog``), one line records the outcome.
+    With ``audit`` (an ``AuditLog``), one line records the outcome (with ``details``).
     """
     with lock:
         try:
@@ -35,7 +35,7 @@ def classify_bytes(clf, lock: threading.Lock, data: bytes, name: str, audit=None
         except ImageError as exc:
             entry.result = Failure(name, str(exc))
     if audit is not None:
-        audit.record_result(source, name, entry.result, sop_instance_uid=sop_instance_uid)
+        audit.record_result(source, name, entry.result, sop_instance_uid=sop_instance_uid, **details)
     return entry
 
 

@@ -157,8 +157,9 @@ def _data_uri(png: Optional[bytes]) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii") if png else ""
 
 
-def results_table(entries: Sequence[Entry], facts: dict, image_src=None) -> str:
-    """The HTML table of results. ``image_src(i, kind, png)`` gives each image's src (default: inline)."""
+def results_table(entries: Sequence[Entry], facts: dict, image_src=None, numbers: Optional[Sequence[int]] = None) -> str:
+    """The HTML table of results. ``image_src(i, kind, png)`` gives each image's src (default: inline);
+    ``numbers`` the rows' numbers (default 1, 2, ...)."""
     esc = html.escape
     image_src = image_src or (lambda i, kind, png: _data_uri(png))
     head = "".join(f"<th>p({esc(k)})</th>" for k in facts["labels"])
@@ -166,28 +167,29 @@ def results_table(entries: Sequence[Entry], facts: dict, image_src=None) -> str:
            f'<th>class</th>{head}</tr></thead><tbody>']
     for i, e in enumerate(entries):
         r = e.result
+        n = numbers[i] if numbers is not None else i + 1
         name = esc(e.name)
         if hasattr(r, "probabilities"):
             uid = f'<div class="uid">SOP Instance UID {esc(r.dicom.sop_instance_uid)}</div>' if r.dicom else ""
-            thumb = f'<img alt="image {i + 1}" src="{image_src(i, "thumb", e.thumb_png)}">' if e.thumb_png else ""
-            heat = (f'<img alt="heat map {i + 1}" src="{image_src(i, "heatmap", e.heatmap_png)}">'
+            thumb = f'<img alt="image {n}" src="{image_src(i, "thumb", e.thumb_png)}">' if e.thumb_png else ""
+            heat = (f'<img alt="heat map {n}" src="{image_src(i, "heatmap", e.heatmap_png)}">'
                     if e.heatmap_png else '<span class="muted">none</span>')
             probs = "".join(f"<td>{r.probabilities[k]:.3f}</td>" for k in facts["labels"])
             mark = ""
             if r.domain is not None and not r.domain.in_domain:  # answered anyway (--allow-out-of-domain)
                 mark = f'<div class="refused">OUT OF DOMAIN, answered anyway: {esc(r.domain.reason or "")}</div>'
-            out.append(f'<tr class="ok"><td>{i + 1}</td><td>{thumb}</td><td>{heat}</td><td>{name}{uid}</td>'
+            out.append(f'<tr class="ok"><td>{n}</td><td>{thumb}</td><td>{heat}</td><td>{name}{uid}</td>'
                        f'<td class="label">{esc(r.label)}{mark}</td>{probs}</tr>')
         elif is_refusal(r):
             v = r.verdict
-            thumb = f'<img alt="image {i + 1}" src="{image_src(i, "thumb", e.thumb_png)}">' if e.thumb_png else ""
+            thumb = f'<img alt="image {n}" src="{image_src(i, "thumb", e.thumb_png)}">' if e.thumb_png else ""
             score = (f' (domain score {v.score:.3g}, threshold {v.threshold:.3g})'
                      if v.score is not None and v.threshold is not None and v.stage != "score" else "")
-            out.append(f'<tr class="refused"><td>{i + 1}</td><td>{thumb}</td><td></td><td>{name}</td>'
+            out.append(f'<tr class="refused"><td>{n}</td><td>{thumb}</td><td></td><td>{name}</td>'
                        f'<td colspan="{1 + len(facts["labels"])}" class="refused"><b>OUT OF DOMAIN</b>: '
                        f'{esc(v.reason or "")}{esc(score)}. No class is given.</td></tr>')
         else:
-            out.append(f'<tr class="error"><td>{i + 1}</td><td colspan="3">{name}</td>'
+            out.append(f'<tr class="error"><td>{n}</td><td colspan="3">{name}</td>'
                        f'<td colspan="{1 + len(facts["labels"])}" class="error">error: {esc(r.error)}</td></tr>')
     out.append("</tbody></table>")
     return "".join(out)

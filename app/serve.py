@@ -53,6 +53,31 @@ class ServeSettings:
     in_flight: int = 2
     #: bytes of each uploaded file the multipart parser keeps in memory before spooling to disk
     spool_bytes: int = 64 * 1024
+    #: TLS certificate and key (PEM); both or neither
+    certfile: Optional[str] = None
+    keyfile: Optional[str] = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.certfile else "http"
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_transport(host: str, settings: ServeSettings, insecure: bool = False) -> None:
+    """Refuse to send the access token over plain HTTP to a network beyond this machine.
+
+    Raises:
+        ConfigError: a token, no TLS, a host beyond localhost and no ``insecure``.
+    """
+    from lungedge.edge_runtime.errors import ConfigError
+
+    if bool(settings.certfile) != bool(settings.keyfile):
+        raise ConfigError("give --certfile and --keyfile together (or --self-signed DIR)")
+    if settings.token and not settings.certfile and host not in LOOPBACK and not insecure:
+        raise ConfigError(f"--token over plain HTTP on {host} would cross the network readable by anyone on it: "
+                          "give --certfile/--keyfile or --self-signed DIR (or --insecure to accept that)")
 
 
 class ResultStore:
@@ -90,7 +115,13 @@ async def index(request):
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
         return response
-    return HTMLResponse(page(upload_form(state.settings) + facts_html(state.facts)))
+    body, script = (upload_form(state.settings) + facts_html(state.facts)), ""
+    if state.worklist is not None:
+        from lungedge.web_worklist import section
+
+        listed, script = section(state)
+        body += listed
+    return HTMLResponse(page(body, script=script))
 
 
 def _csv_href(state, entries) -> str:
@@ -154,8 +185,13 @@ ROUTES = (("/", index, ["GET", "HEAD"]), ("/classify", classify_page, ["POST"]),
           ("/health", health, ["GET", "HEAD"]))
 
 
-def build_app(clf, token: Optional[str] = None, settings: Optional[ServeSettings] = None, audit=None):
-    """The Starlette application around one Classifier (``token`` is ``settings.token`` given alone)."""
+def build_app(clf, token: Optional[str] = None, settings: Optional[ServeSettings] = None, audit=None,
+              worklist=None, lock: Optional[threading.Lock] = None):
+    """The Starlette application around one Classifier (``token`` is ``settings.token`` given alone).
+
+    With ``worklist`` (the DICOM listener's), the page lists the images received; ``lock`` is
+    the one the listener classifies under (the interpreter is shared).
+    """
     import anyio
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
@@ -164,11 +200,16 @@ def build_app(clf, token: Optional[str] = None, settings: Optional[ServeSettings
     from lungedge.results_report import model_facts
 
     settings = settings or ServeSettings(token=token)
-    app = Starlette(routes=[Route(path, fn, methods=methods) for path, fn, methods in ROUTES],
+    routes = [Route(path, fn, methods=methods) for path, fn, methods in ROUTES]
+    if worklist is not None:
+        from lungedge.web_worklist import worklist_rows
+
+        routes.append(Route("/worklist", worklist_rows, methods=["GET"]))
+    app = Starlette(routes=routes,
                     middleware=[Middleware(BodyLimit, limit=settings.max_request_bytes)])
-    app.state.clf, app.state.settings, app.state.audit = clf, settings, audit
+    app.state.clf, app.state.settings, app.state.audit, app.state.worklist = clf, settings, audit, worklist
     app.state.facts = model_facts(clf)
-    app.state.lock = threading.Lock()
+    app.state.lock = lock or threading.Lock()
     app.state.in_flight = anyio.Semaphore(settings.in_flight)
     app.state.results = ResultStore(settings.keep_results)
     return app
@@ -195,7 +236,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(clf, host: str = "127.0.0.1", port: int = 8765, token: Optional[str] = None, announce=print,
-          settings: Optional[ServeSettings] = None, audit=None) -> None:
+          settings: Optional[ServeSettings] = None, audit=None, worklist=None, lock=None) -> None:
     """Run the server until interrupted. Port 0 picks a free port; the address is announced.
 
     Raises:
@@ -208,11 +249,12 @@ def serve(clf, host: str = "127.0.0.1", port: int = 8765, token: Optional[str] =
     tempfile.tempdir = private
     try:
         sock = bind(host, port)
-        config = uvicorn.Config(build_app(clf, settings=settings, audit=audit), log_level="warning",
-                                access_log=False, limit_concurrency=settings.max_connections, timeout_keep_alive=5,
-                                lifespan="off")
+        app = build_app(clf, settings=settings, audit=audit, worklist=worklist, lock=lock)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, limit_concurrency=settings.max_connections,
+                                timeout_keep_alive=5, timeout_graceful_shutdown=3, lifespan="off",
+                                ssl_certfile=settings.certfile, ssl_keyfile=settings.keyfile)
         shown = f"[{host}]" if sock.family == socket.AF_INET6 else host
-        announce(f"lungedge serve: http://{shown}:{sock.getsockname()[1]}/"
+        announce(f"lungedge serve: {settings.scheme}://{shown}:{sock.getsockname()[1]}/"
                  + ("  (token required)" if settings.token else ""))
         sys.stdout.flush()
         uvicorn.Server(config).run(sockets=[sock])

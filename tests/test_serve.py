@@ -11,9 +11,7 @@ import concurrent.futures
 import http.client
 import io
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -26,14 +24,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from browser import CHROMIUM_FLAGS, chromium_or_fail
+
 pytest.importorskip("starlette", reason="the serve extra is not installed (pip install 'lungedge[serve]')")
 pytest.importorskip("multipart", reason="the serve extra is not installed (pip install 'lungedge[serve]')")
 
 pytestmark = [pytest.mark.needs_shared, pytest.mark.slow]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 LOAD_REQUESTS = 200
 #: the server's resident memory may grow by at most this much over the load test (measured: 78 MiB)
 MAX_RSS_GROWTH = 200 * 2**20
@@ -240,18 +237,9 @@ def test_200_concurrent_uploads_all_answered_with_bounded_memory(server, fullres
     assert alive(server)
 
 
-def _chromium_or_fail():
-    if shutil.which("chromium") or os.path.exists(CHROMIUM):
-        return CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
-    msg = "Chromium not installed (apt-get install chromium)"
-    if os.environ.get("LUNGEDGE_REQUIRE_BROWSER") == "1" or os.environ.get("CI"):
-        pytest.fail(msg + " - CI must run the browser test")
-    pytest.skip(msg)
-
-
 @pytest.mark.browser
 def test_web_page_in_headless_chromium(server, tmp_path):
-    exe = _chromium_or_fail()
+    exe = chromium_or_fail()
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright not installed")
     good = tmp_path / "cat.bmp"
     good.write_bytes(server["cat"].read_bytes())

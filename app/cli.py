@@ -106,12 +106,15 @@ def _ood_option(f):
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
               help="Write report.html, results.csv and images/ (thumbnails, heat maps) into this folder.")
 @click.option("--keep-phi", is_flag=True,
-              help="Include DICOM patient identifiers (name, ID, dates...) in --json and the report; off by default.")
+              help="Include DICOM patient identifiers (name, ID, dates...) in --json, the report and --audit-log; off "
+                   "by default.")
+@click.option("--audit-log", "audit_log", type=click.Path(dir_okay=False), default=None,
+              help="Append one JSON line per image (time, file, model sha256 and variant, result) to this log.")
 @_workers_option
 @_ood_option
 @handle_errors
 def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no_guard, top_k, as_json, out, progress,
-             heatmap_dir, report_dir, keep_phi, workers, allow_out_of_domain):
+             heatmap_dir, report_dir, keep_phi, audit_log, workers, allow_out_of_domain):
     """Classify image files or folders (folders are searched recursively); JPEG, PNG... and DICOM.
 
     \b
@@ -137,6 +140,9 @@ def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no
         raise ModelError(f"--heatmap: the model has no heat map (no 'heatmap' signature: converted by an older "
                          f"lungedge, or its head is not pooling -> Dense layers); convert it again: {model!r}")
     want_maps = bool(heatmap_dir or report_dir) and clf.has_heatmap
+    from lungedge.audit import open_audit
+
+    audit = open_audit(audit_log, clf, keep_phi)
     entries = []
     items = expand_inputs(paths)
     info = clf.describe()
@@ -156,6 +162,8 @@ def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no
             res = _draw(res, src, len(entries), heatmap_dir, report_dir, entries)
         elif heatmap_dir or report_dir:
             entries.append(_entry(src, res))
+        if audit is not None:
+            audit.record_result("classify", src, res)
         if isinstance(res, Refusal):  # a result without a class: on the results stream, counted as unusable
             failed += 1
             sink.line(dumps_strict({**res.to_dict(keep_phi=keep_phi), "backend": info["backend"],

@@ -21,7 +21,6 @@ import concurrent.futures
 import platform
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -74,15 +73,10 @@ def association(port: int):
 
 def page_latency(listener: dict, images: list) -> list:
     """Seconds from each C-STORE's start to its row on the page."""
-    from playwright.sync_api import sync_playwright
-
-    from browser import CHROMIUM_FLAGS, chromium_or_fail
+    from browser import page_at
 
     out = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_or_fail(), args=CHROMIUM_FLAGS)
-        page = browser.new_page()
-        page.goto(f"http://127.0.0.1:{listener['web']}/", timeout=60_000)
+    with page_at(f"http://127.0.0.1:{listener['web']}/") as page:
         assoc = association(listener["dicom"])
         for ds in images:
             t0 = time.perf_counter()
@@ -91,21 +85,12 @@ def page_latency(listener: dict, images: list) -> list:
             page.wait_for_selector(f"#worklist tr:has-text('{ds.SOPInstanceUID}')", timeout=60_000)
             out.append(time.perf_counter() - t0)
         assoc.release()
-        browser.close()
     return out
 
 
 def burst_memory(listener: dict, images: list) -> tuple:
     """(RSS before, peak RSS, seconds) over a burst from 5 associations."""
-    import psutil
-
-    proc = psutil.Process(listener["proc"].pid)
-    rss0, peak, done = proc.memory_info().rss, [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.02)
+    from memory import PeakRSS
 
     def send(k):
         assoc = association(listener["dicom"])
@@ -114,15 +99,10 @@ def burst_memory(listener: dict, images: list) -> tuple:
                 time.sleep(0.05)
         assoc.release()
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+    with PeakRSS(listener["proc"].pid) as rss, concurrent.futures.ThreadPoolExecutor(5) as pool:
         list(pool.map(send, range(5)))
-    took = time.perf_counter() - t0
-    done.set()
-    sampler.join()
-    return rss0, peak[0], took
+    return rss.start, rss.peak, time.perf_counter() - t0
 
 
 def audit_cost(folder: Path, lines: int) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 
@@ -20,3 +21,19 @@ def chromium_or_fail() -> str:
     if os.environ.get("LUNGEDGE_REQUIRE_BROWSER") == "1" or os.environ.get("CI"):
         pytest.fail(msg + " - CI must run the browser test")
     pytest.skip(msg)
+
+
+@contextlib.contextmanager
+def page_at(url: str):
+    """A new page of headless Chromium opened at ``url`` (its own empty profile), closed after."""
+    exe = chromium_or_fail()
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright not installed")
+    with playwright.sync_playwright() as p:
+        # Playwright gives each launch a new empty profile folder (--user-data-dir)
+        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(url, timeout=30_000)
+            yield page
+        finally:
+            browser.close()

@@ -13,7 +13,6 @@ import re
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,8 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from browser import CHROMIUM_FLAGS, chromium_or_fail
+from browser import page_at
 from dicom_files import FAKE_PATIENT, make_dicom
+from memory import PeakRSS
 
 pytest.importorskip("pynetdicom", reason="the dicom extra is not installed (pip install 'lungedge[dicom]')")
 pytest.importorskip("starlette", reason="the serve extra is not installed (pip install 'lungedge[serve]')")
@@ -157,27 +157,14 @@ def test_unknown_ae_unsupported_class_and_corrupt_dataset_each_get_their_status_
 
 
 def test_a_burst_of_100_images_is_all_classified_and_logged(listener, grey, tmp_path):
-    import psutil
-
     images = [cr_image(grey, tmp_path, 1000 + i) for i in range(BURST)]
     before = len(audit_lines(listener))
-    proc = psutil.Process(listener["proc"].pid)
-    rss0, peak, done = proc.memory_info().rss, [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(5) as pool:  # 5 modalities at once, against a queue of 2
+    with PeakRSS(listener["proc"].pid) as rss, concurrent.futures.ThreadPoolExecutor(5) as pool:
+        # 5 modalities at once, against a queue of 2
         parts = list(pool.map(lambda k: store(listener["dicom"], images[k::5], aet=("SCU", "SCU2")[k % 2],
                                               retry_full=True), range(5)))
     took = time.perf_counter() - t0
-    done.set()
-    sampler.join()
     tries = [t for part in parts for t, _ in part]
     assert len(tries) == BURST and all(t[-1] == 0 for t in tries), [t for t in tries if t[-1] != 0][:5]
     full = sum(t.count(0xA700) for t in tries)
@@ -186,32 +173,24 @@ def test_a_burst_of_100_images_is_all_classified_and_logged(listener, grey, tmp_
     assert sorted(classified) == sorted(ds.SOPInstanceUID for ds in images)  # each exactly once
     assert len(new) == BURST + full  # and each "queue full" answer is one line too
     print(f"\nburst: {BURST} images from 5 associations in {took:.1f} s, {full} answered 0xA700 and sent again; "
-          f"listener RSS {rss0 / 2**20:.0f} -> peak {peak[0] / 2**20:.0f} MiB")
-    assert peak[0] - rss0 < MAX_RSS_GROWTH
+          f"listener RSS {rss.start / 2**20:.0f} -> peak {rss.peak / 2**20:.0f} MiB")
+    assert rss.peak - rss.start < MAX_RSS_GROWTH
 
 
 @pytest.mark.browser
 def test_received_images_appear_on_the_page_without_a_reload(listener, grey, tmp_path):
-    exe = chromium_or_fail()
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright not installed")
     first, second = cr_image(grey, tmp_path, 201), cr_image(grey, tmp_path, 202)
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{listener['web']}/", timeout=30_000)
-            assert "Not a medical device" in page.inner_text("#not-a-device")
-            page.evaluate("window.notReloaded = true")
-            assert [s for s, _ in store(listener["dicom"], [first, second])] == [[0], [0]]
-            page.wait_for_selector(f"#worklist tr:has-text('{second.SOPInstanceUID}')", timeout=10_000)
-            assert page.evaluate("window.notReloaded") is True
-            rows = page.locator("#worklist table.results tbody tr")
-            assert second.SOPInstanceUID in rows.nth(0).inner_text()  # newest first
-            assert first.SOPInstanceUID in rows.nth(1).inner_text()
-            shown = rows.nth(0).locator("td.label").inner_text().strip()  # the class, as an upload's row shows it
-            assert rows.nth(0).locator("img").count() >= 1  # the thumbnail
-        finally:
-            browser.close()
+    with page_at(f"http://127.0.0.1:{listener['web']}/") as page:
+        assert "Not a medical device" in page.inner_text("#not-a-device")
+        page.evaluate("window.notReloaded = true")
+        assert [s for s, _ in store(listener["dicom"], [first, second])] == [[0], [0]]
+        page.wait_for_selector(f"#worklist tr:has-text('{second.SOPInstanceUID}')", timeout=10_000)
+        assert page.evaluate("window.notReloaded") is True
+        rows = page.locator("#worklist table.results tbody tr")
+        assert second.SOPInstanceUID in rows.nth(0).inner_text()  # newest first
+        assert first.SOPInstanceUID in rows.nth(1).inner_text()
+        shown = rows.nth(0).locator("td.label").inner_text().strip()  # the class, as an upload's row shows it
+        assert rows.nth(0).locator("img").count() >= 1  # the thumbnail
     logged = {r.get("sop_instance_uid"): r for r in audit_lines(listener)}
     assert logged[second.SOPInstanceUID]["source"] == "listen" and logged[second.SOPInstanceUID]["result"] == shown
 

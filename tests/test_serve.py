@@ -14,7 +14,6 @@ import json
 import re
 import subprocess
 import sys
-import threading
 import time
 import uuid
 import zipfile
@@ -24,7 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from browser import CHROMIUM_FLAGS, chromium_or_fail
+from browser import page_at
+from memory import PeakRSS
 
 pytest.importorskip("starlette", reason="the serve extra is not installed (pip install 'lungedge[serve]')")
 pytest.importorskip("multipart", reason="the serve extra is not installed (pip install 'lungedge[serve]')")
@@ -193,22 +193,9 @@ def test_token_is_required_when_set(coral_dir):
 
 
 def test_200_concurrent_uploads_all_answered_with_bounded_memory(server, fullres_dir):
-    import psutil
-
     port = server["port"]
     images = [p.read_bytes() for p in sorted(fullres_dir.rglob("*.jpeg"))[:8]] + [server["cat"].read_bytes()]
-    proc = psutil.Process(server["proc"].pid)
     post(port, [("warm.bmp", images[-1])])
-    rss0, peak = proc.memory_info().rss, [0]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     latencies = []
 
     def one(i):
@@ -217,10 +204,8 @@ def test_200_concurrent_uploads_all_answered_with_bounded_memory(server, fullres
         latencies.append(time.perf_counter() - t)
         return i, status, body
 
-    with concurrent.futures.ThreadPoolExecutor(LOAD_REQUESTS) as pool:
+    with PeakRSS(server["proc"].pid, every_s=0.05) as rss, concurrent.futures.ThreadPoolExecutor(LOAD_REQUESTS) as pool:
         answers = list(pool.map(one, range(LOAD_REQUESTS)))
-    done.set()
-    sampler.join()
     expected = {}
     for i, status, body in answers:
         assert status == 200, (i, status, body[:200])
@@ -228,10 +213,10 @@ def test_200_concurrent_uploads_all_answered_with_bounded_memory(server, fullres
         assert r["file"] == f"img{i}.jpeg" and "label" in r, r
         expected.setdefault(i % len(images), r["label"])
         assert r["label"] == expected[i % len(images)]  # the same image gets the same answer under load
-    growth = peak[0] - rss0
+    growth = rss.peak - rss.start
     lat = np.sort(latencies) * 1e3
     print(f"\nload: {LOAD_REQUESTS} concurrent uploads, p50 {np.percentile(lat, 50):.0f} ms, "
-          f"p99 {np.percentile(lat, 99):.0f} ms, server RSS {rss0 / 2**20:.0f} -> peak {peak[0] / 2**20:.0f} MiB; "
+          f"p99 {np.percentile(lat, 99):.0f} ms, server RSS {rss.start / 2**20:.0f} -> peak {rss.peak / 2**20:.0f} MiB; "
           f"started in {server['started_s']:.2f} s")
     assert growth < MAX_RSS_GROWTH, f"server memory grew by {growth / 2**20:.0f} MiB"
     assert alive(server)
@@ -239,31 +224,22 @@ def test_200_concurrent_uploads_all_answered_with_bounded_memory(server, fullres
 
 @pytest.mark.browser
 def test_web_page_in_headless_chromium(server, tmp_path):
-    exe = chromium_or_fail()
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright not installed")
     good = tmp_path / "cat.bmp"
     good.write_bytes(server["cat"].read_bytes())
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
-    with playwright.sync_playwright() as p:
-        # Playwright gives each launch a new empty profile folder (--user-data-dir)
-        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{server['port']}/", timeout=30_000)
-            assert "Not a medical device" in page.inner_text("#not-a-device")
-            page.set_input_files("#files", [str(good), str(bad)])
-            page.click("#send")
-            page.wait_for_selector("#summary", timeout=60_000)
-            assert "1 classified, 1 failed" in page.inner_text("#summary")
-            rows = page.locator("table.results tbody tr")
-            assert rows.count() == 2
-            assert "cat" in rows.nth(0).locator("td.label").inner_text()
-            assert rows.nth(0).locator("img").count() >= 1  # the thumbnail
-            assert "not an image" in rows.nth(1).inner_text()
-            page.screenshot(path=str(tmp_path / "results.png"), full_page=True)
-            href = page.get_attribute("#csv", "href")
-            csv_text = page.request.get(f"http://127.0.0.1:{server['port']}{href}").text()
-            assert "cat.bmp" in csv_text and "notes.png" in csv_text
-        finally:
-            browser.close()
+    with page_at(f"http://127.0.0.1:{server['port']}/") as page:
+        assert "Not a medical device" in page.inner_text("#not-a-device")
+        page.set_input_files("#files", [str(good), str(bad)])
+        page.click("#send")
+        page.wait_for_selector("#summary", timeout=60_000)
+        assert "1 classified, 1 failed" in page.inner_text("#summary")
+        rows = page.locator("table.results tbody tr")
+        assert rows.count() == 2
+        assert "cat" in rows.nth(0).locator("td.label").inner_text()
+        assert rows.nth(0).locator("img").count() >= 1  # the thumbnail
+        assert "not an image" in rows.nth(1).inner_text()
+        page.screenshot(path=str(tmp_path / "results.png"), full_page=True)
+        href = page.get_attribute("#csv", "href")
+        csv_text = page.request.get(f"http://127.0.0.1:{server['port']}{href}").text()
+        assert "cat.bmp" in csv_text and "notes.png" in csv_text

@@ -118,7 +118,7 @@ def open_audit(path: Optional[str], clf, keep_phi: bool = False) -> Optional[Aud
     """The audit log for ``clf`` at ``path``, or None when no path is given."""
     if not path:
         return None
-    from lungedge.reading import model_facts
+    from lungedge.results_report import model_facts
 
     return AuditLog(path, model_facts(clf), keep_phi=keep_phi)
 

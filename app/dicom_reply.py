@@ -8,7 +8,7 @@ import re
 from typing import Optional
 
 from lungedge.edge_runtime.classifier import Prediction, Refusal
-from lungedge.reading import NOT_A_DEVICE
+from lungedge.results_report import NOT_A_DEVICE
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 #: attributes copied from the image so the report files with its patient and study

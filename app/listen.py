@@ -79,7 +79,7 @@ class Listener:
         self.ae_title, self.allow_ae = ae_title, tuple(allow_ae)
         self.classes = model_classes(clf)
         self.kind = "/".join(k for k, c in (("CR/DX", XRAY_CLASSES), ("CT", CT_CLASSES)) if set(c) <= set(self.classes))
-        from lungedge.reading import model_facts
+        from lungedge.results_report import model_facts
 
         self.facts = model_facts(clf)
         self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue(maxsize=queue_size)

@@ -24,7 +24,7 @@ catch(e){await new Promise(f=>setTimeout(f,2000));}setTimeout(poll,0);}poll();})
 
 def rows_html(state, after: int) -> str:
     """The table of the entries received after ``after`` (newest first), or "" when none."""
-    from lungedge.reading import results_table
+    from lungedge.results_report import results_table
 
     items = state.worklist.after(after)
     if not items:
@@ -35,7 +35,7 @@ def rows_html(state, after: int) -> str:
 def section(state) -> tuple:
     """(the worklist's HTML, its script) for the index page."""
     seq = state.worklist.seq
-    from lungedge.reading import results_table
+    from lungedge.results_report import results_table
 
     table = rows_html(state, 0) or results_table([], state.facts)
     body = (f'<h2>Received from the DICOM listener (<span id="worklist-count">{seq}</span>), newest first</h2>'

@@ -11,7 +11,7 @@ import collections
 import threading
 from typing import List, Tuple
 
-from lungedge.reading import Entry
+from lungedge.results_report import Entry
 
 #: entries the worklist holds (older ones leave the page; the audit log keeps every one)
 KEEP = 200

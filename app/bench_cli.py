@@ -10,6 +10,8 @@ import click
 
 from lungedge.edge_runtime.progress import shown
 from lungedge.cli_util import EXIT_FAILED, EXIT_OK, handle_errors, parse_int_list
+from lungedge.edge_runtime.bench import BenchSettings
+from lungedge.model_options import runtime_option, with_settings
 
 
 def _default_out(models) -> str:
@@ -27,24 +29,24 @@ def _default_out(models) -> str:
 @click.option("--images", "-i", multiple=True, type=click.Path(),
               help="Image files or folders for the end-to-end timings (repeatable). "
                    "Default: a synthetic 1024x1024 JPEG.")
-@click.option("--threads", "-t", default="1,2", show_default=True, help="Comma-separated interpreter thread counts.")
-@click.option("--runs", "-n", type=click.IntRange(min=1), default=50, show_default=True,
+@click.option("--threads", "-t", default=",".join(map(str, BenchSettings.default("threads"))), show_default=True,
+              help="Comma-separated interpreter thread counts.")
+@click.option("--runs", "-n", type=click.IntRange(min=1), default=BenchSettings.default("runs"), show_default=True,
               help="Timed calls per measurement.")
-@click.option("--warmup", "-w", type=click.IntRange(min=0), default=5, show_default=True,
+@click.option("--warmup", "-w", type=click.IntRange(min=0), default=BenchSettings.default("warmup"), show_default=True,
               help="Untimed calls before timing.")
-@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "litert", "tflite-runtime"]),
-              help="Interpreter: LiteRT first, then tflite-runtime.")
+@runtime_option("backend")
 @click.option("--data", "-d", type=click.Path(file_okay=False), default=None,
               help="Labelled folder DATA/<class>/<image>: also measure accuracy.")
-@click.option("--labels", type=click.Path(dir_okay=False), default=None,
-              help="Label file for models without lungedge metadata (else placeholder names).")
+@runtime_option("labels", note="Without it, such a model's classes are named class_0..N-1.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: MODEL_DIR/bench if all models share a folder, else ./bench).")
 @click.option("--compare", is_flag=True,
               help="MODELS are bench_report.json files (e.g. from several machines): merge them into one table and chart.")
 @click.option("--no-isolate", is_flag=True, help="Run all models in this process (peak RSS is then shared).")
+@with_settings
 @handle_errors
-def bench_cmd(models, images, threads, runs, warmup, backend, data, labels, out, compare, no_isolate):
+def bench_cmd(models, images, threads, runs, warmup, data, settings, out, compare, no_isolate):
     """Benchmark TFLite models: start-up, first inference, latency percentiles, throughput
     (one image at a time and pipelined), peak RSS, delegate coverage and (with --data) accuracy.
 
@@ -69,9 +71,9 @@ def bench_cmd(models, images, threads, runs, warmup, backend, data, labels, out,
         _echo_paths(paths)
         sys.exit(EXIT_OK)
     thread_list = parse_int_list(threads, "--threads")
-    report = bench.run_bench(list(models), images=list(images) or None, threads=thread_list, runs=runs, warmup=warmup,
-                             backend=backend, data_dir=data, labels=labels, isolate=not no_isolate,
-                             progress=shown())
+    wanted = BenchSettings(images=tuple(images) or None, threads=tuple(thread_list), runs=runs, warmup=warmup,
+                           data_dir=data, runtime=settings)
+    report = bench.run_bench(list(models), wanted, isolate=not no_isolate, progress=shown())
     paths = bench_report.write_report(report, out or _default_out(models))
     click.echo(bench_report.format_markdown(report))
     _echo_paths(paths)

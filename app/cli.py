@@ -15,6 +15,7 @@ import click
 from lungedge import __version__
 from lungedge.edge_runtime.progress import shown
 from lungedge.cli_util import LazyGroup, EXIT_FAILED, EXIT_OK, ResultSink, dumps_strict, escape_text, handle_errors
+from lungedge.model_options import model_options, runtime_option, with_settings
 
 # Commands defined in other modules, imported only when that command runs (or --help lists them):
 # name -> "module:attribute". Their modules import TensorFlow only inside the command.
@@ -51,51 +52,16 @@ def main(verbose: bool, quiet: bool) -> None:
     configure(QUIET if quiet else VERBOSE if verbose else NORMAL)
 
 
-def _model_options(f):
-    f = click.option("--backend", default="auto", show_default=True,
-                     type=click.Choice(["auto", "litert", "tflite-runtime"]),
-                     help="Interpreter: LiteRT first, then tflite-runtime.")(f)
-    f = click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help="Interpreter threads (default: the backend's).")(f)
-    f = click.option("--labels", "labels", type=click.Path(dir_okay=False), default=None,
-                     help="Text file, one class name per line (for models without lungedge metadata).")(f)
-    f = click.option("--mean", type=float, multiple=True,
-                     help="Normalisation mean for models without metadata (repeat per channel; default 127.5).")(f)
-    f = click.option("--std", type=float, multiple=True,
-                     help="Normalisation std for models without metadata (default 127.5).")(f)
-    f = click.option("--no-threshold", is_flag=True,
-                     help="Ignore the model's decision threshold; take the most probable class.")(f)
-    f = click.option("--no-guard", is_flag=True,
-                     help="Skip the isolated first load (a child process that turns a runtime crash on a "
-                          "damaged model into an error line); only for files known to load.")(f)
-    return f
-
-
 def _workers_option(f):
     return click.option("--workers", type=click.IntRange(min=0), default=None,
                         help="Threads that decode and preprocess images ahead of the interpreter (default: the "
                              "usable cores, at most 4; 0: one image at a time). Results stay in input order.")(f)
 
 
-def _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard=False,
-                      allow_out_of_domain=False):
-    from lungedge.edge_runtime.classifier import Classifier
-
-    return Classifier(model, threads=threads, backend=backend, labels=labels,
-                      mean=list(mean) or None, std=list(std) or None, use_threshold=not no_threshold,
-                      guard=not no_guard, allow_out_of_domain=allow_out_of_domain)
-
-
-def _ood_option(f):
-    return click.option("--allow-out-of-domain", is_flag=True,
-                        help="Answer images the model's domain gate refuses (wrong modality, blank, a photo...) "
-                             "anyway; each such result is marked OUT OF DOMAIN with its reason.")(f)
-
-
 @main.command()
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--model", "-m", required=True, help="A .tflite model (with lungedge metadata, or give --labels).")
-@_model_options
+@model_options
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Classes to show per image.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one per image (errors too).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
@@ -111,10 +77,10 @@ def _ood_option(f):
 @click.option("--audit-log", "audit_log", type=click.Path(dir_okay=False), default=None,
               help="Append one JSON line per image (time, file, model sha256 and variant, result) to this log.")
 @_workers_option
-@_ood_option
+@runtime_option("allow_out_of_domain")
 @handle_errors
-def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no_guard, top_k, as_json, out, progress,
-             heatmap_dir, report_dir, keep_phi, audit_log, workers, allow_out_of_domain):
+def classify(paths, model, settings, top_k, as_json, out, progress, heatmap_dir, report_dir, keep_phi, audit_log,
+             workers):
     """Classify image files or folders (folders are searched recursively); JPEG, PNG... and DICOM.
 
     \b
@@ -129,79 +95,115 @@ def classify(paths, model, threads, backend, labels, mean, std, no_threshold, no
     Exit code 0 if every image was classified, 1 if the model or any image could not be used
     (each is reported on its own line), 2 if the command line is wrong.
     """
-    from lungedge.edge_runtime.classifier import Failure, Refusal
+    from lungedge.edge_runtime.classifier import Classifier
     from lungedge.edge_runtime.image_files import expand_inputs
 
-    clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard,
-                            allow_out_of_domain=allow_out_of_domain)
+    clf = Classifier(model, settings)
+    _check_heatmap(clf, heatmap_dir, model)
+    from lungedge.audit import open_audit
+
+    audit = open_audit(audit_log, clf, keep_phi)
+    sources = [p for p, _ in expand_inputs(paths)]
+    if progress is None:
+        progress = len(sources) > 20 and shown()
+    lines = _ResultLines(clf, ResultSink(out), as_json, top_k, keep_phi, sources)
+    drawing = _Drawing(heatmap_dir, report_dir)
+    results = clf.classify_many(sources, progress=progress, heatmap=drawing.wanted and clf.has_heatmap,
+                                workers=workers)
+    for src, res in zip(sources, results):  # one result per source, in order
+        res = drawing.add(src, res)
+        if audit is not None:
+            audit.record_result("classify", src, res)
+        lines.add(src, res)
+    lines.sink.close()
+    if report_dir:
+        from lungedge.results_report import model_facts, write_report
+
+        page = write_report(report_dir, drawing.entries, model_facts(clf), keep_phi=keep_phi)
+        click.echo(f"report: {escape_text(str(page))}", err=True)
+    lines.finish(summary_on_stdout=not out)
+    sys.exit(EXIT_FAILED if lines.failed else EXIT_OK)
+
+
+def _check_heatmap(clf, heatmap_dir, model) -> None:
+    """``--heatmap`` needs a file with a heat-map signature."""
     if heatmap_dir and not clf.has_heatmap:
         from lungedge.edge_runtime.errors import ModelError
 
         raise ModelError(f"--heatmap: the model has no heat map (no 'heatmap' signature: converted by an older "
                          f"lungedge, or its head is not pooling -> Dense layers); convert it again: {model!r}")
-    want_maps = bool(heatmap_dir or report_dir) and clf.has_heatmap
-    from lungedge.audit import open_audit
 
-    audit = open_audit(audit_log, clf, keep_phi)
-    entries = []
-    items = expand_inputs(paths)
-    info = clf.describe()
-    sink = ResultSink(out)
-    if progress is None:
-        progress = len(items) > 20 and shown()
-    if not as_json:
-        sink.line(_model_line(clf, model, info, threads))
-    failed = 0
-    width = min(max([len(escape_text(p)) for p, _ in items] + [4]), 60)
-    sources = [p for p, _ in items]
-    results = clf.classify_many(sources, progress=progress, heatmap=want_maps, workers=workers)
-    seen = []
-    for src, res in zip(sources, results):  # one result per source, in order
-        seen.append(res)
-        if not isinstance(res, Failure) and (heatmap_dir or report_dir):
-            res = _draw(res, src, len(entries), heatmap_dir, report_dir, entries)
-        elif heatmap_dir or report_dir:
-            entries.append(_entry(src, res))
-        if audit is not None:
-            audit.record_result("classify", src, res)
+
+class _ResultLines:
+    """``classify``'s output: the model line, one line per result (text or JSON), the summary;
+    failures as ``error:`` lines on stderr (in JSON on the results stream)."""
+
+    def __init__(self, clf, sink: ResultSink, as_json: bool, top_k: int, keep_phi: bool, sources: list):
+        self.sink, self.as_json, self.top_k, self.keep_phi = sink, as_json, top_k, keep_phi
+        self.info = clf.describe()
+        self.count, self.failed, self.refused = len(sources), 0, 0
+        self.width = min(max([len(escape_text(p)) for p in sources] + [4]), 60)
+        if not as_json:
+            sink.line(_model_line(clf, self.info))
+
+    def add(self, src: str, res) -> None:
+        from lungedge.edge_runtime.classifier import Failure, Refusal
+
+        info = self.info
         if isinstance(res, Refusal):  # a result without a class: on the results stream, counted as unusable
-            failed += 1
-            sink.line(dumps_strict({**res.to_dict(keep_phi=keep_phi), "backend": info["backend"],
-                                    "model": info["model"]}) if as_json else _refusal_line(res, src, width))
-            continue
-        if isinstance(res, Failure):
-            failed += 1
-            if as_json:
-                sink.line(dumps_strict({**res.to_dict(), "backend": info["backend"]}))
+            self.failed, self.refused = self.failed + 1, self.refused + 1
+            self.sink.line(dumps_strict({**res.to_dict(keep_phi=self.keep_phi), "backend": info["backend"],
+                                         "model": info["model"]}) if self.as_json else _refusal_line(res, src, self.width))
+        elif isinstance(res, Failure):
+            self.failed += 1
+            if self.as_json:
+                self.sink.line(dumps_strict({**res.to_dict(), "backend": info["backend"]}))
             else:
                 click.echo(f"error: {escape_text(res.error)}", err=True)
-            continue
-        sink.line(_json_line(res, info, top_k, keep_phi) if as_json else _text_line(res, src, width, top_k))
-    sink.close()
-    if report_dir:
-        from lungedge.results_report import model_facts, write_report
+        else:
+            self.sink.line(_json_line(res, info, self.top_k, self.keep_phi) if self.as_json
+                           else _text_line(res, src, self.width, self.top_k))
 
-        page = write_report(report_dir, entries, model_facts(clf), keep_phi=keep_phi)
-        click.echo(f"report: {escape_text(str(page))}", err=True)
-    if not as_json:
-        refused = sum(isinstance(e, Refusal) for e in seen)
-        summary = (f"{len(sources) - failed} classified, {failed - refused} failed"
-                   + (f", {refused} refused (out of domain)" if refused else ""))
-        if failed or out:
+    def finish(self, summary_on_stdout: bool) -> None:
+        """The text summary: on stdout after the results when all went well, else on stderr."""
+        if self.as_json:
+            return
+        summary = (f"{self.count - self.failed} classified, {self.failed - self.refused} failed"
+                   + (f", {self.refused} refused (out of domain)" if self.refused else ""))
+        if self.failed or not summary_on_stdout:
             click.echo(summary, err=True)
         else:
-            sink.line(summary)
-            sink.close()
-    sys.exit(EXIT_FAILED if failed else EXIT_OK)
+            self.sink.line(summary)
+            self.sink.close()
 
 
-def _model_line(clf, model, info: dict, threads) -> str:
+class _Drawing:
+    """Heat-map files (``--heatmap``) and the report's entries (``--report``) of ``classify``."""
+
+    def __init__(self, heatmap_dir, report_dir):
+        self.heatmap_dir, self.report_dir = heatmap_dir, report_dir
+        self.wanted = bool(heatmap_dir or report_dir)
+        self.entries: list = []
+
+    def add(self, src: str, res):
+        """``res``, or the Failure its drawing became; its report entry recorded."""
+        from lungedge.edge_runtime.classifier import Failure
+
+        if not self.wanted:
+            return res
+        if isinstance(res, Failure):
+            self.entries.append(_entry(src, res))
+            return res
+        return _draw(res, src, len(self.entries), self.heatmap_dir, self.report_dir, self.entries)
+
+
+def _model_line(clf, info: dict) -> str:
     """The first line of text output: which model, which runtime, which decision rule."""
     th = clf.spec.threshold if clf.use_threshold else None
     return escape_text(
-        f"model {Path(model).name} ({info['variant'] or 'unknown variant'}, input {info['input_dtype']}"
+        f"model {Path(clf.model_path).name} ({info['variant'] or 'unknown variant'}, input {info['input_dtype']}"
         f" {clf.spec.preprocessing.height}x{clf.spec.preprocessing.width}) on {clf.backend.describe()},"
-        f" threads {threads or 'default'}"
+        f" threads {clf.threads or 'default'}"
         + (f"; decision: {th.label} if p >= {th.value:.3f}" if th else "; decision: most probable class"))
 
 
@@ -266,13 +268,13 @@ def _draw(res, src, index, heatmap_dir, report_dir, entries):
               help="A .tflite model, or a training run folder / .keras file (needs TensorFlow).")
 @click.option("--data", "-d", required=True, type=click.Path(),
               help="Labelled folder: DATA/<class>/<image>.")
-@_model_options
+@model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the metrics JSON here.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images (quick checks).")
 @_workers_option
 @handle_errors
-def evaluate(model, data, threads, backend, labels, mean, std, no_threshold, no_guard, as_json, out, limit, workers):
+def evaluate(model, data, settings, as_json, out, limit, workers):
     """Accuracy, per-class precision/recall/F1/specificity and the confusion matrix.
 
     \b
@@ -302,11 +304,12 @@ def evaluate(model, data, threads, backend, labels, mean, std, no_threshold, no_
     if keras_model:
         from lungedge.train.keras_eval import evaluate_keras
 
-        metrics = evaluate_keras(str(p), data, limit=limit, use_threshold=not no_threshold)
+        metrics = evaluate_keras(str(p), data, limit=limit, use_threshold=settings.use_threshold)
     else:
+        from lungedge.edge_runtime.classifier import Classifier
         from lungedge.edge_runtime.folder_eval import evaluate_classifier
 
-        clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard)
+        clf = Classifier(model, settings)
         try:
             metrics = evaluate_classifier(clf, data, progress=shown(), limit=limit, workers=workers)
         except ConfigError as exc:  # the data folder does not fit the model: an input, not the command line
@@ -365,11 +368,12 @@ def _coverage_lines(d: dict) -> list:
               help="Also re-choose the domain gate's acceptance threshold on these images (the site's own "
                    "scanner is in the model's domain): their split-conformal 99th percentile.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole record as JSON.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Interpreter threads.")
+@runtime_option("threads")
 @_workers_option
+@with_settings
 @handle_errors
 def recalibrate(model, data, target_recall, out, positive_label, temperature, domain_threshold, plot, as_json,
-                threads, workers):
+                settings, workers):
     """Re-choose the decision threshold (and a temperature) on a site's own labelled images.
 
     \b
@@ -387,7 +391,7 @@ def recalibrate(model, data, target_recall, out, positive_label, temperature, do
 
     plot = plot or str(Path(out).with_suffix("")) + ".reliability.png"
     done = recalibrate_file(model, data, target_recall, out, positive_label=positive_label, temperature=temperature,
-                            plot=plot, workers=workers, threads=threads, progress=shown(),
+                            plot=plot, workers=workers, threads=settings.threads, progress=shown(),
                             domain_threshold=domain_threshold)
     sink = ResultSink()
     if as_json:
@@ -406,10 +410,10 @@ def recalibrate(model, data, target_recall, out, positive_label, temperature, do
 
 @main.command()
 @click.argument("model")
-@_model_options
+@model_options
 @click.option("--json", "as_json", is_flag=True, help="Everything as one JSON object.")
 @handle_errors
-def inspect(model, threads, backend, labels, mean, std, no_threshold, no_guard, as_json):
+def inspect(model, settings, as_json):
     """Show what a .tflite file carries: the lungedge record and the standard TFLite metadata
     (MediaPipe / Task Library), input and output tensors (name, shape, dtype, quantisation),
     the operators with counts and how many a delegate (XNNPACK) took, and whether the file's
@@ -420,7 +424,9 @@ def inspect(model, threads, backend, labels, mean, std, no_threshold, no_guard, 
       lungedge inspect model_uint8.tflite
       lungedge inspect --json model_int8.tflite | jq .operators
     """
-    clf = _build_classifier(model, threads, backend, labels, mean, std, no_threshold, no_guard)
+    from lungedge.edge_runtime.classifier import Classifier
+
+    clf = Classifier(model, settings)
     info = clf.describe()
     if info["integrity"] == "absent":
         info["integrity_note"] = ("no integrity record: the file was converted before records existed or by "

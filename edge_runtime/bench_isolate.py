@@ -12,13 +12,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .bench import bench_model
+from .bench import BenchSettings, bench_model
 
 
-def bench_isolated(model: str, kwargs: dict, timeout_s: float) -> dict:
+def bench_isolated(model: str, settings: dict, timeout_s: float) -> dict:
+    """``bench_model(model, BenchSettings.from_dict(settings))`` in a fresh Python process."""
     with tempfile.TemporaryDirectory(prefix="lungedge-bench-") as tmp:
         req, out = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        req.write_text(json.dumps({"model": model, "kwargs": kwargs, "out": str(out)}))
+        req.write_text(json.dumps({"model": model, "settings": settings, "out": str(out)}))
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -41,7 +42,7 @@ def _error_result(model: str, error: str) -> dict:
 def _worker(request_path: str) -> int:
     """Entry point of an isolated run: read the request, write the result JSON."""
     req = json.loads(Path(request_path).read_text())
-    res = bench_model(req["model"], **req["kwargs"])
+    res = bench_model(req["model"], BenchSettings.from_dict(req["settings"]))
     Path(req["out"]).write_text(json.dumps(res))
     return 0
 

@@ -286,34 +286,16 @@ def evaluate(model, data, settings, as_json, out, limit, workers):
     is evaluated with TensorFlow. Exit code 1 if the model, the data folder or any image
     could not be used, 2 if the command line is wrong.
     """
-    from lungedge.edge_runtime.errors import ConfigError, InputError, ModelError
     from lungedge.edge_runtime.metrics import format_report
 
-    p = Path(model)
-    keras_model = p.suffix in (".keras", ".h5")
-    if p.is_dir():
-        if not (p / "model.keras").is_file():
-            raise ModelError(f"not a .tflite file or a training run folder (no model.keras in it): {model!r}")
-        keras_model = True
-    elif keras_model and not p.is_file():
-        raise ModelError(f"model file not found: {model!r}")
-    if Path(data).is_file():
-        raise InputError(f"expected a data folder DIR/<class>/<image>, got a file: {data!r}")
-    if not Path(data).is_dir():
-        raise InputError(f"data folder not found: {data!r}")
+    keras_model = _is_keras_model(model)
+    _check_data_folder(data)
     if keras_model:
         from lungedge.train.keras_eval import evaluate_keras
 
-        metrics = evaluate_keras(str(p), data, limit=limit, use_threshold=settings.use_threshold)
+        metrics = evaluate_keras(str(Path(model)), data, limit=limit, use_threshold=settings.use_threshold)
     else:
-        from lungedge.edge_runtime.classifier import Classifier
-        from lungedge.edge_runtime.folder_eval import evaluate_classifier
-
-        clf = Classifier(model, settings)
-        try:
-            metrics = evaluate_classifier(clf, data, progress=shown(), limit=limit, workers=workers)
-        except ConfigError as exc:  # the data folder does not fit the model: an input, not the command line
-            raise InputError(str(exc)) from None
+        metrics = _evaluate_tflite(model, data, settings, limit, workers)
     if out:
         sink = ResultSink(out)
         sink.line(dumps_strict(metrics, indent=2))
@@ -334,6 +316,41 @@ def evaluate(model, data, settings, as_json, out, limit, workers):
         click.echo(f"error: {escape_text(f['error'])}", err=True)
     refused = (metrics.get("domain") or {}).get("refused", 0)
     sys.exit(EXIT_FAILED if metrics.get("failures") or refused else EXIT_OK)
+
+
+def _is_keras_model(model: str) -> bool:
+    """A run folder or a .keras/.h5 file (evaluated with TensorFlow), else a .tflite file."""
+    from lungedge.edge_runtime.errors import ModelError
+
+    p = Path(model)
+    if p.is_dir():
+        if not (p / "model.keras").is_file():
+            raise ModelError(f"not a .tflite file or a training run folder (no model.keras in it): {model!r}")
+        return True
+    if p.suffix in (".keras", ".h5") and not p.is_file():
+        raise ModelError(f"model file not found: {model!r}")
+    return p.suffix in (".keras", ".h5")
+
+
+def _check_data_folder(data: str) -> None:
+    from lungedge.edge_runtime.errors import InputError
+
+    if Path(data).is_file():
+        raise InputError(f"expected a data folder DIR/<class>/<image>, got a file: {data!r}")
+    if not Path(data).is_dir():
+        raise InputError(f"data folder not found: {data!r}")
+
+
+def _evaluate_tflite(model: str, data: str, settings, limit, workers) -> dict:
+    from lungedge.edge_runtime.classifier import Classifier
+    from lungedge.edge_runtime.errors import ConfigError, InputError
+    from lungedge.edge_runtime.folder_eval import evaluate_classifier
+
+    clf = Classifier(model, settings)
+    try:
+        return evaluate_classifier(clf, data, progress=shown(), limit=limit, workers=workers)
+    except ConfigError as exc:  # the data folder does not fit the model: an input, not the command line
+        raise InputError(str(exc)) from None
 
 
 def _coverage_lines(d: dict) -> list:
@@ -461,13 +478,6 @@ def inspect(model, settings, as_json):
 
 
 def _inspect_text(info: dict) -> list:
-    from lungedge.edge_runtime.spec import Preprocessing
-
-    def tensor(t):
-        q = t["quantization"]
-        qs = f"scale {q['scale']:.7g} zero point {q['zero_point']}" if q else "not quantised"
-        return f"{t['name']}  {t['shape']}  {t['dtype']}  {qs}"
-
     lines = [f"model {info['model']}: {info['size_bytes']:,} bytes, sha256 {info['sha256'][:16]}..., "
              f"integrity {info['integrity']}",
              f"runtime {info['backend']} {info['backend_version']}; labels and preprocessing from "
@@ -475,51 +485,70 @@ def _inspect_text(info: dict) -> list:
     if info.get("integrity_note"):
         lines.append(f"  note: {info['integrity_note']}")
     spec = info["lungedge_metadata"]
-    if spec:
-        th = spec.get("threshold")
-        lines.append(f"lungedge record: variant {spec.get('variant')}, recipe {spec.get('recipe')}, "
-                     f"labels {spec['labels']}, decision "
-                     + (f"{th['label']} if p >= {th['value']:.4f}" if th else "most probable class"))
-        if th:
-            lines.append(f"  threshold chosen on {th.get('chosen_on')} (target recall {th.get('target_recall')}, "
-                         f"rule {th.get('rule', 'balanced')})")
-        lines.append(f"  output {spec.get('output')}, softmax temperature {spec.get('temperature', 1.0):g}")
-        recal = (spec.get("extra") or {}).get("recalibration")
-        if isinstance(recal, dict):
-            cs, before = recal.get("calibration_set", {}), (recal.get("threshold") or {}).get("before")
-            lines.append(f"  recalibrated on {cs.get('images')} images {cs.get('per_class')} (sha256 "
-                         f"{str(cs.get('sha256'))[:16]}, {cs.get('date')}); threshold before: "
-                         + (f"{before['value']:.4f} ({before.get('chosen_on')})" if before else "none"))
-        lines.extend(_domain_text(spec))
-    else:
-        lines.append("lungedge record: none")
+    lines += _record_text(spec) if spec else ["lungedge record: none"]
+    lines += _standard_text(info)
+    return lines + _graph_text(info)
+
+
+def _record_text(spec: dict) -> list:
+    """The lungedge record, for ``inspect``: labels, decision, output, recalibration, domain gate."""
+    th = spec.get("threshold")
+    lines = [f"lungedge record: variant {spec.get('variant')}, recipe {spec.get('recipe')}, "
+             f"labels {spec['labels']}, decision "
+             + (f"{th['label']} if p >= {th['value']:.4f}" if th else "most probable class")]
+    if th:
+        lines.append(f"  threshold chosen on {th.get('chosen_on')} (target recall {th.get('target_recall')}, "
+                     f"rule {th.get('rule', 'balanced')})")
+    lines.append(f"  output {spec.get('output')}, softmax temperature {spec.get('temperature', 1.0):g}")
+    recal = (spec.get("extra") or {}).get("recalibration")
+    if isinstance(recal, dict):
+        cs, before = recal.get("calibration_set", {}), (recal.get("threshold") or {}).get("before")
+        lines.append(f"  recalibrated on {cs.get('images')} images {cs.get('per_class')} (sha256 "
+                     f"{str(cs.get('sha256'))[:16]}, {cs.get('date')}); threshold before: "
+                     + (f"{before['value']:.4f} ({before.get('chosen_on')})" if before else "none"))
+    return lines + _domain_text(spec)
+
+
+def _standard_text(info: dict) -> list:
+    """The standard TFLITE_METADATA record, for ``inspect``."""
     sm = info["standard_metadata"]
     if sm:
         inp = sm["inputs"][0] if sm["inputs"] else {}
         out = sm["outputs"][0] if sm["outputs"] else {}
         files = ", ".join(f"{f['name']} ({f['type']})" for f in out.get("files", ())) or "none"
-        lines += [f"standard metadata (TFLITE_METADATA): {sm['name']!r} version {sm['version']!r}, "
-                  f"parser >= {sm['min_parser_version']}",
-                  f"  input {inp.get('name')!r}: colour {inp.get('color_space')}, normalisation mean "
-                  f"{inp.get('mean')} std {inp.get('std')}",
-                  f"  output {out.get('name')!r}: labels file {files}, {sm['labels_count']} labels",
-                  f"  author {sm['author']!r}; licence {sm['license']!r}"]
+        lines = [f"standard metadata (TFLITE_METADATA): {sm['name']!r} version {sm['version']!r}, "
+                 f"parser >= {sm['min_parser_version']}",
+                 f"  input {inp.get('name')!r}: colour {inp.get('color_space')}, normalisation mean "
+                 f"{inp.get('mean')} std {inp.get('std')}",
+                 f"  output {out.get('name')!r}: labels file {files}, {sm['labels_count']} labels",
+                 f"  author {sm['author']!r}; licence {sm['license']!r}"]
     else:
-        lines.append("standard metadata (TFLITE_METADATA): none")
+        lines = ["standard metadata (TFLITE_METADATA): none"]
     if info.get("standard_metadata_error"):
         lines.append(f"  unreadable: {info['standard_metadata_error']}")
+    return lines
+
+
+def _graph_text(info: dict) -> list:
+    """Preprocessing, tensors and operators, for ``inspect``."""
+    from lungedge.edge_runtime.spec import Preprocessing
+
+    def tensor(t):
+        q = t["quantization"]
+        qs = f"scale {q['scale']:.7g} zero point {q['zero_point']}" if q else "not quantised"
+        return f"{t['name']}  {t['shape']}  {t['dtype']}  {qs}"
+
     p = info["preprocessing_used"]
     contrast = Preprocessing.from_dict(p).contrast_text
     clahe = f"{contrast}, " if contrast else ""
-    lines += [f"preprocessing used: {p['height']}x{p['width']} {p['color_mode']}, {p['resize']}, {clahe}"
-              f"(pixel - {p['mean']}) / {p['std']}",
-              f"input   {tensor(info['input'])}", f"output  {tensor(info['output'])}"]
+    lines = [f"preprocessing used: {p['height']}x{p['width']} {p['color_mode']}, {p['resize']}, {clahe}"
+             f"(pixel - {p['mean']}) / {p['std']}",
+             f"input   {tensor(info['input'])}", f"output  {tensor(info['output'])}"]
     ops = info["operators"]
     total, delegated = sum(r["count"] for r in ops), sum(r["delegated"] for r in ops)
     lines.append(f"operators: {total} nodes, {delegated} delegated ({info['delegate_nodes']} delegate "
                  f"partition(s)); the rest run on {info['backend']}'s own kernels")
-    lines += [f"  {r['op']:<22} {r['count']:>4}  ({r['delegated']} delegated)" for r in ops]
-    return lines
+    return lines + [f"  {r['op']:<22} {r['count']:>4}  ({r['delegated']} delegated)" for r in ops]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,7 +21,7 @@ import os
 import select
 import signal
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
 from .errors import ModelError, first_line
 
@@ -59,49 +59,66 @@ def trial_load(data: bytes, interpreter_class, threads: Optional[int], name: str
     if pid == 0:  # child: never returns
         _child(data, interpreter_class, threads, read_fd, write_fd)
     os.close(write_fd)
-    output = bytearray()
-    deadline = time.monotonic() + timeout
-    status = None
     try:
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            left = deadline - time.monotonic()
-            if left <= 0:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                raise ModelError(f"the interpreter did not finish loading the model within {timeout:.0f} s "
-                                 f"(stopped): {name!r}")
-            ready, _, _ = select.select([read_fd], [], [], min(left, 0.05))
-            if ready:
-                chunk = os.read(read_fd, 65536)
-                if chunk:
-                    output += chunk
-                    del output[:-8192]
-        while True:  # what the child wrote just before it ended
-            ready, _, _ = select.select([read_fd], [], [], 0)
-            chunk = os.read(read_fd, 65536) if ready else b""
-            if not chunk:
-                break
-            output += chunk
-            del output[:-8192]
+        status, output = _wait(pid, read_fd, timeout, name)
     finally:
         os.close(read_fd)
+    return _verdict(status, output, name)
+
+
+def _wait(pid: int, read_fd: int, timeout: float, name: str) -> Tuple[int, bytes]:
+    """(the child's wait status, the last 8 kB it wrote on stderr); the child killed at ``timeout``.
+
+    Raises:
+        ModelError: the child did not finish in time.
+    """
+    output = bytearray()
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise ModelError(f"the interpreter did not finish loading the model within {timeout:.0f} s "
+                             f"(stopped): {name!r}")
+        ready, _, _ = select.select([read_fd], [], [], min(left, 0.05))
+        if ready:
+            _keep_tail(output, os.read(read_fd, 65536))
+    while True:  # what the child wrote just before it ended
+        ready, _, _ = select.select([read_fd], [], [], 0)
+        chunk = os.read(read_fd, 65536) if ready else b""
+        if not chunk:
+            break
+        _keep_tail(output, chunk)
+    return status, bytes(output)
+
+
+def _keep_tail(output: bytearray, chunk: bytes) -> None:
+    """Append ``chunk``, keeping the last 8 kB (the runtime's last words are at the end)."""
+    if chunk:
+        output += chunk
+        del output[:-8192]
+
+
+def _verdict(status: int, output: bytes, name: str) -> bool:
+    """True when the child ended well; else the ModelError that says how it ended."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         try:
             signame = signal.Signals(sig).name
         except ValueError:
             signame = f"signal {sig}"
-        said = _last_line(bytes(output))
+        said = _last_line(output)
         raise ModelError(f"the interpreter crashed ({signame}) while loading the model"
                          f"{' (' + said + ')' if said else ''}: {name!r}")
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
     if code == 0:
         return True
     if code == _CHILD_PYTHON_ERROR:
-        said = _last_line(bytes(output))
+        said = _last_line(output)
         raise ModelError(f"model cannot be loaded{' (' + said + ')' if said else ''}: {name!r}")
     raise ModelError(f"the interpreter ended with exit code {code} while loading the model: {name!r}")
 

@@ -255,6 +255,26 @@ def embed_spec(data: bytes, spec: ModelSpec) -> bytes:
     the check.
     """
     check_tflite_bytes(data)
+    flatbuffers, np, schema = _writer_modules()
+    model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
+    _drop_records(model, schema, (METADATA_NAME, INTEGRITY_NAME, STANDARD_NAME))
+    payload = spec.to_json().encode("utf-8")
+    standard = _standard_record(spec, model, schema)
+    placeholder = np.frombuffer(_integrity_payload("0" * 64), np.uint8).copy()
+    for entry_name, content in ((STANDARD_NAME, np.frombuffer(standard, np.uint8).copy()),
+                                (METADATA_NAME, np.frombuffer(payload, np.uint8).copy()), (INTEGRITY_NAME, placeholder)):
+        _add_record(model, schema, entry_name, content)
+    builder = _sharing_builder(flatbuffers)(len(data) + len(payload) + len(standard) + 1024)
+    # written first, the record lands at the end of the flatbuffer, just before the packed files
+    builder.CreateNumpyVector(placeholder)
+    builder.Finish(model.Pack(builder), file_identifier=_TFLITE_IDENTIFIER)
+    out = _sealed(append_associated_files(bytes(builder.Output()), _associated_files(spec)))
+    _check_round_trip(out, spec)
+    return out
+
+
+def _writer_modules():
+    """(flatbuffers, numpy, the TFLite schema) for writing a model; MissingDependencyError without LiteRT."""
     try:
         import flatbuffers
         import numpy as np
@@ -265,37 +285,42 @@ def embed_spec(data: bytes, spec: ModelSpec) -> bytes:
         raise MissingDependencyError(
             f"writing model metadata needs ai-edge-litert (pip install 'lungedge[edge]'): {exc}"
         ) from None
-    model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
-    ours = (METADATA_NAME, INTEGRITY_NAME, STANDARD_NAME)
-    old = [m for m in (model.metadata or []) if _name(m.name) in ours]
-    model.metadata = [m for m in (model.metadata or []) if _name(m.name) not in ours]
+    return flatbuffers, np, schema
+
+
+def _drop_records(model, schema, names: Sequence[str]) -> None:
+    """Remove the metadata entries called ``names``; their buffers are emptied, indices kept."""
+    old = [m for m in (model.metadata or []) if _name(m.name) in names]
+    model.metadata = [m for m in (model.metadata or []) if _name(m.name) not in names]
     used = {t.buffer for g in (model.subgraphs or []) for t in (g.tensors or [])} | {m.buffer for m in model.metadata}
-    for m in old:  # the replaced records' buffers: emptied, indices kept
+    for m in old:
         if m.buffer not in used and 0 < m.buffer < len(model.buffers):
             model.buffers[m.buffer] = schema.BufferT()
-    payload = spec.to_json().encode("utf-8")
-    standard = _standard_record(spec, model, schema)
-    placeholder = np.frombuffer(_integrity_payload("0" * 64), np.uint8).copy()
-    entries = ((STANDARD_NAME, np.frombuffer(standard, np.uint8).copy()),
-               (METADATA_NAME, np.frombuffer(payload, np.uint8).copy()), (INTEGRITY_NAME, placeholder))
-    for entry_name, content in entries:
-        buffer = schema.BufferT()
-        buffer.data = content
-        model.buffers.append(buffer)
-        entry = schema.MetadataT()
-        entry.name = entry_name
-        entry.buffer = len(model.buffers) - 1
-        model.metadata.append(entry)
-    builder = _sharing_builder(flatbuffers)(len(data) + len(payload) + len(standard) + 1024)
-    # written first, the record lands at the end of the flatbuffer, just before the packed files
-    builder.CreateNumpyVector(placeholder)
-    builder.Finish(model.Pack(builder), file_identifier=_TFLITE_IDENTIFIER)
-    labels_txt = ("\n".join(spec.labels) + "\n").encode("utf-8")
-    packed = {LABELS_FILE: labels_txt}
+
+
+def _add_record(model, schema, name: str, content) -> None:
+    """A metadata entry ``name`` holding ``content`` (uint8 array) in a new buffer."""
+    buffer = schema.BufferT()
+    buffer.data = content
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = name
+    entry.buffer = len(model.buffers) - 1
+    model.metadata.append(entry)
+
+
+def _associated_files(spec: ModelSpec) -> Dict[str, bytes]:
+    """The files packed after the flatbuffer: the labels, and the score calibration when there is one."""
+    packed = {LABELS_FILE: ("\n".join(spec.labels) + "\n").encode("utf-8")}
     calibration = score_calibration_text(spec)
     if calibration is not None:
         packed[CALIBRATION_FILE] = calibration.encode("ascii")
-    out = bytearray(append_associated_files(bytes(builder.Output()), packed))
+    return packed
+
+
+def _sealed(data: bytes) -> bytes:
+    """``data`` with its integrity record's placeholder replaced by the digest of every other byte."""
+    out = bytearray(data)
     a, b = metadata_spans(out, (INTEGRITY_NAME,))[INTEGRITY_NAME]
     view = memoryview(out)
     h = hashlib.sha256(view[:a])
@@ -305,14 +330,17 @@ def embed_spec(data: bytes, spec: ModelSpec) -> bytes:
         raise ModelError("integrity record changed length")
     del view
     out[a:b] = record
-    out = bytes(out)
-    if read_spec(out) != spec:  # never write a file whose record cannot be read back
+    return bytes(out)
+
+
+def _check_round_trip(out: bytes, spec: ModelSpec) -> None:
+    """Never write a file whose records cannot be read back."""
+    if read_spec(out) != spec:
         raise ModelError("metadata did not survive the round trip through the flatbuffer")
     verify_integrity(out)
     standard_back = read_standard(out)
     if standard_back is None or standard_back.labels != spec.labels:
         raise ModelError("standard metadata did not survive the round trip through the flatbuffer")
-    return out
 
 
 #: The licence text of the standard record: what a third-party app shows about the model.

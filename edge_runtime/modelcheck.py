@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -209,7 +209,7 @@ def _check(r: _Reader) -> Structure:
         raise _Bad("no subgraph")
     n_ops = n_tensors = 0
     for si, g in enumerate(subgraphs):
-        n_tensors += _check_subgraph(r, si, g, len(opcodes), len(buffers), has_data, data_len, opcodes, len(subgraphs))
+        n_tensors += _check_subgraph(si, g, opcodes, has_data, data_len)
         n_ops += len(g.tables(3))
     signatures = model.tables(7)
     if len(signatures) > MAX_SIGNATURES:
@@ -235,76 +235,99 @@ def _check(r: _Reader) -> Structure:
     return Structure(len(subgraphs), n_ops, n_tensors, len(buffers))
 
 
-def _check_subgraph(r, si, g, n_opcodes, n_buffers, has_data, data_len, opcodes, n_subgraphs) -> int:
+@dataclass
+class _Tensors:
+    """What the operator checks need to know of a subgraph's tensors, by index."""
+
+    types: List[int] = field(default_factory=list)
+    constant: List[bool] = field(default_factory=list)
+    variable: List[bool] = field(default_factory=list)
+    scales: list = field(default_factory=list)
+
+
+def _check_subgraph(si: int, g: _Table, opcodes: List[_Table], has_data: List[bool], data_len: List[int]) -> int:
+    """Check one subgraph: its tensors, inputs and outputs, and operators; the number of tensors."""
     tensors = g.tables(0)
     nt = len(tensors)
     if nt > MAX_TENSORS:
         raise _Bad(f"subgraph {si} has {nt} tensors")
-    types, constant, variable, quantised = [], [], [], []
+    facts = _Tensors()
     for ti, t in enumerate(tensors):
-        shape = t.ints(0)
-        ttype = t.scalar(1, "<b")
-        if ttype not in _ELEMENT_SIZE:
-            raise _Bad(f"tensor {ti} has unknown type {ttype}")
-        buf = t.scalar(2, "<I")
-        if buf >= n_buffers and buf != 0:  # buffer 0 is the "no data" sentinel, even without a buffer table
-            raise _Bad(f"tensor {ti} points at buffer {buf} of {n_buffers}")
-        if any(d < 0 for d in shape):
-            raise _Bad(f"tensor {ti} has a negative dimension {shape}")
-        elements = math.prod(shape) if shape else 1
-        if elements > MAX_ELEMENTS:
-            raise _Bad(f"tensor {ti} has {elements} elements")
-        is_const = 0 < buf < n_buffers and has_data[buf]
-        size = _ELEMENT_SIZE[ttype]
-        if is_const and size is not None and data_len[buf] != elements * size:
-            raise _Bad(f"tensor {ti} holds {data_len[buf]} bytes of data, its shape {shape} needs {elements * size}")
-        q = t.table_field(4)
-        scales = _check_quantisation(ti, q, shape, ttype) if q is not None else []
-        types.append(ttype)
-        constant.append(is_const)
-        variable.append(bool(t.scalar(5, "<B")))
-        quantised.append(scales)
+        _check_tensor(ti, t, has_data, data_len, facts)
     inputs, outputs = g.ints(1), g.ints(2)
     for what, vec in (("input", inputs), ("output", outputs)):
         for t in vec:
             if not 0 <= t < nt:
                 raise _Bad(f"subgraph {si} {what} is tensor {t} of {nt}")
-    produced = [False] * nt
-    graph_inputs = set(inputs)
     ops = g.tables(3)
     if len(ops) > MAX_OPERATORS:
         raise _Bad(f"subgraph {si} has {len(ops)} operators")
+    produced = [False] * nt
+    graph_inputs = set(inputs)
     for oi, op in enumerate(ops):
-        code_index = op.scalar(0, "<I")
-        if code_index >= n_opcodes:
-            raise _Bad(f"operator {oi} uses operator code {code_index} of {n_opcodes}")
-        oc = opcodes[code_index]
-        code = max(oc.scalar(0, "<b"), oc.scalar(3, "<i"))
-        op_in, op_out, inter = op.ints(1), op.ints(2), op.ints(9)
-        for t in op_in:
-            if not -1 <= t < nt:
-                raise _Bad(f"operator {oi} input is tensor {t} of {nt}")
-            if t >= 0 and not (produced[t] or constant[t] or variable[t] or t in graph_inputs):
-                raise _Bad(f"operator {oi} reads tensor {t} before anything writes it")
-        for t in op_out + inter:
-            if not 0 <= t < nt:
-                raise _Bad(f"operator {oi} output is tensor {t} of {nt}")
-        for t in op_out:
-            if constant[t] or t in graph_inputs:
-                raise _Bad(f"operator {oi} writes tensor {t}, a {'constant' if constant[t] else 'graph input'}")
-            if produced[t] and not variable[t]:
-                raise _Bad(f"tensor {t} is written by two operators")
-            produced[t] = True
-        if code in _QUANTISED_ARITHMETIC and op_in and op_in[0] >= 0 and types[op_in[0]] in _QUANT_RANGE:
-            for t in [x for x in op_in if x >= 0] + op_out:
-                if types[t] in _QUANT_RANGE and not constant[t]:
-                    scales = quantised[t]
-                    if not len(scales) or not (scales > 0).all():
-                        raise _Bad(f"operator {oi}: quantised tensor {t} has no positive scale")
+        _check_operator(oi, op, opcodes, facts, graph_inputs, produced)
     for t in outputs:
-        if not (produced[t] or constant[t] or variable[t] or t in graph_inputs):
+        if not (produced[t] or facts.constant[t] or facts.variable[t] or t in graph_inputs):
             raise _Bad(f"subgraph {si} output tensor {t} is never written")
     return nt
+
+
+def _check_tensor(ti: int, t: _Table, has_data: List[bool], data_len: List[int], facts: _Tensors) -> None:
+    """Check one tensor (type, buffer, shape, data length, quantisation) and record its facts."""
+    n_buffers = len(has_data)
+    shape = t.ints(0)
+    ttype = t.scalar(1, "<b")
+    if ttype not in _ELEMENT_SIZE:
+        raise _Bad(f"tensor {ti} has unknown type {ttype}")
+    buf = t.scalar(2, "<I")
+    if buf >= n_buffers and buf != 0:  # buffer 0 is the "no data" sentinel, even without a buffer table
+        raise _Bad(f"tensor {ti} points at buffer {buf} of {n_buffers}")
+    if any(d < 0 for d in shape):
+        raise _Bad(f"tensor {ti} has a negative dimension {shape}")
+    elements = math.prod(shape) if shape else 1
+    if elements > MAX_ELEMENTS:
+        raise _Bad(f"tensor {ti} has {elements} elements")
+    is_const = 0 < buf < n_buffers and has_data[buf]
+    size = _ELEMENT_SIZE[ttype]
+    if is_const and size is not None and data_len[buf] != elements * size:
+        raise _Bad(f"tensor {ti} holds {data_len[buf]} bytes of data, its shape {shape} needs {elements * size}")
+    q = t.table_field(4)
+    facts.scales.append(_check_quantisation(ti, q, shape, ttype) if q is not None else [])
+    facts.types.append(ttype)
+    facts.constant.append(is_const)
+    facts.variable.append(bool(t.scalar(5, "<B")))
+
+
+def _check_operator(oi: int, op: _Table, opcodes: List[_Table], facts: _Tensors, graph_inputs: set,
+                    produced: List[bool]) -> None:
+    """Check one operator's code and tensors in graph order; mark the tensors it writes."""
+    nt = len(produced)
+    code_index = op.scalar(0, "<I")
+    if code_index >= len(opcodes):
+        raise _Bad(f"operator {oi} uses operator code {code_index} of {len(opcodes)}")
+    oc = opcodes[code_index]
+    code = max(oc.scalar(0, "<b"), oc.scalar(3, "<i"))
+    op_in, op_out, inter = op.ints(1), op.ints(2), op.ints(9)
+    for t in op_in:
+        if not -1 <= t < nt:
+            raise _Bad(f"operator {oi} input is tensor {t} of {nt}")
+        if t >= 0 and not (produced[t] or facts.constant[t] or facts.variable[t] or t in graph_inputs):
+            raise _Bad(f"operator {oi} reads tensor {t} before anything writes it")
+    for t in op_out + inter:
+        if not 0 <= t < nt:
+            raise _Bad(f"operator {oi} output is tensor {t} of {nt}")
+    for t in op_out:
+        if facts.constant[t] or t in graph_inputs:
+            raise _Bad(f"operator {oi} writes tensor {t}, a {'constant' if facts.constant[t] else 'graph input'}")
+        if produced[t] and not facts.variable[t]:
+            raise _Bad(f"tensor {t} is written by two operators")
+        produced[t] = True
+    if code in _QUANTISED_ARITHMETIC and op_in and op_in[0] >= 0 and facts.types[op_in[0]] in _QUANT_RANGE:
+        for t in [x for x in op_in if x >= 0] + op_out:
+            if facts.types[t] in _QUANT_RANGE and not facts.constant[t]:
+                scales = facts.scales[t]
+                if not len(scales) or not (scales > 0).all():
+                    raise _Bad(f"operator {oi}: quantised tensor {t} has no positive scale")
 
 
 def _check_quantisation(ti: int, q: _Table, shape: List[int], ttype: int) -> List[float]:

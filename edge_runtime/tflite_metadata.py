@@ -126,135 +126,118 @@ def build_standard_metadata(*, name: str, description: str, version: str, author
         extra_outputs: (name, description) of each output after the classes (a feature without
             labels: MediaPipe reports it as a further classification head), e.g. ``domain_score``.
     """
-    import flatbuffers
-
     color = {v: k for k, v in _COLOR_SPACES.items()}[color_space]
-    b = flatbuffers.Builder(1024)
+    w = _Writer()
+    in_tensor = _input_tensor(w, color, mean, std, input_range, input_name)
+    out_tensor = _output_tensor(w, output_range, labels_file, output_name, score_calibration)
+    more = [_feature_tensor(w, extra_name, extra_desc) for extra_name, extra_desc in extra_outputs]
+    ins, outs = w.tables([in_tensor]), w.tables([out_tensor] + more)
+    subgraph = w.table(10, ("off", _SG_INPUTS, ins), ("off", _SG_OUTPUTS, outs))  # SubGraphMetadata
+    subgraphs = w.tables([subgraph])
+    fields = [w.string(x) for x in (name, description, version, author, license, MIN_PARSER_VERSION)]
+    slots = (_MM_NAME, _MM_DESCRIPTION, _MM_VERSION, _MM_AUTHOR, _MM_LICENSE, _MM_MIN_PARSER)
+    root = w.table(8, *[("off", slot, off) for slot, off in zip(slots, fields)],  # ModelMetadata
+                   ("off", _MM_SUBGRAPHS, subgraphs))
+    w.builder.Finish(root, file_identifier=FILE_IDENTIFIER)
+    return bytes(w.builder.Output())
 
-    def string(text):
-        return b.CreateString(text)
 
-    def floats(values):
+class _Writer:
+    """A flatbuffers builder with the few shapes the metadata schema needs. Objects are written
+    children first; the order of calls is the order of the bytes."""
+
+    _PREPEND = {"off": ("PrependUOffsetTRelativeSlot", 0), "u8": ("PrependUint8Slot", 0),
+                "i8": ("PrependInt8Slot", 0), "f32": ("PrependFloat32Slot", 0.0)}
+
+    def __init__(self, size: int = 1024):
+        import flatbuffers
+
+        self.builder = flatbuffers.Builder(size)
+
+    def string(self, text: str) -> int:
+        return self.builder.CreateString(text)
+
+    def floats(self, values) -> int:
+        b = self.builder
         b.StartVector(4, len(values), 4)
         for v in reversed(list(values)):
             b.PrependFloat32(float(v))
         return b.EndVector()
 
-    def tables(offsets):
+    def tables(self, offsets) -> int:
+        b = self.builder
         b.StartVector(4, len(offsets), 4)
         for off in reversed(offsets):
             b.PrependUOffsetTRelative(off)
         return b.EndVector()
 
-    def stats(lo, hi):
-        mx, mn = floats([hi]), floats([lo])
-        b.StartObject(2)
-        b.PrependUOffsetTRelativeSlot(0, mx, 0)
-        b.PrependUOffsetTRelativeSlot(1, mn, 0)
+    def table(self, slots: int, *fields) -> int:
+        """An object of ``slots`` fields; each field ``(kind, slot, value)`` with kind "off"
+        (a child's offset), "u8", "i8" or "f32", written in the order given."""
+        b = self.builder
+        b.StartObject(slots)
+        for kind, slot, value in fields:
+            method, default = self._PREPEND[kind]
+            getattr(b, method)(slot, value, default)
         return b.EndObject()
 
-    # input tensor: ImageProperties + NormalizationOptions + Stats
-    b.StartObject(2)  # ImageProperties
-    b.PrependInt8Slot(0, color, 0)
-    image_props = b.EndObject()
-    b.StartObject(3)  # Content
-    b.PrependUint8Slot(_CT_TYPE, _CONTENT_IMAGE, 0)
-    b.PrependUOffsetTRelativeSlot(_CT_PROPS, image_props, 0)
-    in_content = b.EndObject()
-    m_vec, s_vec = floats(mean), floats(std)
-    b.StartObject(2)  # NormalizationOptions
-    b.PrependUOffsetTRelativeSlot(0, m_vec, 0)
-    b.PrependUOffsetTRelativeSlot(1, s_vec, 0)
-    norm = b.EndObject()
-    b.StartObject(2)  # ProcessUnit
-    b.PrependUint8Slot(_PU_TYPE, _UNIT_NORMALIZATION, 0)
-    b.PrependUOffsetTRelativeSlot(_PU_OPTIONS, norm, 0)
-    unit = b.EndObject()
-    units = tables([unit])
-    in_stats = stats(*input_range)
-    in_name, in_desc = string(input_name), string("Input image to be classified.")
-    b.StartObject(7)  # TensorMetadata
-    b.PrependUOffsetTRelativeSlot(_TM_NAME, in_name, 0)
-    b.PrependUOffsetTRelativeSlot(_TM_DESCRIPTION, in_desc, 0)
-    b.PrependUOffsetTRelativeSlot(_TM_CONTENT, in_content, 0)
-    b.PrependUOffsetTRelativeSlot(_TM_UNITS, units, 0)
-    b.PrependUOffsetTRelativeSlot(_TM_STATS, in_stats, 0)
-    in_tensor = b.EndObject()
+    def stats(self, lo: float, hi: float) -> int:
+        mx, mn = self.floats([hi]), self.floats([lo])
+        return self.table(2, ("off", 0, mx), ("off", 1, mn))
 
-    # output tensor: FeatureProperties + Stats + labels file
-    b.StartObject(0)  # FeatureProperties
-    feature = b.EndObject()
-    b.StartObject(3)
-    b.PrependUint8Slot(_CT_TYPE, _CONTENT_FEATURE, 0)
-    b.PrependUOffsetTRelativeSlot(_CT_PROPS, feature, 0)
-    out_content = b.EndObject()
-    out_stats = stats(*output_range) if output_range else None
-    f_name, f_desc = string(labels_file), string("Labels for the classes the model can recognize.")
-    b.StartObject(5)  # AssociatedFile
-    b.PrependUOffsetTRelativeSlot(_AF_NAME, f_name, 0)
-    b.PrependUOffsetTRelativeSlot(_AF_DESCRIPTION, f_desc, 0)
-    b.PrependInt8Slot(_AF_TYPE, _TENSOR_AXIS_LABELS, 0)
-    label_file = b.EndObject()
-    out_files, out_units = [label_file], None
+    def associated_file(self, name: str, description: str, file_type: int) -> int:
+        f_name, f_desc = self.string(name), self.string(description)
+        return self.table(5, ("off", _AF_NAME, f_name), ("off", _AF_DESCRIPTION, f_desc), ("i8", _AF_TYPE, file_type))
+
+    def feature_content(self) -> int:
+        feature = self.table(0)  # FeatureProperties
+        return self.table(3, ("u8", _CT_TYPE, _CONTENT_FEATURE), ("off", _CT_PROPS, feature))
+
+
+def _input_tensor(w: _Writer, color: int, mean, std, input_range, input_name: str) -> int:
+    """The input's TensorMetadata: ImageProperties, NormalizationOptions, Stats."""
+    image_props = w.table(2, ("i8", 0, color))
+    content = w.table(3, ("u8", _CT_TYPE, _CONTENT_IMAGE), ("off", _CT_PROPS, image_props))
+    m_vec, s_vec = w.floats(mean), w.floats(std)
+    norm = w.table(2, ("off", 0, m_vec), ("off", 1, s_vec))  # NormalizationOptions
+    unit = w.table(2, ("u8", _PU_TYPE, _UNIT_NORMALIZATION), ("off", _PU_OPTIONS, norm))  # ProcessUnit
+    units = w.tables([unit])
+    in_stats = w.stats(*input_range)
+    in_name, in_desc = w.string(input_name), w.string("Input image to be classified.")
+    return w.table(7, ("off", _TM_NAME, in_name), ("off", _TM_DESCRIPTION, in_desc), ("off", _TM_CONTENT, content),
+                   ("off", _TM_UNITS, units), ("off", _TM_STATS, in_stats))
+
+
+def _output_tensor(w: _Writer, output_range, labels_file: str, output_name: str, score_calibration: bool) -> int:
+    """The class output's TensorMetadata: FeatureProperties, Stats, the labels file (and the
+    score calibration file and unit when asked)."""
+    content = w.feature_content()
+    out_stats = w.stats(*output_range) if output_range else None
+    out_files = [w.associated_file(labels_file, "Labels for the classes the model can recognize.", _TENSOR_AXIS_LABELS)]
+    out_units = None
     if score_calibration:
-        c_name, c_desc = string(CALIBRATION_FILE), string("Per class scale,slope,offset: the sigmoid that turns "
-                                                          "the output score into the class probability.")
-        b.StartObject(5)
-        b.PrependUOffsetTRelativeSlot(_AF_NAME, c_name, 0)
-        b.PrependUOffsetTRelativeSlot(_AF_DESCRIPTION, c_desc, 0)
-        b.PrependInt8Slot(_AF_TYPE, _TENSOR_AXIS_SCORE_CALIBRATION, 0)
-        out_files.append(b.EndObject())
-        b.StartObject(2)  # ScoreCalibrationOptions
-        b.PrependInt8Slot(0, _SCORE_IDENTITY, 0)
-        b.PrependFloat32Slot(1, 0.0, 0.0)
-        calibration = b.EndObject()
-        b.StartObject(2)  # ProcessUnit
-        b.PrependUint8Slot(_PU_TYPE, _UNIT_SCORE_CALIBRATION, 0)
-        b.PrependUOffsetTRelativeSlot(_PU_OPTIONS, calibration, 0)
-        out_units = tables([b.EndObject()])
-    files = tables(out_files)
-    out_name = string(output_name)
-    out_desc = string("Scores of the labels (centred logits); the score calibration turns them into probabilities."
-                      if score_calibration else "Probabilities of the labels respectively.")
-    b.StartObject(7)
-    b.PrependUOffsetTRelativeSlot(_TM_NAME, out_name, 0)
-    b.PrependUOffsetTRelativeSlot(_TM_DESCRIPTION, out_desc, 0)
-    b.PrependUOffsetTRelativeSlot(_TM_CONTENT, out_content, 0)
+        out_files.append(w.associated_file(CALIBRATION_FILE, "Per class scale,slope,offset: the sigmoid that turns "
+                                           "the output score into the class probability.", _TENSOR_AXIS_SCORE_CALIBRATION))
+        calibration = w.table(2, ("i8", 0, _SCORE_IDENTITY), ("f32", 1, 0.0))  # ScoreCalibrationOptions
+        out_units = w.tables([w.table(2, ("u8", _PU_TYPE, _UNIT_SCORE_CALIBRATION), ("off", _PU_OPTIONS, calibration))])
+    files = w.tables(out_files)
+    out_name = w.string(output_name)
+    out_desc = w.string("Scores of the labels (centred logits); the score calibration turns them into probabilities."
+                        if score_calibration else "Probabilities of the labels respectively.")
+    fields = [("off", _TM_NAME, out_name), ("off", _TM_DESCRIPTION, out_desc), ("off", _TM_CONTENT, content)]
     if out_units is not None:
-        b.PrependUOffsetTRelativeSlot(_TM_UNITS, out_units, 0)
+        fields.append(("off", _TM_UNITS, out_units))
     if out_stats is not None:
-        b.PrependUOffsetTRelativeSlot(_TM_STATS, out_stats, 0)
-    b.PrependUOffsetTRelativeSlot(_TM_FILES, files, 0)
-    out_tensor = b.EndObject()
+        fields.append(("off", _TM_STATS, out_stats))
+    fields.append(("off", _TM_FILES, files))
+    return w.table(7, *fields)
 
-    more = []
-    for extra_name, extra_desc in extra_outputs:
-        b.StartObject(0)
-        props = b.EndObject()
-        b.StartObject(3)
-        b.PrependUint8Slot(_CT_TYPE, _CONTENT_FEATURE, 0)
-        b.PrependUOffsetTRelativeSlot(_CT_PROPS, props, 0)
-        content = b.EndObject()
-        n_off, d_off = string(extra_name), string(extra_desc)
-        b.StartObject(7)
-        b.PrependUOffsetTRelativeSlot(_TM_NAME, n_off, 0)
-        b.PrependUOffsetTRelativeSlot(_TM_DESCRIPTION, d_off, 0)
-        b.PrependUOffsetTRelativeSlot(_TM_CONTENT, content, 0)
-        more.append(b.EndObject())
-    ins, outs = tables([in_tensor]), tables([out_tensor] + more)
-    b.StartObject(10)  # SubGraphMetadata
-    b.PrependUOffsetTRelativeSlot(_SG_INPUTS, ins, 0)
-    b.PrependUOffsetTRelativeSlot(_SG_OUTPUTS, outs, 0)
-    subgraph = b.EndObject()
-    subgraphs = tables([subgraph])
-    fields = [string(x) for x in (name, description, version, author, license, MIN_PARSER_VERSION)]
-    b.StartObject(8)  # ModelMetadata
-    for slot, off in zip((_MM_NAME, _MM_DESCRIPTION, _MM_VERSION, _MM_AUTHOR, _MM_LICENSE, _MM_MIN_PARSER), fields):
-        b.PrependUOffsetTRelativeSlot(slot, off, 0)
-    b.PrependUOffsetTRelativeSlot(_MM_SUBGRAPHS, subgraphs, 0)
-    root = b.EndObject()
-    b.Finish(root, file_identifier=FILE_IDENTIFIER)
-    return bytes(b.Output())
+
+def _feature_tensor(w: _Writer, name: str, description: str) -> int:
+    """An output after the classes: a feature without labels (e.g. ``domain_score``)."""
+    content = w.feature_content()
+    n_off, d_off = w.string(name), w.string(description)
+    return w.table(7, ("off", _TM_NAME, n_off), ("off", _TM_DESCRIPTION, d_off), ("off", _TM_CONTENT, content))
 
 
 def append_associated_files(model: bytes, files: Dict[str, bytes]) -> bytes:
@@ -333,66 +316,81 @@ def _labels_from_zip(model: bytes, member: str, name: str) -> List[str]:
 
 
 def _parse(buf: bytes) -> StandardMetadata:
-    import flatbuffers
-    from flatbuffers import number_types as N
-    from flatbuffers.table import Table
+    r = _Reader()
+    root = r.root(buf)
+    subgraphs = r.tables(root, _MM_SUBGRAPHS)
+    inputs = tuple(_tensor_info(r, t) for t in r.tables(subgraphs[0], _SG_INPUTS)) if subgraphs else ()
+    outputs = tuple(_tensor_info(r, t) for t in r.tables(subgraphs[0], _SG_OUTPUTS)) if subgraphs else ()
+    return StandardMetadata(r.text(root, _MM_NAME), r.text(root, _MM_DESCRIPTION), r.text(root, _MM_VERSION),
+                            r.text(root, _MM_AUTHOR), r.text(root, _MM_LICENSE), r.text(root, _MM_MIN_PARSER),
+                            inputs, outputs)
 
-    root = Table(buf, flatbuffers.encode.Get(flatbuffers.packer.uoffset, buf, 0))
 
-    def off(t, slot):
+class _Reader:
+    """Fields of flatbuffers tables by slot, with limits on vector lengths."""
+
+    def __init__(self):
+        import flatbuffers
+        from flatbuffers import number_types
+        from flatbuffers.table import Table
+
+        self._flatbuffers, self.N, self._Table = flatbuffers, number_types, Table
+
+    def root(self, buf: bytes):
+        """The buffer's root table."""
+        return self._Table(buf, self._flatbuffers.encode.Get(self._flatbuffers.packer.uoffset, buf, 0))
+
+    @staticmethod
+    def off(t, slot: int) -> int:
         return t.Offset(4 + 2 * slot)
 
-    def text(t, slot) -> str:
-        o = off(t, slot)
+    def text(self, t, slot: int) -> str:
+        o = self.off(t, slot)
         return t.String(o + t.Pos).decode("utf-8", "replace") if o else ""
 
-    def scalar(t, slot, flags, default=0):
-        o = off(t, slot)
+    def scalar(self, t, slot: int, flags, default=0):
+        o = self.off(t, slot)
         return t.Get(flags, o + t.Pos) if o else default
 
-    def table(t, slot):
-        o = off(t, slot)
-        return Table(t.Bytes, t.Indirect(o + t.Pos)) if o else None
+    def table(self, t, slot: int):
+        o = self.off(t, slot)
+        return self._Table(t.Bytes, t.Indirect(o + t.Pos)) if o else None
 
-    def tables(t, slot, limit=1000):
-        o = off(t, slot)
+    def tables(self, t, slot: int, limit: int = 1000) -> list:
+        o = self.off(t, slot)
         if not o:
             return []
         start, n = t.Vector(o), t.VectorLen(o)
         if n > limit:
             raise ModelError(f"{n} entries in a metadata vector")
-        return [Table(t.Bytes, t.Indirect(start + 4 * i)) for i in range(n)]
+        return [self._Table(t.Bytes, t.Indirect(start + 4 * i)) for i in range(n)]
 
-    def float_vec(t, slot, limit=4096) -> Tuple[float, ...]:
-        o = off(t, slot)
+    def floats(self, t, slot: int, limit: int = 4096) -> Tuple[float, ...]:
+        o = self.off(t, slot)
         if not o:
             return ()
         start, n = t.Vector(o), t.VectorLen(o)
         if n > limit:
             raise ModelError(f"{n} values in a metadata vector")
-        return tuple(float(t.Get(N.Float32Flags, start + 4 * i)) for i in range(n))
+        return tuple(float(t.Get(self.N.Float32Flags, start + 4 * i)) for i in range(n))
 
-    def tensor(t) -> TensorInfo:
-        color = None
-        content = table(t, _TM_CONTENT)
-        if content is not None and scalar(content, _CT_TYPE, N.Uint8Flags) == _CONTENT_IMAGE:
-            props = table(content, _CT_PROPS)
-            color = _COLOR_SPACES.get(scalar(props, 0, N.Int8Flags), "UNKNOWN") if props is not None else "UNKNOWN"
-        mean = std = None
-        for unit in tables(t, _TM_UNITS):
-            if scalar(unit, _PU_TYPE, N.Uint8Flags) == _UNIT_NORMALIZATION:
-                opts = table(unit, _PU_OPTIONS)
-                if opts is not None:
-                    mean, std = float_vec(opts, 0), float_vec(opts, 1)
-        stats = table(t, _TM_STATS)
-        smax, smin = (float_vec(stats, 0), float_vec(stats, 1)) if stats is not None else ((), ())
-        files = tuple(AssociatedFile(text(f, _AF_NAME), _FILE_TYPES.get(scalar(f, _AF_TYPE, N.Int8Flags), "UNKNOWN"),
-                                     text(f, _AF_DESCRIPTION)) for f in tables(t, _TM_FILES))
-        return TensorInfo(text(t, _TM_NAME), text(t, _TM_DESCRIPTION), color, mean, std, smin, smax, files)
 
-    subgraphs = tables(root, _MM_SUBGRAPHS)
-    inputs = tuple(tensor(t) for t in tables(subgraphs[0], _SG_INPUTS)) if subgraphs else ()
-    outputs = tuple(tensor(t) for t in tables(subgraphs[0], _SG_OUTPUTS)) if subgraphs else ()
-    return StandardMetadata(text(root, _MM_NAME), text(root, _MM_DESCRIPTION), text(root, _MM_VERSION),
-                            text(root, _MM_AUTHOR), text(root, _MM_LICENSE), text(root, _MM_MIN_PARSER),
-                            inputs, outputs)
+def _tensor_info(r: _Reader, t) -> TensorInfo:
+    """One TensorMetadata: colour space (images), normalisation, stats, associated files."""
+    N = r.N
+    color = None
+    content = r.table(t, _TM_CONTENT)
+    if content is not None and r.scalar(content, _CT_TYPE, N.Uint8Flags) == _CONTENT_IMAGE:
+        props = r.table(content, _CT_PROPS)
+        color = _COLOR_SPACES.get(r.scalar(props, 0, N.Int8Flags), "UNKNOWN") if props is not None else "UNKNOWN"
+    mean = std = None
+    for unit in r.tables(t, _TM_UNITS):
+        if r.scalar(unit, _PU_TYPE, N.Uint8Flags) == _UNIT_NORMALIZATION:
+            opts = r.table(unit, _PU_OPTIONS)
+            if opts is not None:
+                mean, std = r.floats(opts, 0), r.floats(opts, 1)
+    stats = r.table(t, _TM_STATS)
+    smax, smin = (r.floats(stats, 0), r.floats(stats, 1)) if stats is not None else ((), ())
+    files = tuple(AssociatedFile(r.text(f, _AF_NAME), _FILE_TYPES.get(r.scalar(f, _AF_TYPE, N.Int8Flags), "UNKNOWN"),
+                                 r.text(f, _AF_DESCRIPTION)) for f in r.tables(t, _TM_FILES))
+    return TensorInfo(r.text(t, _TM_NAME), r.text(t, _TM_DESCRIPTION), color, mean, std, smin, smax, files)

@@ -11,7 +11,7 @@ import click
 from lungedge.edge_runtime.progress import shown
 from lungedge.cli_util import EXIT_FAILED, EXIT_OK, handle_errors, parse_int_list
 from lungedge.edge_runtime.bench import BenchSettings
-from lungedge.model_options import runtime_option, with_settings
+from lungedge.model_options import runtime_option, with_runtime
 
 
 def _default_out(models) -> str:
@@ -44,9 +44,9 @@ def _default_out(models) -> str:
 @click.option("--compare", is_flag=True,
               help="MODELS are bench_report.json files (e.g. from several machines): merge them into one table and chart.")
 @click.option("--no-isolate", is_flag=True, help="Run all models in this process (peak RSS is then shared).")
-@with_settings
+@with_runtime
 @handle_errors
-def bench_cmd(models, images, threads, runs, warmup, data, settings, out, compare, no_isolate):
+def bench_cmd(models, images, threads, runs, warmup, data, runtime, out, compare, no_isolate):
     """Benchmark TFLite models: start-up, first inference, latency percentiles, throughput
     (one image at a time and pipelined), peak RSS, delegate coverage and (with --data) accuracy.
 
@@ -72,7 +72,7 @@ def bench_cmd(models, images, threads, runs, warmup, data, settings, out, compar
         sys.exit(EXIT_OK)
     thread_list = parse_int_list(threads, "--threads")
     wanted = BenchSettings(images=tuple(images) or None, threads=tuple(thread_list), runs=runs, warmup=warmup,
-                           data_dir=data, runtime=settings)
+                           data_dir=data, runtime=runtime)
     report = bench.run_bench(list(models), wanted, isolate=not no_isolate, progress=shown())
     paths = bench_report.write_report(report, out or _default_out(models))
     click.echo(bench_report.format_markdown(report))

@@ -15,7 +15,7 @@ import click
 from lungedge import __version__
 from lungedge.edge_runtime.progress import shown
 from lungedge.cli_util import LazyGroup, EXIT_FAILED, EXIT_OK, ResultSink, dumps_strict, escape_text, handle_errors
-from lungedge.model_options import model_options, runtime_option, with_settings
+from lungedge.model_options import model_options, runtime_option, with_runtime
 
 # Commands defined in other modules, imported only when that command runs (or --help lists them):
 # name -> "module:attribute". Their modules import TensorFlow only inside the command.
@@ -79,7 +79,7 @@ def _workers_option(f):
 @_workers_option
 @runtime_option("allow_out_of_domain")
 @handle_errors
-def classify(paths, model, settings, top_k, as_json, out, progress, heatmap_dir, report_dir, keep_phi, audit_log,
+def classify(paths, model, runtime, top_k, as_json, out, progress, heatmap_dir, report_dir, keep_phi, audit_log,
              workers):
     """Classify image files or folders (folders are searched recursively); JPEG, PNG... and DICOM.
 
@@ -98,7 +98,7 @@ def classify(paths, model, settings, top_k, as_json, out, progress, heatmap_dir,
     from lungedge.edge_runtime.classifier import Classifier
     from lungedge.edge_runtime.image_files import expand_inputs
 
-    clf = Classifier(model, settings)
+    clf = Classifier(model, runtime)
     _check_heatmap(clf, heatmap_dir, model)
     from lungedge.audit import open_audit
 
@@ -274,7 +274,7 @@ def _draw(res, src, index, heatmap_dir, report_dir, entries):
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images (quick checks).")
 @_workers_option
 @handle_errors
-def evaluate(model, data, settings, as_json, out, limit, workers):
+def evaluate(model, data, runtime, as_json, out, limit, workers):
     """Accuracy, per-class precision/recall/F1/specificity and the confusion matrix.
 
     \b
@@ -293,9 +293,9 @@ def evaluate(model, data, settings, as_json, out, limit, workers):
     if keras_model:
         from lungedge.train.keras_eval import evaluate_keras
 
-        metrics = evaluate_keras(str(Path(model)), data, limit=limit, use_threshold=settings.use_threshold)
+        metrics = evaluate_keras(str(Path(model)), data, limit=limit, use_threshold=runtime.use_threshold)
     else:
-        metrics = _evaluate_tflite(model, data, settings, limit, workers)
+        metrics = _evaluate_tflite(model, data, runtime, limit, workers)
     if out:
         sink = ResultSink(out)
         sink.line(dumps_strict(metrics, indent=2))
@@ -341,12 +341,12 @@ def _check_data_folder(data: str) -> None:
         raise InputError(f"data folder not found: {data!r}")
 
 
-def _evaluate_tflite(model: str, data: str, settings, limit, workers) -> dict:
+def _evaluate_tflite(model: str, data: str, runtime, limit, workers) -> dict:
     from lungedge.edge_runtime.classifier import Classifier
     from lungedge.edge_runtime.errors import ConfigError, InputError
     from lungedge.edge_runtime.folder_eval import evaluate_classifier
 
-    clf = Classifier(model, settings)
+    clf = Classifier(model, runtime)
     try:
         return evaluate_classifier(clf, data, progress=shown(), limit=limit, workers=workers)
     except ConfigError as exc:  # the data folder does not fit the model: an input, not the command line
@@ -387,10 +387,10 @@ def _coverage_lines(d: dict) -> list:
 @click.option("--json", "as_json", is_flag=True, help="Print the whole record as JSON.")
 @runtime_option("threads")
 @_workers_option
-@with_settings
+@with_runtime
 @handle_errors
 def recalibrate(model, data, target_recall, out, positive_label, temperature, domain_threshold, plot, as_json,
-                settings, workers):
+                runtime, workers):
     """Re-choose the decision threshold (and a temperature) on a site's own labelled images.
 
     \b
@@ -408,7 +408,7 @@ def recalibrate(model, data, target_recall, out, positive_label, temperature, do
 
     plot = plot or str(Path(out).with_suffix("")) + ".reliability.png"
     done = recalibrate_file(model, data, target_recall, out, positive_label=positive_label, temperature=temperature,
-                            plot=plot, workers=workers, threads=settings.threads, progress=shown(),
+                            plot=plot, workers=workers, threads=runtime.threads, progress=shown(),
                             domain_threshold=domain_threshold)
     sink = ResultSink()
     if as_json:
@@ -430,7 +430,7 @@ def recalibrate(model, data, target_recall, out, positive_label, temperature, do
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Everything as one JSON object.")
 @handle_errors
-def inspect(model, settings, as_json):
+def inspect(model, runtime, as_json):
     """Show what a .tflite file carries: the lungedge record and the standard TFLite metadata
     (MediaPipe / Task Library), input and output tensors (name, shape, dtype, quantisation),
     the operators with counts and how many a delegate (XNNPACK) took, and whether the file's
@@ -443,7 +443,7 @@ def inspect(model, settings, as_json):
     """
     from lungedge.edge_runtime.classifier import Classifier
 
-    clf = Classifier(model, settings)
+    clf = Classifier(model, runtime)
     info = clf.describe()
     if info["integrity"] == "absent":
         info["integrity_note"] = ("no integrity record: the file was converted before records existed or by "

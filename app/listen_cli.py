@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import click
 
-from lungedge.cli import _build_classifier, _model_options, _ood_option
+from lungedge.model_options import model_options, runtime_option
 from lungedge.cli_util import handle_errors
-from lungedge.serve_cli import _announce, _start, _web_options
+from lungedge.serve_cli import _announce, _classifier, _start, _web_options
 
 
 @click.command()
 @click.option("--model", "-m", required=True, help="A .tflite model (with lungedge metadata, or give --labels).")
-@_model_options
+@model_options
 @click.option("--port", type=click.IntRange(0, 65535), default=11112, show_default=True,
               help="DICOM port (0: any free port; printed).")
 @click.option("--ae-title", default="LUNGEDGE", show_default=True, help="This listener's AE title.")
@@ -24,11 +24,10 @@ from lungedge.serve_cli import _announce, _start, _web_options
 @click.option("--http-port", type=click.IntRange(0, 65535), default=8765, show_default=True,
               help="Port of the web page with the worklist (0: any free port).")
 @_web_options
-@_ood_option
+@runtime_option("allow_out_of_domain")
 @handle_errors
-def listen_cmd(model, threads, backend, labels, mean, std, no_threshold, no_guard, port, ae_title, allow_ae,
-               queue_size, send_to, http_port, host, token, certfile, keyfile, self_signed, insecure, audit_log,
-               keep_phi, allow_out_of_domain):
+def listen_cmd(model, runtime, port, ae_title, allow_ae, queue_size, send_to, http_port, host, token, certfile,
+               keyfile, self_signed, insecure, audit_log, keep_phi):
     """Receive images from an X-ray machine or PACS (DICOM C-STORE) and classify each on
     arrival; the web page lists them, newest first. Needs the `dicom` and `serve` extras.
 
@@ -49,8 +48,7 @@ def listen_cmd(model, threads, backend, labels, mean, std, no_threshold, no_guar
 
     _need_dicom_extra()
     clf, settings, audit = _start(model, host, token, certfile, keyfile, self_signed, insecure, audit_log, keep_phi,
-                                  lambda: _build_classifier(model, threads, backend, labels, mean, std, no_threshold,
-                                                            no_guard, allow_out_of_domain=allow_out_of_domain))
+                                  lambda: _classifier(model, runtime))
     lock, worklist = threading.Lock(), Worklist()
     sender = _sender(send_to, ae_title)
     listener = Listener(clf, lock, ae_title=ae_title, allow_ae=allow_ae, audit=audit, worklist=worklist,

@@ -2,8 +2,8 @@
 
 Each option sets one field of ``edge_runtime.settings.RuntimeSettings`` and takes its default and
 help text from that field. ``model_options`` adds the options every model-loading command has
-and hands the command one ``settings`` argument instead of seven; a command that needs only some
-of them (``bench``) declares those with ``runtime_option`` and folds them with ``with_settings``.
+and hands the command one ``runtime`` argument (a ``RuntimeSettings``) instead of seven; a command that needs only some
+of them (``bench``) declares those with ``runtime_option`` and folds them with ``with_runtime``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _negates(field: str) -> bool:
 
 def runtime_option(field: str, note: str = "") -> Callable:
     """The click option that sets ``RuntimeSettings.<field>``: its default and help from the
-    field, ``note`` added to the help. Fold its value into ``settings`` with ``with_settings``."""
+    field, ``note`` added to the help. Fold its value into ``runtime`` with ``with_runtime``."""
     flag, kwargs = _OPTIONS[field]
     default = False if kwargs.get("is_flag") else RuntimeSettings.default(field)
     text = RuntimeSettings.help(field) + (f" {note}" if note else "")
@@ -67,13 +67,13 @@ def settings_from_options(values: dict) -> RuntimeSettings:
     return RuntimeSettings(**fields)
 
 
-def with_settings(f: Callable) -> Callable:
-    """Call the command with ``settings`` (a ``RuntimeSettings``) in place of the runtime options'
+def with_runtime(f: Callable) -> Callable:
+    """Call the command with ``runtime`` (a ``RuntimeSettings``) in place of the runtime options'
     values (every ``runtime_option`` the command has, wherever it is declared)."""
 
     @functools.wraps(f)
     def command(*args, **kwargs):
-        kwargs["settings"] = settings_from_options(kwargs)
+        kwargs["runtime"] = settings_from_options(kwargs)
         return f(*args, **kwargs)
 
     return command
@@ -81,8 +81,8 @@ def with_settings(f: Callable) -> Callable:
 
 def model_options(f: Callable) -> Callable:
     """The model options (backend, threads, labels, mean, std, no-threshold, no-guard), folded
-    into one ``settings`` argument."""
-    f = with_settings(f)
+    into one ``runtime`` argument."""
+    f = with_runtime(f)
     for field in MODEL_FIELDS:
         f = runtime_option(field)(f)
     return f

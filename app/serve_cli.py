@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from lungedge.cli import _build_classifier, _model_options, _ood_option
+from lungedge.model_options import model_options, runtime_option
 from lungedge.cli_util import EXIT_OK, ResultSink, dumps_strict, escape_text, handle_errors
 
 
@@ -63,20 +63,26 @@ def _need_serve_extra() -> None:
         raise MissingDependencyError(f"the web page needs the serve extra (pip install 'lungedge[serve]'): {exc}") from None
 
 
+def _classifier(model, runtime):
+    """The classifier the page (and the listener) use: the model with the command's runtime settings."""
+    from lungedge.edge_runtime.classifier import Classifier
+
+    return Classifier(model, runtime)
+
+
 def _announce(msg: str) -> None:
     click.echo(escape_text(msg))
 
 
 @click.command()
 @click.option("--model", "-m", required=True, help="A .tflite model (with lungedge metadata, or give --labels).")
-@_model_options
+@model_options
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
               help="TCP port (0: any free port; the address is printed).")
 @_web_options
-@_ood_option
+@runtime_option("allow_out_of_domain")
 @handle_errors
-def serve_cmd(model, threads, backend, labels, mean, std, no_threshold, no_guard, port, host, token, certfile, keyfile,
-              self_signed, insecure, audit_log, keep_phi, allow_out_of_domain):
+def serve_cmd(model, runtime, port, host, token, certfile, keyfile, self_signed, insecure, audit_log, keep_phi):
     """A local web page: upload images or DICOM files, see class, probabilities, threshold and
     heat map, download the results as CSV. Needs the `serve` extra (no TensorFlow).
 
@@ -92,8 +98,7 @@ def serve_cmd(model, threads, backend, labels, mean, std, no_threshold, no_guard
     from lungedge.serve import serve as run_server
 
     clf, settings, audit = _start(model, host, token, certfile, keyfile, self_signed, insecure, audit_log, keep_phi,
-                                  lambda: _build_classifier(model, threads, backend, labels, mean, std, no_threshold,
-                                                            no_guard, allow_out_of_domain=allow_out_of_domain))
+                                  lambda: _classifier(model, runtime))
     run_server(clf, host=host, port=port, announce=_announce, settings=settings, audit=audit)
 
 

@@ -12,42 +12,32 @@ import click
 
 from lungedge.cli_util import EXIT_FAILED, EXIT_OK, handle_errors
 
-from lungedge.convert.variants import DEFAULT_VARIANTS, VARIANTS
+from lungedge.convert.settings import ConvertSettings
+from lungedge.settings_options import settings_option
+
+
+def _option(name: str, *decls: str, **kwargs):
+    return settings_option(ConvertSettings, name, *decls, **kwargs)
 
 
 @click.command("convert")
 @click.argument("run_dir", type=click.Path())
-@click.option("--variants", default=",".join(DEFAULT_VARIANTS), show_default=True,
-              help=f"Comma-separated variants: {', '.join(VARIANTS)}.")
-@click.option("--data", "data_dir", type=click.Path(), default=None,
-              help="Labelled folder DATA/<class>/<image> to judge on (default: the run's test split).")
-@click.option("--calibration", "calibration_count", type=int, default=300, show_default=True,
-              help="Training images (stratified by class) to calibrate the integer variants.")
-@click.option("--calibration-dir", type=click.Path(), default=None,
-              help="Take calibration images from this labelled folder instead of the run's train split.")
-@click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True,
-              help="Gate: largest accuracy drop below the Keras model, in percentage points.")
-@click.option("--max-recall-drop", type=float, default=2.0, show_default=True,
-              help="Gate: largest drop of the disease class's recall, in percentage points.")
-@click.option("--rethreshold", is_flag=True,
-              help="Re-choose the decision threshold of integer variants on the validation split.")
-@click.option("--no-bias-correction", is_flag=True,
-              help="Skip the layer-by-layer bias correction of the integer variants (for comparison).")
-@click.option("--heatmap", is_flag=True,
-              help="Also write a 'heatmap' signature (class activation maps for `classify --heatmap`); such "
-                   "files have two subgraphs, which MediaPipe's ImageClassifier refuses.")
-@click.option("--no-domain", is_flag=True,
-              help="Convert without the domain gate (no domain_score output: such files answer every image).")
-@click.option("--ood", "ood_dir", type=click.Path(file_okay=False), default=None,
-              help="Folder whose subfolders are development out-of-domain sets (e.g. ct/, photos/): their "
-                   "refusal rates join the report and each file's record.")
+@_option("variants", "--variants")
+@_option("data_dir", "--data", type=click.Path())
+@_option("calibration_count", "--calibration", type=int)
+@_option("calibration_dir", "--calibration-dir", type=click.Path())
+@_option("max_accuracy_drop", "--max-accuracy-drop", type=float)
+@_option("max_recall_drop", "--max-recall-drop", type=float)
+@_option("rethreshold", "--rethreshold", is_flag=True)
+@_option("bias_correction", "--no-bias-correction", is_flag=True, flag_value=False, default=True)
+@_option("heatmap", "--heatmap", is_flag=True)
+@_option("domain", "--no-domain", is_flag=True, flag_value=False, default=True)
+@_option("ood_dir", "--ood", type=click.Path(file_okay=False))
 @click.option("--no-gate", is_flag=True, help="Exit 0 even when a variant fails the gate (still reported).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Output folder (default: RUN_DIR).")
+@_option("out_dir", "--out", type=click.Path(file_okay=False))
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal, unless -q).")
 @handle_errors
-def convert_cmd(run_dir, variants, data_dir, calibration_count, calibration_dir, max_accuracy_drop,
-                max_recall_drop, rethreshold, no_bias_correction, heatmap, no_domain, ood_dir, no_gate, out_dir, progress):
+def convert_cmd(run_dir, no_gate, progress, **fields):
     """Convert a training run to TFLite variants and compare them with the Keras model.
 
     Writes RUN_DIR/model_<variant>.tflite (labels, preprocessing and threshold inside) and
@@ -71,34 +61,9 @@ def convert_cmd(run_dir, variants, data_dir, calibration_count, calibration_dir,
         from lungedge.verbosity import show_progress
 
         show_progress(progress)
-    report = convert_run(run_dir, variants=variants, data_dir=data_dir, out_dir=out_dir,
-                         calibration_count=calibration_count, max_accuracy_drop=max_accuracy_drop,
-                         max_recall_drop=max_recall_drop,
-                         calibration_dir=calibration_dir, rethreshold=rethreshold,
-                         bias_correction=not no_bias_correction, heatmap=heatmap, domain=not no_domain,
-                         ood_dir=ood_dir)
-    k = report["keras"]
-    click.echo(f"test images: {report['test']['n']} ({report['test']['note']})")
-    click.echo(f"{'model':<16}{'bytes':>11}{'xf32':>7}{'acc %':>8}{'Δ pts':>7}{'agree %':>9}{'max|Δp|':>9}{'conv s':>8}  gate")
-    click.echo(f"{'keras':<16}{'-':>11}{'-':>7}{100 * k['accuracy']:>8.2f}{'-':>7}{'-':>9}{'-':>9}{'-':>8}  -")
-    for v in report["variants"]:
-        ratio = f"{v['size_ratio']:.3f}" if v["size_ratio"] is not None else "-"
-        click.echo(f"{v['variant']:<16}{v['size_bytes']:>11}{ratio:>7}{100 * v['accuracy']:>8.2f}"
-                   f"{0.0 - v['accuracy_drop_pts']:>+7.2f}{100 * v['top1_agreement']:>9.2f}{v['max_prob_diff']:>9.4f}"
-                   f"{v['conversion_seconds']:>8.1f}  {v['gate']}"
-                   + (f" ({'; '.join(v['gate_reasons'])})" if v["gate_reasons"] else ""))
-    for v in report["variants"]:
-        d = v.get("domain") or {}
-        if d.get("gate") == "on":
-            dev = ", ".join(f"{k} {100 * r['refused']:.0f} %" for k, r in (d.get("dev_sets") or {}).items()
-                            if r.get("refused") is not None)
-            acc = d.get("accepted") or {}
-            click.echo(f"domain {v['variant']}: threshold {d['threshold']:.4g}; refused: validation "
-                       f"{100 * (d.get('validation_refused') or 0):.1f} %, test {100 * d['test_refused']:.1f} % "
-                       f"({d['test_refused_n']}), {dev}"
-                       + (f"; accuracy on the accepted {100 * acc['accuracy']:.2f} %" if acc else ""))
-            if "WARNING" in d.get("note", ""):
-                click.echo(f"warning: {v['variant']}: {d['note']}", err=True)
+    report = convert_run(run_dir, ConvertSettings(**fields))
+    _print_table(report)
+    _print_domain(report)
     for v in report["variants"]:
         click.echo(_micro_line(v)) if v.get("micro") else None
     if report.get("domain_gate") not in (None, "fitted"):
@@ -112,6 +77,36 @@ def convert_cmd(run_dir, variants, data_dir, calibration_count, calibration_dir,
     click.echo(f"gate: {message}" if message else "gate: passed")
     sys.exit(EXIT_OK)
 
+
+def _print_table(report: dict) -> None:
+    """The test set, then one row per model: size, accuracy, agreement with Keras, the gate."""
+    k = report["keras"]
+    click.echo(f"test images: {report['test']['n']} ({report['test']['note']})")
+    click.echo(f"{'model':<16}{'bytes':>11}{'xf32':>7}{'acc %':>8}{'Δ pts':>7}{'agree %':>9}{'max|Δp|':>9}{'conv s':>8}  gate")
+    click.echo(f"{'keras':<16}{'-':>11}{'-':>7}{100 * k['accuracy']:>8.2f}{'-':>7}{'-':>9}{'-':>9}{'-':>8}  -")
+    for v in report["variants"]:
+        ratio = f"{v['size_ratio']:.3f}" if v["size_ratio"] is not None else "-"
+        click.echo(f"{v['variant']:<16}{v['size_bytes']:>11}{ratio:>7}{100 * v['accuracy']:>8.2f}"
+                   f"{0.0 - v['accuracy_drop_pts']:>+7.2f}{100 * v['top1_agreement']:>9.2f}{v['max_prob_diff']:>9.4f}"
+                   f"{v['conversion_seconds']:>8.1f}  {v['gate']}"
+                   + (f" ({'; '.join(v['gate_reasons'])})" if v["gate_reasons"] else ""))
+
+
+def _print_domain(report: dict) -> None:
+    """Each file's domain gate: its threshold and what it refused (a warning on stderr when its note has one)."""
+    for v in report["variants"]:
+        d = v.get("domain") or {}
+        if d.get("gate") != "on":
+            continue
+        dev = ", ".join(f"{k} {100 * r['refused']:.0f} %" for k, r in (d.get("dev_sets") or {}).items()
+                        if r.get("refused") is not None)
+        acc = d.get("accepted") or {}
+        click.echo(f"domain {v['variant']}: threshold {d['threshold']:.4g}; refused: validation "
+                   f"{100 * (d.get('validation_refused') or 0):.1f} %, test {100 * d['test_refused']:.1f} % "
+                   f"({d['test_refused_n']}), {dev}"
+                   + (f"; accuracy on the accepted {100 * acc['accuracy']:.2f} %" if acc else ""))
+        if "WARNING" in d.get("note", ""):
+            click.echo(f"warning: {v['variant']}: {d['note']}", err=True)
 
 
 def _micro_line(v: dict) -> str:

@@ -15,13 +15,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from lungedge.edge_runtime.atomic_write import atomic_write_text
 from lungedge.edge_runtime.errors import LungedgeError
 
-from lungedge.convert.variants import DEFAULT_VARIANTS
-
+from .pipeline_settings import PipelineSettings
 from .report_index import write_index
 
 _LOG = logging.getLogger(__name__)
@@ -60,66 +59,45 @@ class _Job:
     recipe: object
     data_dir: str
     out: Path
-    variants: Sequence[str]
-    test_data: Optional[str]
-    calibration_count: int
-    bench_runs: int
-    bench_threads: Sequence[int]
-    gate: bool
+    settings: PipelineSettings
     summary: dict
-    heatmap: bool = False
-    convert_options: dict = field(default_factory=dict)
-    resume: bool = False
 
     @property
     def run_dir(self) -> Path:
         return self.out / "run"
 
+    @property
+    def variants(self) -> Tuple[str, ...]:
+        return self.settings.convert.variant_names()
 
-def run_pipeline(
-    recipe,
-    data_dir: str,
-    out_dir: str,
-    *,
-    variants: Sequence[str] = DEFAULT_VARIANTS,
-    test_data: Optional[str] = None,
-    calibration_count: int = 200,
-    bench_runs: int = 30,
-    bench_threads: Sequence[int] = (1, 2),
-    gate: bool = True,
-    title: str = "lungedge pipeline",
-    notes: Sequence[str] = (),
-    facts: Optional[dict] = None,
-    heatmap: bool = False,
-    calibration_dir: Optional[str] = None,
-    bias_correction: bool = True,
-    resume: bool = False,
-) -> PipelineResult:
-    """Train ``recipe`` on ``data_dir``, convert to ``variants``, benchmark, evaluate, report.
+
+def run_pipeline(recipe, data_dir: str, out_dir: str, settings: Optional[PipelineSettings] = None, *,
+                 title: str = "lungedge pipeline", notes: Sequence[str] = (), facts: Optional[dict] = None,
+                 **fields) -> PipelineResult:
+    """Train ``recipe`` on ``data_dir``, convert, benchmark, evaluate the file to ship, report.
 
     Args:
         recipe: a ``train.recipes.Recipe``.
         data_dir: class-folder dataset.
         out_dir: the report folder (created); the training run is ``out_dir/run``.
-        test_data: a labelled folder for the quantisation report (default: the run's test split).
-        gate: a failing gate fails the pipeline (exit 1); without it, it is only reported.
+        settings: what to convert, benchmark and gate (``lungedge.pipeline_settings.PipelineSettings``;
+            default: its defaults).
+        title: the index's title.
         notes: lines added to the top of the index (e.g. how the data was made).
         facts: key facts for the index (e.g. ``{"imagenet_weights": False}``).
-        heatmap: converted files also carry the heat-map signature (not loadable by MediaPipe).
-        calibration_dir, bias_correction: as ``convert.conversion.convert_run``.
-        resume: continue an interrupted pipeline in ``out_dir``: training goes on from its last
-            epoch checkpoint (a complete run is kept as it is); the later stages run again.
+        fields: fields of the settings or of their conversion applied over ``settings``
+            (e.g. ``variants=("float32", "int8"), bench_runs=3``).
 
     Returns:
         A ``PipelineResult``; ``.ok`` is False when any stage failed.
     """
+    settings = (settings if settings is not None else PipelineSettings()).replace(**fields)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"recipe": recipe.name, "recipe_resolved": recipe.to_dict(), "data": str(data_dir),
-                     "variants": list(variants), "notes": list(notes), "facts": dict(facts or {}), "ship": None}
-    job = _Job(recipe, str(data_dir), out, tuple(variants), test_data, calibration_count, bench_runs,
-               tuple(bench_threads), gate, summary, heatmap,
-               {"calibration_dir": calibration_dir, "bias_correction": bias_correction}, resume)
+                     "variants": list(settings.convert.variant_names()), "notes": list(notes),
+                     "facts": dict(facts or {}), "ship": None}
+    job = _Job(recipe, str(data_dir), out, settings, summary)
     stages = [Stage("train"), Stage("convert"), Stage("benchmark"), Stage("evaluate")]
     steps = {"train": _train, "convert": _convert, "benchmark": _bench, "evaluate": _evaluate}
     for stage in stages:
@@ -153,7 +131,7 @@ def _train(stage: Stage, job: _Job) -> None:
     from lungedge.train.training import train_run
 
     try:
-        train_run(job.recipe, job.data_dir, job.run_dir, resume=job.resume and job.run_dir.is_dir())
+        train_run(job.recipe, job.data_dir, job.run_dir, resume=job.settings.resume and job.run_dir.is_dir())
     finally:  # a run that did not learn still leaves its metrics for the report
         job.summary["train_metrics"] = _read_json(job.run_dir / "metrics.json")
         stage.outputs = _existing(job.run_dir, ["model_card.md", "metrics.json", "recipe.json", "spec.json",
@@ -163,9 +141,7 @@ def _train(stage: Stage, job: _Job) -> None:
 def _convert(stage: Stage, job: _Job) -> None:
     from lungedge.convert.conversion import convert_run
 
-    report = convert_run(job.run_dir, variants=job.variants, data_dir=job.test_data,
-                         calibration_count=job.calibration_count, heatmap=job.heatmap,
-                         **job.convert_options)
+    report = convert_run(job.run_dir, job.settings.convert.replace(out_dir=None))
     verdict = report["verdict"]
     job.summary["quantization"] = _quant_summary(report)
     job.summary["keras"] = {k: report["keras"]["metrics"].get(k) for k in ("accuracy", "learning_floor")}
@@ -175,7 +151,7 @@ def _convert(stage: Stage, job: _Job) -> None:
     stage.outputs = _existing(job.run_dir, ["quantization_report.md", "quantization_report.json",
                                             "quantization_report.png"] + [f"model_{v}.tflite" for v in job.variants])
     stage.message = verdict["message"]
-    if not verdict["passed"] and job.gate:
+    if not verdict["passed"] and job.settings.gate:
         stage.status = "gate failed"
 
 
@@ -185,8 +161,8 @@ def _bench(stage: Stage, job: _Job) -> None:
 
     models = [str(job.run_dir / f"model_{v}.tflite") for v in job.variants
               if (job.run_dir / f"model_{v}.tflite").is_file()]
-    report = run_bench(models, images=_test_images(job.run_dir, limit=8), threads=tuple(job.bench_threads),
-                       runs=job.bench_runs, warmup=3)
+    report = run_bench(models, images=_test_images(job.run_dir, limit=8), threads=job.settings.bench_threads,
+                       runs=job.settings.bench_runs, warmup=3)
     paths = write_report(report, job.out / "bench")
     job.summary["bench"] = _bench_summary(report)
     job.summary["machine"] = report.get("machine", {})

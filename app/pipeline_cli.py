@@ -8,8 +8,10 @@ from pathlib import Path
 
 import click
 
-from lungedge.convert.variants import DEFAULT_VARIANTS
 from lungedge.cli_util import EXIT_FAILED, EXIT_OK, handle_errors, parse_int_list
+from lungedge.convert.settings import ConvertSettings
+from lungedge.pipeline_settings import PipelineSettings
+from lungedge.settings_options import settings_option
 
 
 def _print_result(result, started: float, next_steps: bool) -> None:
@@ -37,31 +39,32 @@ def _print_result(result, started: float, next_steps: bool) -> None:
         click.echo("  lungedge classify --model runs/xray/model_int8.tflite chest_xray/test/PNEUMONIA")
 
 
+def _convert_option(name: str, *decls: str, **kwargs):
+    return settings_option(ConvertSettings, name, *decls, **kwargs)
+
+
+def _pipeline_option(name: str, *decls: str, **kwargs):
+    return settings_option(PipelineSettings, name, *decls, **kwargs)
+
+
 @click.command("pipeline")
 @click.option("--recipe", "-r", required=True, help="Training recipe name (see `lungedge train --help`).")
 @click.option("--data", "-d", required=True, type=click.Path(), help="Class-folder dataset.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Report folder to create.")
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
               help="Override a recipe field, e.g. --set epochs=5 (repeatable).")
-@click.option("--variants", default=",".join(DEFAULT_VARIANTS), show_default=True,
-              help="TFLite variants (see `lungedge convert --help`).")
-@click.option("--test-data", type=click.Path(file_okay=False), default=None,
-              help="Labelled folder for the quantisation report (default: the run's test split).")
-@click.option("--calibration", type=click.IntRange(min=1), default=200, show_default=True,
-              help="Calibration images for the integer variants.")
-@click.option("--bench-runs", type=click.IntRange(min=1), default=30, show_default=True)
-@click.option("--bench-threads", default="1,2", show_default=True)
-@click.option("--no-gate", is_flag=True, help="Do not fail the pipeline when a quantised variant loses accuracy.")
-@click.option("--heatmap", is_flag=True, help="Converted files also carry heat maps (not loadable by MediaPipe).")
-@click.option("--calibration-dir", type=click.Path(file_okay=False), default=None,
-              help="Calibrate the integer variants on this labelled folder instead of the run's train split.")
-@click.option("--no-bias-correction", is_flag=True, help="Skip the integer variants' bias correction (for comparison).")
-@click.option("--resume", is_flag=True,
-              help="Continue an interrupted pipeline in --out: training from its last epoch checkpoint "
-                   "(a complete run is kept), then the later stages again.")
+@_convert_option("variants", "--variants")
+@_convert_option("data_dir", "--test-data", type=click.Path(file_okay=False))
+@_convert_option("calibration_count", "--calibration", type=click.IntRange(min=1))
+@_pipeline_option("bench_runs", "--bench-runs", type=click.IntRange(min=1))
+@_pipeline_option("bench_threads", "--bench-threads")
+@_pipeline_option("gate", "--no-gate", is_flag=True, flag_value=False, default=True)
+@_convert_option("heatmap", "--heatmap", is_flag=True)
+@_convert_option("calibration_dir", "--calibration-dir", type=click.Path(file_okay=False))
+@_convert_option("bias_correction", "--no-bias-correction", is_flag=True, flag_value=False, default=True)
+@_pipeline_option("resume", "--resume", is_flag=True)
 @handle_errors
-def pipeline_cmd(recipe, data, out, overrides, variants, test_data, calibration, bench_runs, bench_threads,
-                 no_gate, heatmap, calibration_dir, no_bias_correction, resume):
+def pipeline_cmd(recipe, data, out, overrides, bench_runs, bench_threads, gate, resume, **convert):
     """Train, convert to float32/float16/int8/int8-mixed, gate the quantisation, benchmark,
     classify, and write one report folder with an index (index.html, index.md).
 
@@ -81,12 +84,9 @@ def pipeline_cmd(recipe, data, out, overrides, variants, test_data, calibration,
 
     started = time.perf_counter()
     resolved = apply_overrides(get_recipe(recipe), overrides)
-    result = run_pipeline(resolved, data, out,
-                          variants=[v.strip() for v in variants.split(",") if v.strip()], test_data=test_data,
-                          calibration_count=calibration, bench_runs=bench_runs,
-                          bench_threads=parse_int_list(bench_threads, "--bench-threads"), gate=not no_gate,
-                          title=f"lungedge pipeline: {recipe}", heatmap=heatmap,
-                          calibration_dir=calibration_dir, bias_correction=not no_bias_correction, resume=resume)
+    settings = PipelineSettings(ConvertSettings(**convert), bench_runs=bench_runs, gate=gate, resume=resume,
+                                bench_threads=parse_int_list(bench_threads, "--bench-threads"))
+    result = run_pipeline(resolved, data, out, settings, title=f"lungedge pipeline: {recipe}")
     _print_result(result, started, next_steps=False)
     sys.exit(EXIT_OK if result.ok else EXIT_FAILED)
 
@@ -99,7 +99,7 @@ def pipeline_cmd(recipe, data, out, overrides, variants, test_data, calibration,
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Training epochs (default: the recipe's; early stopping).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--bench-runs", type=click.IntRange(min=1), default=30, show_default=True)
+@_pipeline_option("bench_runs", "--bench-runs", type=click.IntRange(min=1))
 @handle_errors
 def demo_cmd(out, images_per_class, epochs, seed, bench_runs):
     """Run the whole pipeline offline on generated chest-radiograph-like images.
@@ -113,13 +113,14 @@ def demo_cmd(out, images_per_class, epochs, seed, bench_runs):
     Example:
       lungedge demo --out /tmp/lungedge-demo
     """
-    from lungedge.demo import plan_demo
+    from lungedge.demo import CALIBRATION_COUNT, plan_demo
     from lungedge.pipeline import run_pipeline
 
     started = time.perf_counter()
     plan = plan_demo(Path(out), images_per_class, epochs, seed)
-    result = run_pipeline(plan.recipe, str(plan.data_dir), str(Path(out) / "report"), calibration_count=100,
-                          bench_runs=bench_runs, title="lungedge demo", notes=plan.notes, facts=plan.facts)
+    settings = PipelineSettings(ConvertSettings(calibration_count=CALIBRATION_COUNT), bench_runs=bench_runs)
+    result = run_pipeline(plan.recipe, str(plan.data_dir), str(Path(out) / "report"), settings,
+                          title="lungedge demo", notes=plan.notes, facts=plan.facts)
     _print_result(result, started, next_steps=True)
     sys.exit(EXIT_OK if result.ok else EXIT_FAILED)
 

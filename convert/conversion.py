@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import datetime
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Optional
 
 import numpy as np
 
@@ -14,61 +14,26 @@ from lungedge.edge_runtime import learning_floor as floor
 from lungedge.edge_runtime.errors import ConfigError, ModelError
 
 from . import quant_gate
-from .calibration import DEFAULT_COUNT, calibration_from_files, calibration_from_folder, load_images
+from .calibration import calibration_from_files, calibration_from_folder, load_images
 from .variant_eval import compare, decide, keras_probabilities, rechoose_threshold, summarize, tflite_probabilities
 from .keras_convert import (check_classifier, convert_keras_model, converter_versions, integer_source,
                             load_keras_model, model_sha256, tflite_bytes, write_tflite)
 from .quant_report import report_paths, write_report
 from lungedge.train.runfolder import calibration_split, class_counts, eval_split, load_run, tflite_name
-from .variants import DEFAULT_VARIANTS, get_variant, parse_variants
+from .settings import ConvertSettings, settings_from
+from .variants import get_variant
 
 
-def convert_run(
-    run_dir,
-    variants: Union[str, Iterable[str]] = DEFAULT_VARIANTS,
-    data_dir: Optional[str] = None,
-    out_dir: Optional[str] = None,
-    calibration_count: int = DEFAULT_COUNT,
-    max_accuracy_drop: float = quant_gate.DEFAULT_MAX_ACCURACY_DROP,
-    max_recall_drop: float = quant_gate.DEFAULT_MAX_RECALL_DROP,
-    calibration_dir: Optional[str] = None,
-    rethreshold: bool = False,
-    seed: int = 0,
-    bias_correction: bool = True,
-    learning_floor: bool = True,
-    heatmap: bool = False,
-    domain: bool = True,
-    ood_dir: Optional[str] = None,
-) -> dict:
+def convert_run(run_dir, settings: Optional[ConvertSettings] = None, **fields) -> dict:
     """Convert a run's ``model.keras`` to each variant and compare them with it.
 
     Writes ``model_<variant>.tflite`` (atomically, metadata inside) and
-    ``quantization_report.{json,md,png}`` into ``out_dir`` (default: the run folder).
+    ``quantization_report.{json,md,png}`` into ``settings.out_dir`` (default: the run folder).
 
     Args:
         run_dir: a training run folder (model.keras, spec.json, split_manifest.csv).
-        variants: names from ``convert.variants.VARIANTS`` (list or comma-separated).
-        data_dir: labelled folder to judge on instead of the manifest's test split.
-        out_dir: where to write (default ``run_dir``).
-        calibration_count: training images for the integer variants (stratified by class).
-        max_accuracy_drop: gate, in percentage points below the Keras model's accuracy.
-        max_recall_drop: gate, in points below Keras on the disease class's recall.
-        calibration_dir: take calibration images from this labelled folder instead.
-        rethreshold: for the integer variants, re-choose the decision threshold on the
-            manifest's validation split with the quantised model's own probabilities
-            (stored in that variant's metadata).
-        seed: for the calibration pick.
-        learning_floor: refuse a Keras model that did not learn (``edge_runtime.learning_floor``) and fail
-            variants that did not; False only records the verdicts (tests of the file contract
-            on tiny untrained models).
-        heatmap: give every variant a second signature with class activation maps (heat maps on
-            the device); such files have two subgraphs, which MediaPipe's ImageClassifier refuses.
-        bias_correction: correct the integer variants' biases, layer by layer, for the mean
-            shift quantisation causes on the calibration images (``convert.bias_correction``).
-        domain: give every file the domain gate (``convert.domain``): a ``domain_score`` output
-            fitted on the training images, its threshold chosen on the validation split.
-        ood_dir: a folder whose subfolders are development out-of-domain sets (e.g. the other
-            modality, photos); their refusal rates join the report and the record.
+        settings: what to convert and how (``convert.settings.ConvertSettings``; default: its defaults).
+        fields: ``ConvertSettings`` fields applied over ``settings`` (e.g. ``variants="int8"``).
 
     Returns:
         The report (also written as JSON): per variant ``gate`` ("passed"/"failed") and
@@ -78,92 +43,123 @@ def convert_run(
         ConfigError: missing run folder or spec, unknown variant, no test or calibration images.
         ModelError: no model.keras, not a classifier, or a conversion failed.
     """
-    chosen = parse_variants(variants)
-    if calibration_count < 1:
-        raise ConfigError(f"calibration count must be at least 1, got {calibration_count!r}")
-    for name, value in (("max accuracy drop", max_accuracy_drop), ("max recall drop", max_recall_drop)):
-        if not value >= 0:
-            raise ConfigError(f"{name} must be >= 0 percentage points, got {value!r}")
+    s = settings_from(settings, fields)
+    chosen = s.checked()
+    job = _prepare(run_dir, s, any(v.calibrated for v in chosen))
+    rows = [_convert_one(job, v) for v in chosen]
+    base = next((r["size_bytes"] for r in rows if r["variant"] == "float32"), None)
+    for r in rows:
+        r["size_ratio"] = (r["size_bytes"] / base) if base else None
+    report = _report(job, rows, base)
+    write_report(report, job.out)
+    card = job.run.path / "model_card.md"
+    if job.out.resolve() == job.run.path.resolve() and card.is_file():
+        _card_domain_section(card, report)
+    return report
+
+
+@dataclass
+class _Job:
+    """What every variant's conversion shares: the settings, the run and its model, the images."""
+
+    s: ConvertSettings
+    run: object
+    spec: object
+    out: Path
+    model: object
+    sha: str
+    calibration: Optional[np.ndarray] = None
+    calib_info: dict = field(default_factory=lambda: {"count": 0, "source": "not needed", "class_counts": {}})
+    picked: list = field(default_factory=list)
+    ref: Optional["_Reference"] = None
+    val: Optional[tuple] = None
+    domain_fit: object = None
+    frame_facts: Optional[dict] = None
+    domain_note: str = "off (--no-domain)"
+    reference: Optional[bytes] = None
+    ood_sets: Optional[dict] = None
+
+    @property
+    def gate_x(self):
+        """The images the domain threshold is chosen on: the validation split, else the calibration images."""
+        return self.val[0] if self.val is not None else self.calibration
+
+    @property
+    def gate_source(self) -> str:
+        return "validation split" if self.val is not None else "calibration images (no validation split)"
+
+
+def _prepare(run_dir, s: ConvertSettings, calibrate: bool) -> _Job:
+    """Load the run and its model, read the images, fit the domain score, convert the shared reference."""
     run = load_run(run_dir)
     spec = run.spec
     if not spec.intended:  # a run trained before records said what the model is for
         from lungedge.train.intended import intended_for
 
         spec = spec.replace(intended=intended_for(spec.recipe, spec.labels))
-    out = Path(out_dir) if out_dir else run.path
     model = load_keras_model(run.model_path)
     check_classifier(model, spec)
-    sha = model_sha256(run.model_path)
-    calibration, calib_info, picked = None, {"count": 0, "source": "not needed", "class_counts": {}}, []
-    if any(v.calibrated for v in chosen):  # before judging the model: a bad calibration folder is an input error
-        calibration, calib_info, picked = _calibration(run, spec, calibration_dir, calibration_count, seed)
-    ref = _reference(run, model, data_dir, learning_floor)
-    want_val = (rethreshold and spec.threshold is not None) or domain
-    val = _validation(run) if want_val else None
-    gate_x = val[0] if val is not None else calibration
-    gate_source = "validation split" if val is not None else "calibration images (no validation split)"
-    domain_fit, frame_facts, domain_note = None, None, "off (--no-domain)"
-    if domain:
-        from .domain_gate import fit_run
+    job = _Job(s, run, spec, Path(s.out_dir) if s.out_dir else run.path, model, model_sha256(run.model_path))
+    if calibrate:  # before judging the model: a bad calibration folder is an input error
+        job.calibration, job.calib_info, job.picked = _calibration(run, spec, s.calibration_dir,
+                                                                   s.calibration_count, s.seed)
+    job.ref = _reference(run, model, s.data_dir, s.learning_floor)
+    if (s.rethreshold and spec.threshold is not None) or s.domain:
+        job.val = _validation(run)
+    if s.domain:
+        _fit_domain(job)
+    if job.calibration is not None and s.bias_correction:
+        # the bias correction's float32 reference: converted once for all integer variants
+        job.reference = tflite_bytes(integer_source(model, spec)[0], get_variant("float32"), heatmap=s.heatmap,
+                                     domain=job.domain_fit)
+    return job
 
-        domain_fit, frame_facts = fit_run(run, model, picked, seed, reference_x=gate_x)
-        domain_note = "fitted" if domain_fit is not None else frame_facts
-        if domain_fit is None:
-            frame_facts = None
-    ood_sets = None
-    limits = (max_accuracy_drop, max_recall_drop)
-    # the bias correction's float32 reference: converted once for all integer variants
-    reference = (tflite_bytes(integer_source(model, spec)[0], get_variant("float32"), heatmap=heatmap,
-                              domain=domain_fit)
-                 if calibration is not None and bias_correction else None)
-    rows = []
-    for v in chosen:
-        t0 = time.perf_counter()
-        data = convert_keras_model(model, spec, v, calibration=calibration, source_sha256=sha,
-                                   extra={"calibration": calib_info} if v.calibrated else None,
-                                   bias_correction=bias_correction, reference=reference,
-                                   heatmap=heatmap, domain=domain_fit)
-        seconds = time.perf_counter() - t0
-        path = out / tflite_name(v.name)
+
+def _fit_domain(job: _Job) -> None:
+    from .domain_gate import fit_run
+
+    fitted, facts = fit_run(job.run, job.model, job.picked, job.s.seed, reference_x=job.gate_x)
+    job.domain_note = "fitted" if fitted is not None else facts
+    job.domain_fit, job.frame_facts = fitted, (facts if fitted is not None else None)
+
+
+def _convert_one(job: _Job, v) -> dict:
+    """Convert, write and judge one variant: its report row."""
+    s, spec = job.s, job.spec
+    t0 = time.perf_counter()
+    data = convert_keras_model(job.model, spec, v, calibration=job.calibration, source_sha256=job.sha,
+                               extra={"calibration": job.calib_info} if v.calibrated else None,
+                               bias_correction=s.bias_correction, reference=job.reference,
+                               heatmap=s.heatmap, domain=job.domain_fit)
+    seconds = time.perf_counter() - t0
+    path = job.out / tflite_name(v.name)
+    write_tflite(path, data)
+    note = None
+    if job.val is not None and v.calibrated and s.rethreshold and spec.threshold is not None:
+        data, note = _rethreshold(path, data, job.val, spec)
         write_tflite(path, data)
-        note = None
-        if val is not None and v.calibrated and rethreshold and spec.threshold is not None:
-            data, note = _rethreshold(path, data, val, spec)
-            write_tflite(path, data)
-        domain_row = None
-        if domain_fit is not None:
-            from .domain_gate import folder_sets, refusal_rates, set_threshold
+    domain_row = _domain_threshold(job, path, data) if job.domain_fit is not None else None
+    row = _judge(path, v, job.ref, spec, s.limits, seconds, s.learning_floor)
+    if v.micro:
+        _micro(path, job.ref, row, spec, s.limits, s.learning_floor)
+    if note:
+        row["threshold_note"] = note
+    if domain_row is not None:
+        row["domain"].update(domain_row)
+    return row
 
-            data, gate_note = set_threshold(path, data, domain_fit, frame_facts, gate_x, gate_source)
-            write_tflite(path, data)
-            if ood_sets is None:
-                ood_sets = folder_sets(ood_dir, spec)
-            rates = refusal_rates(path, getattr(gate_x, "pixels", None), spec, ood_sets)
-            data = _with_refusal(data, rates)
-            write_tflite(path, data)
-            domain_row = {"note": gate_note, "dev_sets": rates}
-        rows.append(_judge(path, v, ref, spec, limits, seconds, learning_floor))
-        if v.micro:
-            _micro(path, ref, rows[-1], spec, limits, learning_floor)
-        if note:
-            rows[-1]["threshold_note"] = note
-        if domain_row is not None:
-            rows[-1]["domain"].update(domain_row)
-    base = next((r["size_bytes"] for r in rows if r["variant"] == "float32"), None)
-    for r in rows:
-        r["size_ratio"] = (r["size_bytes"] / base) if base else None
-    report = _report(run, ref, rows, sha, calib_info, bias_correction, limits, base)
-    report["domain_gate"] = domain_note
-    if domain_fit is not None:
-        report["domain_fit"] = {**domain_fit.record(), "aspect_range": frame_facts.get("aspect_range"),
-                                "structure_floor": frame_facts.get("structure_floor"),
-                                "saturation_limit": frame_facts.get("saturation_limit")}
-    report["files"] = report_paths(out)
-    write_report(report, out)
-    card = run.path / "model_card.md"
-    if out.resolve() == run.path.resolve() and card.is_file():
-        _card_domain_section(card, report)
-    return report
+
+def _domain_threshold(job: _Job, path: Path, data: bytes) -> dict:
+    """Choose the written file's domain threshold, measure its refusal rates, record them in the file."""
+    from .domain_gate import folder_sets, refusal_rates, set_threshold
+
+    data, gate_note = set_threshold(path, data, job.domain_fit, job.frame_facts, job.gate_x, job.gate_source)
+    write_tflite(path, data)
+    if job.ood_sets is None:
+        job.ood_sets = folder_sets(job.s.ood_dir, job.spec)
+    rates = refusal_rates(path, getattr(job.gate_x, "pixels", None), job.spec, job.ood_sets)
+    write_tflite(path, _with_refusal(data, rates))
+    return {"note": gate_note, "dev_sets": rates}
 
 
 #: The model card's domain-gate section is replaced between these markers by each conversion.
@@ -227,22 +223,22 @@ def _validation(run):
     return xv, np.asarray([val_split.labels[i] for i in kv])
 
 
-def _report(run, ref: _Reference, rows: list, sha: str, calib_info: dict, bias_correction: bool, limits,
-            base_size) -> dict:
+def _report(job: _Job, rows: list, base_size) -> dict:
+    run, ref, s = job.run, job.ref, job.s
     verdict = quant_gate.overall(rows)
-    return {
+    report = {
         "source": str(run.path),
         "created_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "labels": list(run.spec.labels),
         "recipe": run.spec.recipe,
-        "source_model_sha256": sha,
+        "source_model_sha256": job.sha,
         "versions": converter_versions(),
         "test": {"n": int(len(ref.y)), "note": ref.note, "source": ref.source,
                  "class_counts": class_counts(ref.y.tolist(), run.spec.labels),
                  "failures": [{"path": p, "error": e} for p, e in ref.failures]},
-        "calibration": calib_info,
-        "bias_correction": bias_correction,
-        "gate": {"max_accuracy_drop": limits[0], "max_recall_drop": limits[1],
+        "calibration": job.calib_info,
+        "bias_correction": s.bias_correction,
+        "gate": {"max_accuracy_drop": s.max_accuracy_drop, "max_recall_drop": s.max_recall_drop,
                  "disease_class": ref.disease or "every class", "learning_floor": floor.ALPHA,
                  "paired_alpha": quant_gate.PAIRED_ALPHA},
         "keras": _keras_row(ref.metrics),
@@ -250,7 +246,15 @@ def _report(run, ref: _Reference, rows: list, sha: str, calib_info: dict, bias_c
         "passed": verdict.passed,
         "verdict": verdict.to_dict(),
         "size_ratio_note": None if base_size else "float32 not converted: no size ratios",
+        "domain_gate": job.domain_note,
     }
+    if job.domain_fit is not None:
+        facts = job.frame_facts
+        report["domain_fit"] = {**job.domain_fit.record(), "aspect_range": facts.get("aspect_range"),
+                                "structure_floor": facts.get("structure_floor"),
+                                "saturation_limit": facts.get("saturation_limit")}
+    report["files"] = report_paths(job.out)
+    return report
 
 
 def _calibration(run, spec, calibration_dir, count, seed):

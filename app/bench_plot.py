@@ -20,29 +20,9 @@ def plot_rows(rows: List[dict], path: str, title: str = "") -> str:
     Returns:
         ``path``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lungedge.edge_runtime.atomic_write import atomic_write_bytes
-
-    machines = {r.get("machine") for r in rows}
-    labels, inv, inv90, e2e, e2e90 = [], [], [], [], []
-    for r in rows:
-        name = f"{r.get('model')} | {r.get('backend') or '?'} | {r.get('threads') or '-'} thr"
-        if len(machines) > 1:
-            name = f"{r.get('machine')} | " + name
-        if r.get("error"):
-            name += " | FAILED"
-        labels.append(name)
-        i, e = r.get("invoke") or {}, r.get("end_to_end") or {}
-        inv.append(i.get("p50_ms", 0.0))
-        inv90.append(max(0.0, i.get("p90_ms", 0.0) - i.get("p50_ms", 0.0)))
-        e2e.append(e.get("p50_ms", 0.0))
-        e2e90.append(max(0.0, e.get("p90_ms", 0.0) - e.get("p50_ms", 0.0)))
-    n = max(1, len(rows))
-    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * n))
+    plt = _pyplot()
+    labels, inv, inv90, e2e, e2e90 = _latency_series(rows)
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * max(1, len(rows))))
     y = list(range(len(rows)))
     h = 0.38
     ax.barh([v - h / 2 for v in y], inv, height=h, xerr=[[0] * len(inv), inv90], label="invoke p50 (to p90)",
@@ -62,7 +42,43 @@ def plot_rows(rows: List[dict], path: str, title: str = "") -> str:
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
+    return _save(plt, fig, path)
+
+
+def _latency_series(rows: List[dict]):
+    """Per row: its label, invoke p50 and p90 - p50, end-to-end p50 and p90 - p50 (ms)."""
+    machines = {r.get("machine") for r in rows}
+    labels, inv, inv90, e2e, e2e90 = [], [], [], [], []
+    for r in rows:
+        name = f"{r.get('model')} | {r.get('backend') or '?'} | {r.get('threads') or '-'} thr"
+        if len(machines) > 1:
+            name = f"{r.get('machine')} | " + name
+        if r.get("error"):
+            name += " | FAILED"
+        labels.append(name)
+        i, e = r.get("invoke") or {}, r.get("end_to_end") or {}
+        inv.append(i.get("p50_ms", 0.0))
+        inv90.append(max(0.0, i.get("p90_ms", 0.0) - i.get("p50_ms", 0.0)))
+        e2e.append(e.get("p50_ms", 0.0))
+        e2e90.append(max(0.0, e.get("p90_ms", 0.0) - e.get("p50_ms", 0.0)))
+    return labels, inv, inv90, e2e, e2e90
+
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, path: str) -> str:
+    """Write ``fig`` as a PNG to ``path`` atomically and close it; returns ``path``."""
     import io
+
+    from lungedge.edge_runtime.atomic_write import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -79,16 +95,9 @@ def plot_tradeoff(rows: List[dict], path: str, title: str = "", note: str = "") 
         path: the PNG to write (atomically).
         note: a line under the chart (the CPU features).
     """
-    import io
     import textwrap
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lungedge.edge_runtime.atomic_write import atomic_write_bytes
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.2))
     biggest = max(r["size_mb"] for r in rows) or 1.0
     # names beside the markers, alternately above and below along the latency axis (neighbours
@@ -124,8 +133,4 @@ def plot_tradeoff(rows: List[dict], path: str, title: str = "", note: str = "") 
                     f" Majority-class rate {100 * rows[0]['majority_rate']:.2f}% (always the most frequent class).")
         fig.text(0.01, 0.01, textwrap.fill(note + " Marker area: file size." + majority, 130), fontsize=7, va="bottom")
     fig.tight_layout(rect=(0, 0.08 if note else 0, 1, 1))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return _save(plt, fig, path)

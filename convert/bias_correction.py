@@ -189,6 +189,29 @@ def _feed(it, x: np.ndarray) -> None:
     it.invoke()
 
 
+def _mean_shift(probe: bytearray, op, x: np.ndarray, expected: "_ReferenceOutputs", k: int):
+    """(per-channel mean shift of ``op``'s output from the float32 model's, the same in bias steps).
+
+    Only elements inside both models' linear range count (not clipped to the int8 range, not cut
+    by the activation), image by image: sums per channel, nothing kept."""
+    it = _interpreter(probe)
+    out = it._get_tensor_details(op.output, 0)
+    scale, zero = out["quantization"]
+    lo, hi = _LINEAR_RANGE.get(op.activation, (-np.inf, np.inf))
+    total, n = 0.0, 0
+    for i in range(len(x)):
+        _feed(it, x[i:i + 1])
+        q = it.get_tensor(op.output).astype(np.int32)
+        f = expected.image(k, i).astype(np.float64)
+        keep = (q > -128) & (q < 127) & (f > lo) & (f < hi)
+        channels = f.shape[-1]
+        total = total + np.where(keep, (q - zero) * scale - f, 0.0).reshape(-1, channels).sum(axis=0)
+        n = n + keep.reshape(-1, channels).sum(axis=0)
+    shift = total / np.maximum(n, 1)
+    bias_scale = np.asarray(it._get_tensor_details(op.bias, 0)["quantization_parameters"]["scales"], np.float64)
+    return shift, np.rint(shift / bias_scale).astype(np.int64)
+
+
 def correct_biases(quantized: bytes, reference: bytes, images: np.ndarray,
                    max_images: int = DEFAULT_IMAGES) -> Tuple[bytes, Optional[dict]]:
     """Correct the int32 biases of ``quantized`` so each layer's mean output matches ``reference``.
@@ -228,23 +251,7 @@ def correct_biases(quantized: bytes, reference: bytes, images: np.ndarray,
         expected = _ReferenceOutputs(reference, _reference_names(model, ops), x, folder)
         changes = []
         for k, op in enumerate(bar(ops, desc="bias correction", unit="layer")):
-            it = _interpreter(probe)
-            out = it._get_tensor_details(op.output, 0)
-            scale, zero = out["quantization"]
-            lo, hi = _LINEAR_RANGE.get(op.activation, (-np.inf, np.inf))
-            total, n = 0.0, 0
-            for i in range(len(x)):  # per image: sums per channel, nothing kept
-                _feed(it, x[i:i + 1])
-                q = it.get_tensor(op.output).astype(np.int32)
-                f = expected.image(k, i).astype(np.float64)
-                keep = (q > -128) & (q < 127) & (f > lo) & (f < hi)
-                channels = f.shape[-1]
-                total = total + np.where(keep, (q - zero) * scale - f, 0.0).reshape(-1, channels).sum(axis=0)
-                n = n + keep.reshape(-1, channels).sum(axis=0)
-            shift = total / np.maximum(n, 1)
-            bias_scale = np.asarray(it._get_tensor_details(op.bias, 0)["quantization_parameters"]["scales"], np.float64)
-            del it
-            step = np.rint(shift / bias_scale).astype(np.int64)
+            shift, step = _mean_shift(probe, op, x, expected, k)
             for m in (model, probe_model):  # views into ``data`` and ``probe``
                 view = m.Buffers(op.buffer).DataAsNumpy().view(np.int32)
                 view[:] = np.clip(view.astype(np.int64) - step, -2**31, 2**31 - 1).astype(np.int32)

@@ -312,12 +312,7 @@ def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Unio
     v = get_variant(variant)
     model = load_keras_model(model_or_path)
     check_classifier(model, spec)
-    if calibration is not None:
-        calibration = _float_images(calibration)
-        p = spec.preprocessing
-        if calibration.ndim != 4 or calibration.shape[1:] != (p.height, p.width, p.channels):
-            raise ConfigError(f"calibration must be an array (N, {p.height}, {p.width}, {p.channels}), "
-                              f"got shape {calibration.shape}")
+    calibration = _checked_calibration(calibration, spec)
     sha = source_sha256 or model_sha256(model_or_path)
     extra = dict(extra or {})
     if v.calibrated:
@@ -330,15 +325,36 @@ def convert_keras_model(model_or_path: ModelLike, spec: ModelSpec, variant: Unio
     if v.io_dtype == "uint8":
         data = pin_uint8_input(data, spec)
     if v.calibrated and bias_correction:
-        from .bias_correction import correct_biases
-
         if reference is None:
             reference = tflite_bytes(model, get_variant("float32"), heatmap=heatmap, domain=domain)
-        data, record = correct_biases(data, reference, calibration)
-        extra["bias_correction"] = record or "not applied: no integer conv or fully connected op"
+        data, extra["bias_correction"] = _bias_corrected(data, reference, calibration)
     if v.io_dtype == "uint8":
         spec = raw_pixel_spec(spec, data)
     return embed_spec(data, variant_spec(spec, v, sha, extra=extra))
+
+
+def _checked_calibration(calibration, spec: ModelSpec) -> Optional[np.ndarray]:
+    """The calibration images as float32 (N, H, W, C) of the spec's input size, or None.
+
+    Raises:
+        ConfigError: another shape.
+    """
+    if calibration is None:
+        return None
+    calibration = _float_images(calibration)
+    p = spec.preprocessing
+    if calibration.ndim != 4 or calibration.shape[1:] != (p.height, p.width, p.channels):
+        raise ConfigError(f"calibration must be an array (N, {p.height}, {p.width}, {p.channels}), "
+                          f"got shape {calibration.shape}")
+    return calibration
+
+
+def _bias_corrected(data: bytes, reference: bytes, calibration) -> tuple:
+    """(the integer file with its biases corrected, the record for its metadata)."""
+    from .bias_correction import correct_biases
+
+    data, record = correct_biases(data, reference, calibration)
+    return data, record or "not applied: no integer conv or fully connected op"
 
 
 def pin_uint8_input(data: bytes, spec: ModelSpec) -> bytes:

@@ -44,6 +44,11 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
+def _check_choice(name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise ConfigError(f"{name} must be an integer from {lo} to {hi}, got {value!r}")
@@ -167,17 +172,20 @@ class Recipe:
     seed: int = 42
 
     def __post_init__(self) -> None:
+        self._check_data()
+        self._check_optimisation()
+        self._check_augmentation_and_phases()
+        self._check_decision_and_model()
+
+    def _check_data(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ConfigError(f"recipe name must be a non-empty string, got {self.name!r}")
         _check_int("image_size", self.image_size, 32, 1024)
-        if self.color_mode not in COLOR_MODES:
-            raise ConfigError(f"color_mode must be one of {', '.join(COLOR_MODES)}, got {self.color_mode!r}")
+        _check_choice("color_mode", self.color_mode, COLOR_MODES)
         if self.color_mode != "rgb" and self.weights == "imagenet":
             raise ConfigError("color_mode 'grayscale' cannot use ImageNet weights (3-channel input); use rgb or weights 'none'")
-        if self.contrast not in CONTRAST_METHODS:
-            raise ConfigError(f"contrast must be one of {', '.join(CONTRAST_METHODS)}, got {self.contrast!r}")
-        if self.split not in SPLITS:
-            raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        _check_choice("contrast", self.contrast, CONTRAST_METHODS)
+        _check_choice("split", self.split, SPLITS)
         _check_int("split_block", self.split_block, 1, 1_000_000)
         fr = self.fractions
         if isinstance(fr, (str, bytes)) or not hasattr(fr, "__len__") or len(fr) != 3 or not all(_is_number(x) for x in fr):
@@ -186,12 +194,13 @@ class Recipe:
         if any(x <= 0 for x in fr) or not math.isclose(sum(fr), 1.0, abs_tol=1e-6):
             raise ConfigError(f"fractions must be positive and sum to 1, got {list(fr)!r}")
         object.__setattr__(self, "fractions", fr)
+
+    def _check_optimisation(self) -> None:
         _check_int("epochs", self.epochs, 1, 10000)
         _check_int("batch_size", self.batch_size, 1, 65536)
         _check_positive("learning_rate", self.learning_rate)
         object.__setattr__(self, "learning_rate", float(self.learning_rate))
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_int("head_units", self.head_units, 0, 65536)
         if not _is_number(self.dropout) or not 0.0 <= float(self.dropout) < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
@@ -199,31 +208,32 @@ class Recipe:
         if not _is_number(self.label_smoothing) or not 0.0 <= float(self.label_smoothing) < 0.5:
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
         object.__setattr__(self, "label_smoothing", float(self.label_smoothing))
+
+    def _check_augmentation_and_phases(self) -> None:
         if isinstance(self.augment, dict):
             object.__setattr__(self, "augment", _build(Augment, self.augment, "augment"))
         elif self.augment is True:
             object.__setattr__(self, "augment", Augment())
         elif self.augment is not False and not isinstance(self.augment, Augment):
             raise ConfigError(f"augment must be true, false or an object of parameters, got {self.augment!r}")
-        if self.augment_phases not in AUGMENT_PHASES:
-            raise ConfigError(f"augment_phases must be one of {', '.join(AUGMENT_PHASES)}, got {self.augment_phases!r}")
+        _check_choice("augment_phases", self.augment_phases, AUGMENT_PHASES)
         if not isinstance(self.class_weights, bool):
             raise ConfigError(f"class_weights must be true or false, got {self.class_weights!r}")
         _check_int("patience", self.patience, 0, 10000)
-        if self.monitor not in MONITORS:
-            raise ConfigError(f"monitor must be one of {', '.join(MONITORS)}, got {self.monitor!r}")
+        _check_choice("monitor", self.monitor, MONITORS)
         if isinstance(self.fine_tune, dict):
             object.__setattr__(self, "fine_tune", _build(FineTune, self.fine_tune, "fine_tune"))
         elif not isinstance(self.fine_tune, FineTune):
             raise ConfigError(f"fine_tune must be an object (epochs, blocks, learning_rate), got {self.fine_tune!r}")
+
+    def _check_decision_and_model(self) -> None:
         if self.target_recall is not None:
             if not _is_number(self.target_recall) or not 0.0 < float(self.target_recall) <= 1.0:
                 raise ConfigError(f"target_recall must be in (0, 1] or null, got {self.target_recall!r}")
             object.__setattr__(self, "target_recall", float(self.target_recall))
             if not self.positive_label:
                 raise ConfigError("target_recall needs positive_label (the disease class whose recall is targeted)")
-        if self.threshold_rule not in THRESHOLD_RULES:
-            raise ConfigError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, got {self.threshold_rule!r}")
+        _check_choice("threshold_rule", self.threshold_rule, THRESHOLD_RULES)
         if self.weights is None:
             object.__setattr__(self, "weights", "none")
         if not isinstance(self.weights, str) or not self.weights:

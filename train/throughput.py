@@ -33,10 +33,8 @@ def measure(data_dir: str, images: int = 512, epochs: int = 3, recipe_name: str 
     Returns:
         dict with ``pipeline_img_s``, ``arrays_img_s``, ``ratio`` and the set-up.
     """
-    import keras
+    import tempfile
 
-    from .dataset import drop_unreadable, load_dataset
-    from .model import build_model, compile_model
     from .input_data import image_dataset
     from .recipes import get_recipe
     from .training import preprocessing_for
@@ -44,46 +42,18 @@ def measure(data_dir: str, images: int = 512, epochs: int = 3, recipe_name: str 
     recipe = get_recipe(recipe_name, image_size=image_size, alpha=alpha, weights=weights, batch_size=batch_size,
                         augment=augment, seed=seed)
     prep = preprocessing_for(recipe)
-    ds = drop_unreadable(load_dataset(data_dir), prep)
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(ds), size=min(images, len(ds)), replace=False))
-    paths = [ds.paths[i] for i in pick]
-    labels = ds.labels[pick]
-
-    def timed_fit(model, *args, **kw):
-        times = []
-
-        class _T(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                self.t0 = time.perf_counter()
-
-            def on_epoch_end(self, epoch, logs=None):
-                times.append(time.perf_counter() - self.t0)
-
-        model.fit(*args, epochs=epochs, verbose=0, callbacks=[_T()], **kw)
-        return times
-
-    keras.utils.set_random_seed(seed)
-    built = build_model(recipe, len(ds.class_names))
-    compile_model(built.model, recipe.learning_rate)
-    import tempfile
-
+    paths, labels, n_classes = _pick(data_dir, prep, images, seed)
     with tempfile.TemporaryDirectory(prefix="lungedge-throughput-") as tmp:
         pipe_ds = image_dataset(paths, labels, prep, batch_size, training=True, augment=recipe.augmentation, seed=seed,
                                 cache=str(Path(tmp) / "images") if disk_cache else "")
-        t_pipe = timed_fit(built.model, pipe_ds, shuffle=False)
-
+        t_pipe = _epoch_seconds(_fresh_model(recipe, n_classes, seed), epochs, pipe_ds, shuffle=False)
     t0 = time.perf_counter()
     x = np.stack([preprocess(p, prep) for p in paths])
     load_s = time.perf_counter() - t0
-    keras.utils.set_random_seed(seed)
-    built = build_model(recipe, len(ds.class_names))
-    compile_model(built.model, recipe.learning_rate)
-    t_arr = timed_fit(built.model, x, labels, batch_size=batch_size, shuffle=True)
-
+    t_arr = _epoch_seconds(_fresh_model(recipe, n_classes, seed), epochs, x, labels, batch_size=batch_size,
+                           shuffle=True)
     n = len(paths)
-    pipe = n / float(np.median(t_pipe[1:] if len(t_pipe) > 1 else t_pipe))
-    arr = n / float(np.median(t_arr[1:] if len(t_arr) > 1 else t_arr))
+    pipe, arr = _images_per_second(n, t_pipe), _images_per_second(n, t_arr)
     return {
         "images": n, "epochs": epochs, "batch_size": batch_size, "image_size": image_size, "alpha": alpha,
         "augment": bool(augment), "cache": "disk" if disk_cache else "memory", "pipeline_epoch_seconds": [round(t, 3) for t in t_pipe],
@@ -91,6 +61,50 @@ def measure(data_dir: str, images: int = 512, epochs: int = 3, recipe_name: str 
         "pipeline_img_s": round(pipe, 2), "arrays_img_s": round(arr, 2), "ratio": round(pipe / arr, 3),
         "note": "first epoch of each is warm-up (not counted); median of the rest",
     }
+
+
+def _pick(data_dir: str, prep, images: int, seed: int):
+    """(paths, labels, number of classes): ``images`` readable files of ``data_dir``, picked with ``seed``."""
+    from .dataset import drop_unreadable, load_dataset
+
+    ds = drop_unreadable(load_dataset(data_dir), prep)
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(ds), size=min(images, len(ds)), replace=False))
+    return [ds.paths[i] for i in pick], ds.labels[pick], len(ds.class_names)
+
+
+def _fresh_model(recipe, n_classes: int, seed: int):
+    """The recipe's model, built and compiled from ``seed`` (both measurements start from the same weights)."""
+    import keras
+
+    from .model import build_model, compile_model
+
+    keras.utils.set_random_seed(seed)
+    built = build_model(recipe, n_classes)
+    compile_model(built.model, recipe.learning_rate)
+    return built.model
+
+
+def _epoch_seconds(model, epochs: int, *args, **kw) -> list:
+    """Wall-clock seconds of each epoch of ``model.fit(*args, **kw)``."""
+    import keras
+
+    times = []
+
+    class _T(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter() - self.t0)
+
+    model.fit(*args, epochs=epochs, verbose=0, callbacks=[_T()], **kw)
+    return times
+
+
+def _images_per_second(n: int, times: list) -> float:
+    """``n`` over the median epoch, the first (warm-up) left out when there are more."""
+    return n / float(np.median(times[1:] if len(times) > 1 else times))
 
 
 def main(argv: Optional[list] = None) -> None:

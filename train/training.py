@@ -470,7 +470,7 @@ def _fit_and_report_splits(recipe: Recipe, ds: Dataset, assignment: np.ndarray, 
         versions={"tensorflow": ctx.tf.__version__, "keras": ctx.keras.__version__, "lungedge": package_version()},
         extra={"alpha": recipe.alpha, "split": recipe.split, "weights": recipe.weights},
         intended=intended_for(recipe.name, sp.names))
-    metrics = _write_run(out, recipe, built, spec, sp, probs, evaluation, state, ds, ctx, seconds)
+    metrics = _write_run(out, ctx, _Trained(recipe, ds, sp, built, state, spec, probs, evaluation, seconds))
     verdict = evaluation["verdict"]
     _cleanup(state.folder)
     _LOG.info(f"test ({metrics['decision']}):\n{format_report(evaluation['test'])}")
@@ -601,11 +601,27 @@ def _evaluate(sp: _Splits, probs: dict, positive, threshold: Optional[Threshold]
     }
 
 
-def _write_run(out: Path, recipe: Recipe, built, spec: ModelSpec, sp: _Splits, probs: dict, evaluation: dict,
-               state, ds: Dataset, ctx: _Context, seconds: float) -> dict:
+@dataclass
+class _Trained:
+    """A finished training: what the run folder is written from."""
+
+    recipe: Recipe
+    ds: Dataset
+    sp: _Splits
+    built: object
+    state: object
+    spec: ModelSpec
+    probs: dict
+    evaluation: dict
+    seconds: float  # this process's training time
+
+
+def _write_run(out: Path, ctx: _Context, t: _Trained) -> dict:
     """Model, spec, recipe, history, plots, metrics and model card: the run-folder contract."""
     from .run_report import model_card, plot_confusion, plot_history, plot_roc, write_history
 
+    recipe, built, spec, sp, probs, evaluation, state, ds, seconds = (
+        t.recipe, t.built, t.spec, t.sp, t.probs, t.evaluation, t.state, t.ds, t.seconds)
     th, verdict = spec.threshold, evaluation["verdict"]
     _write_model(built.model, out / MODEL)
     atomic_write_text(str(out / SPEC), spec.to_json())

@@ -257,6 +257,8 @@ def test_page_upload_and_worklist_over_https_with_the_self_signed_certificate(xr
         status, body, _ = _https(port, tls / "lungedge.crt", "POST", "/api/classify", form,
                                  {"Content-Type": ctype, **token})
         assert status == 200 and "cat" in json.loads(body)["results"][0]["label"]
+        upload = audit_lines(running)[-1]
+        assert upload["source"] == "upload" and upload["name"] == "cat.bmp" and "cat" in upload["result"]
         status, body, _ = _https(port, tls / "lungedge.crt", "GET", "/worklist?after=0", headers=token)
         assert status == 200 and json.loads(body)["seq"] == 0
         with pytest.raises(ssl.SSLCertVerificationError):  # it is real TLS: a client that does not trust it stops
@@ -286,3 +288,18 @@ def test_a_token_over_plain_http_beyond_localhost_is_refused(xray_model, command
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+def test_classify_writes_the_audit_log_without_phi_unless_asked(xray_model, grey, tmp_path):
+    image = make_dicom(grey, tmp_path / "cr.dcm", bits=12, modality="CR", uid_suffix="9.401")
+    log = tmp_path / "audit.jsonl"
+    base = [sys.executable, "-m", "lungedge.cli", "classify", "-m", str(xray_model), "--audit-log", str(log),
+            str(image), str(tmp_path / "missing.png")]
+    for extra, shown in (([], False), (["--keep-phi"], True)):
+        run = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1 and "error: file not found" in run.stderr, run.stderr  # the missing one
+        lines = [json.loads(x) for x in log.read_text().splitlines()][-2:]
+        assert [r["source"] for r in lines] == ["classify", "classify"]
+        assert lines[0]["sop_instance_uid"] == "1.2.826.0.1.3680043.10.1234.9.401" and lines[0]["in_domain"] is None
+        assert lines[1]["result"] == "error" and "missing.png" in lines[1]["name"]
+        assert all((v in json.dumps(lines)) == shown for v in FAKE_PATIENT.values()), extra

@@ -1,4 +1,4 @@
-"""lungedge.train.ct_leakage: the probes that show how much neighbouring slices are worth (synthetic
+"""experiments/ct_leakage.py: the probes that show how much neighbouring slices are worth (synthetic
 features and generated slices; the real measurement is in train/README.md)."""
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungedge.train import ct_leakage
+from experiment_scripts import experiment
 from lungedge.train.dataset import Dataset, kfold_assignments
+
+ct_leakage = experiment("ct_leakage")
 
 
 def _patients(counts=(120, 200, 150), per_patient=10, class_strength=0.0, seed=0):

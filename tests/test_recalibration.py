@@ -252,13 +252,14 @@ def test_recalibration_record_keeps_the_history_of_an_earlier_one():
 
 @pytest.mark.needs_tf
 def test_external_dev_report_cross_fits_the_recalibration(int8_file, tmp_path):
-    """benchmarks/external_dev.py: the file's own numbers as ``lungedge evaluate`` gives them, and a
+    """experiments/external_dev.py: the file's own numbers as ``lungedge evaluate`` gives them, and a
     cross-fit in which every image is judged by a recalibration chosen without it."""
     from lungedge.edge_runtime.classifier import Classifier
     from lungedge.edge_runtime.folder_eval import evaluate_classifier
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import external_dev
+    from experiment_scripts import experiment
+
+    external_dev = experiment("external_dev")
 
     path, _ = int8_file
     data = _folder(tmp_path, Classifier(path), n_pos=60, n_neg=40)

@@ -384,11 +384,13 @@ def test_cv_resume_keeps_complete_folds_and_continues_the_interrupted_one(data_d
 
 
 def _check_cv_decisions(out: Path, summary: dict, tmp_path: Path, capsys) -> None:
-    """lungedge.train.cv_decisions on the CV run: its argmax on each fold's test part is the fold's
+    """experiments/cv_decisions.py on the CV run: its argmax on each fold's test part is the fold's
     own result; a run averaged with itself is the run; runs with other folds are refused."""
     import shutil
 
-    from lungedge.train import cv_decisions
+    from experiment_scripts import experiment
+
+    cv_decisions = experiment("cv_decisions")
 
     assert cv_decisions.main(["--run", str(out), "--run", str(out), "--out", str(tmp_path / "dec")]) == 0
     rows = json.loads((tmp_path / "dec" / "cv_decisions.json").read_text())["rows"]

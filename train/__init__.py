@@ -5,12 +5,13 @@ Public surface::
     from lungedge.train import get_recipe, train_run, cv_run, evaluate_keras
     run_dir = train_run(get_recipe("ct-lung-cancer"), data_dir, "runs/ct")
 
-Modules: ``recipes`` (named, frozen recipes), ``data`` (layouts, patient ids, splits, manifest),
+Modules: ``recipes`` (named, frozen recipes), ``dataset`` (layouts, patient ids, splits, manifest),
 ``input_data`` (tf.data), ``model`` (MobileNetV2 + head, fine-tuning), ``checkpoint`` (resumable
-training), ``threshold`` (matching the disease class), ``training`` (one run / k-fold),
-``runfolder`` (the run-folder contract), ``report`` (plots, model card), ``keras_eval`` (Keras
-model on a labelled folder), ``weights`` (ImageNet weights), ``tfimport`` (quiet TensorFlow
-import), ``throughput`` (input pipeline measurement). The command is ``app/train_cli.py`` (``lungedge.train_cli``).
+training), ``labels`` (matching the disease class), ``intended`` (what a model is for), ``training``
+(one run / k-fold), ``runfolder`` (the run-folder contract), ``run_report`` (plots, model card),
+``keras_eval`` (Keras model on a labelled folder), ``weights`` (ImageNet weights), ``tfimport``
+(quiet TensorFlow import). The command is ``app/train_cli.py`` (``lungedge.train_cli``); research
+probes of training choices are in the repository's ``experiments/`` folder.
 """
 
 import importlib

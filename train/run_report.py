@@ -272,7 +272,7 @@ def _card_limitations(recipe, spec, is_ct: bool) -> List[str]:
         lines.append(
             "- Validation scores on this data are an optimistic guide: earlier measurements on the patient-disjoint "
             "official Kermany test split gave 0.75-0.90 accuracy for this kind of model (it over-calls pneumonia). "
-            "Judge it on an external set (`python benchmarks/external_dev.py`) and recalibrate for a site "
+            "Judge it on an external set (`python experiments/external_dev.py`) and recalibrate for a site "
             "(`lungedge recalibrate`); the external X-ray dev set in ../shared is one hospital's images.")
     if spec.threshold:
         lines.append("- The threshold trades specificity for recall of the disease class; it was chosen on the "

@@ -1,6 +1,6 @@
 """How much of a CT cross-validation score is neighbouring slices of the same patient?
 
-    python -m lungedge.train.ct_leakage --data "../shared/data/iq_othnccd/The IQ-OTHNCCD lung cancer dataset" \\
+    python experiments/ct_leakage.py --data "../shared/data/iq_othnccd/The IQ-OTHNCCD lung cancer dataset" \\
         --out runs/ct_leakage
 
 IQ-OTH/NCCD has no patient ids, but its files number the slices in order. This measures, on
@@ -105,9 +105,9 @@ def probe(features: np.ndarray, labels: np.ndarray, folds, rare: int) -> dict:
 
 def frozen_features(paths, recipe, verbose: bool = True) -> np.ndarray:
     """Global-average-pooled frozen MobileNetV2 features, as the recipe's model computes them."""
-    from .input_data import image_dataset
-    from .model import build_model
-    from .training import preprocessing_for
+    from lungedge.train.input_data import image_dataset
+    from lungedge.train.model import build_model
+    from lungedge.train.training import preprocessing_for
 
     built = build_model(recipe, 2)
     ds = image_dataset(paths, None, preprocessing_for(recipe), recipe.batch_size, cache=None)
@@ -184,9 +184,9 @@ def main(argv=None) -> int:
     log.setLevel(logging.INFO)
 
     from lungedge.edge_runtime.errors import ConfigError, LungedgeError
-    from .dataset import kfold_assignments, slice_number
-    from .recipes import get_recipe
-    from .training import _checked_dataset
+    from lungedge.train.dataset import kfold_assignments, slice_number
+    from lungedge.train.recipes import get_recipe
+    from lungedge.train.training import _checked_dataset
 
     try:
         blocks = [int(b) for b in args.blocks.split(",") if b.strip()]

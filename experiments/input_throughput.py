@@ -1,7 +1,7 @@
 """Measure the input pipeline: training images/s with the tf.data pipeline vs. the same model fitted
 on in-memory arrays (the upper bound: no decoding at all).
 
-    python -m lungedge.train.throughput --data ../shared/data/chest_xray/train --images 512 --epochs 3
+    python experiments/input_throughput.py --data ../shared/data/chest_xray/train --images 512 --epochs 3
 
 The first epoch of each is a warm-up (tracing; for the pipeline also decoding into the cache) and
 is not counted; images/s is the median over the remaining epochs. The base is frozen, as in the
@@ -35,9 +35,9 @@ def measure(data_dir: str, images: int = 512, epochs: int = 3, recipe_name: str 
     """
     import tempfile
 
-    from .input_data import image_dataset
-    from .recipes import get_recipe
-    from .training import preprocessing_for
+    from lungedge.train.input_data import image_dataset
+    from lungedge.train.recipes import get_recipe
+    from lungedge.train.training import preprocessing_for
 
     recipe = get_recipe(recipe_name, image_size=image_size, alpha=alpha, weights=weights, batch_size=batch_size,
                         augment=augment, seed=seed)
@@ -65,7 +65,7 @@ def measure(data_dir: str, images: int = 512, epochs: int = 3, recipe_name: str 
 
 def _pick(data_dir: str, prep, images: int, seed: int):
     """(paths, labels, number of classes): ``images`` readable files of ``data_dir``, picked with ``seed``."""
-    from .dataset import drop_unreadable, load_dataset
+    from lungedge.train.dataset import drop_unreadable, load_dataset
 
     ds = drop_unreadable(load_dataset(data_dir), prep)
     rng = np.random.default_rng(seed)
@@ -77,7 +77,7 @@ def _fresh_model(recipe, n_classes: int, seed: int):
     """The recipe's model, built and compiled from ``seed`` (both measurements start from the same weights)."""
     import keras
 
-    from .model import build_model, compile_model
+    from lungedge.train.model import build_model, compile_model
 
     keras.utils.set_random_seed(seed)
     built = build_model(recipe, n_classes)

@@ -1,7 +1,7 @@
 """Decision rules and ensembles on the folds of cross-validation runs: is the error in the
 threshold or in the features?
 
-    python -m lungedge.train.cv_decisions --run runs/ct2-cv5 [--run runs/ct8-clahe-cv5 ...] --out runs/ct2-cv5/decisions
+    python experiments/cv_decisions.py --run runs/ct2-cv5 [--run runs/ct8-clahe-cv5 ...] --out runs/ct2-cv5/decisions
 
 Each fold's saved model (``fold_K/model.keras``, Keras, as trained) classifies that fold's
 validation and test parts (from its ``split_manifest.csv``; images from the fold's training data
@@ -32,7 +32,7 @@ import numpy as np
 
 from lungedge.edge_runtime.errors import ConfigError, LungedgeError
 
-from .runfolder import MANIFEST, METRICS, read_manifest
+from lungedge.train.runfolder import MANIFEST, METRICS, read_manifest
 
 BOOSTS = np.exp(np.linspace(0.0, np.log(20.0), 40))
 
@@ -49,7 +49,7 @@ def fold_outputs(fold: Path) -> dict:
     the manifest's rows (read once)."""
     from lungedge.edge_runtime.preprocess import preprocess
 
-    from .keras_eval import load_run_model
+    from lungedge.train.keras_eval import load_run_model
 
     model, spec, _ = load_run_model(str(fold))
     try:
@@ -144,7 +144,7 @@ def markdown(rows: list, rarest: str) -> str:
 
 def main(argv=None) -> int:
     """The command line: one ``error:`` line and exit status 1 for a bad run folder."""
-    ap = argparse.ArgumentParser(prog="python -m lungedge.train.cv_decisions", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python experiments/cv_decisions.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", action="append", required=True, type=Path, help="a `lungedge train --cv K` run folder (repeat to average runs)")
     ap.add_argument("--out", type=Path, help="folder for cv_decisions.json and cv_decisions.md")
     a = ap.parse_args(argv)
@@ -195,7 +195,7 @@ def report(run_dirs: list, out_dir=None) -> list:
                                                              "rows": rows}, indent=2))
         (out_dir / "cv_decisions.md").write_text(f"# Decision rules on the folds of {', '.join(n for n, _ in runs)}\n\n"
                                                "Each fold's test part; the boost factor is chosen on the fold's "
-                                               "validation part (command: `python -m lungedge.train.cv_decisions "
+                                               "validation part (command: `python experiments/cv_decisions.py "
                                                + " ".join(f"--run {r}" for r in run_dirs) + "`).\n\n" + table)
     return rows
 

@@ -1,6 +1,6 @@
 """How converted models do on an external labelled set, and what site recalibration buys there.
 
-    python benchmarks/external_dev.py --model runs/xray/model_float32.tflite --model runs/xray/model_int8.tflite \\
+    python experiments/external_dev.py --model runs/xray/model_float32.tflite --model runs/xray/model_int8.tflite \\
         --data ../shared/data/chest_xray_test_dev --target-recall 0.95 --folds 5 --out runs/xray/external_dev
 
 For each ``.tflite`` file (on the device runtime, LiteRT, exactly as ``lungedge evaluate`` runs it):

@@ -93,10 +93,6 @@ def _prepare(run_dir, s: ConvertSettings, calibrate: bool) -> _Job:
     """Load the run and its model, read the images, fit the domain score, convert the shared reference."""
     run = load_run(run_dir)
     spec = run.spec
-    if not spec.intended:  # a run trained before records said what the model is for
-        from lungedge.train.intended import intended_for
-
-        spec = spec.replace(intended=intended_for(spec.recipe, spec.labels))
     model = load_keras_model(run.model_path)
     check_classifier(model, spec)
     job = _Job(s, run, spec, Path(s.out_dir) if s.out_dir else run.path, model, model_sha256(run.model_path))

@@ -43,6 +43,13 @@ DICM_OFFSET, DICM_MAGIC = 128, b"DICM"
 XRAY_MODALITIES = ("CR", "DX", "RG", "DR", "PX")
 CT_MODALITIES = ("CT",)
 
+#: What a model can be declared for (``Recipe.modality``, written to the record's
+#: ``intended["modality"]``) -> the DICOM Modality values it takes. ``generated``: the demo's
+#: radiograph-like images, standing in for an X-ray model.
+MODALITIES = {"X-ray": XRAY_MODALITIES, "CT": CT_MODALITIES, "generated": XRAY_MODALITIES}
+#: How records written before the declared values named them.
+_RECORDED_AS = {"X-ray (CR/DX)": "X-ray", "generated images (the offline demo)": "generated"}
+
 #: Attributes that identify a patient or a visit: never printed or written unless asked for.
 PHI_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "OtherPatientIDs",
                 "AccessionNumber", "StudyDate", "StudyTime", "StudyID", "InstitutionName", "ReferringPhysicianName",
@@ -80,22 +87,13 @@ class DicomInfo:
         return d
 
 
-def expected_modalities(recipe: Optional[str], extra: Optional[dict] = None) -> Optional[Tuple[str, ...]]:
-    """The DICOM modalities a model is for, from its metadata: ``extra["modality"]`` when the
-    record has one, else the recipe's family (``xray-*``/``demo*``: X-ray; ``ct-*``: CT); None
-    when unknown (no check).
-    """
-    given = (extra or {}).get("modality")
-    if isinstance(given, str) and given:
-        return (given.upper(),)
-    if isinstance(given, (list, tuple)) and given and all(isinstance(m, str) for m in given):
-        return tuple(m.upper() for m in given)
-    name = (recipe or "").lower()
-    if name.startswith(("xray", "demo")):
-        return XRAY_MODALITIES
-    if name.startswith("ct"):
-        return CT_MODALITIES
-    return None
+def expected_modalities(intended: Optional[dict]) -> Optional[Tuple[str, ...]]:
+    """The DICOM modalities a model is for, from the modality its record declares
+    (``intended["modality"]``, one of ``MODALITIES``); None when it declares none (no check)."""
+    given = (intended or {}).get("modality")
+    if not isinstance(given, str):
+        return None
+    return MODALITIES.get(_RECORDED_AS.get(given, given))
 
 
 def check_modality(info: DicomInfo, expected: Optional[Sequence[str]], name: str) -> None:

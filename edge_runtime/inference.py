@@ -61,7 +61,7 @@ class Inference:
         intended = model.spec.intended if model.has_metadata else {}
         self._chest = str(intended.get("body_part", "")).lower() == "chest"
         self._frontal = str(intended.get("view", "")).lower().startswith("frontal")
-        self._modalities = expected_modalities(model.spec.recipe, model.spec.extra) if model.has_metadata else None
+        self._modalities = expected_modalities(intended)
         self._in_index, self._out_index = model.input["index"], model.output["index"]
         self._in_dtype = np.dtype(model.input["dtype"])
         self._lut = self._input_lut()

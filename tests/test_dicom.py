@@ -114,13 +114,24 @@ def test_bad_dicom_is_one_line(tmp_path, kwargs, words):
 
 
 def test_ct_slice_to_an_xray_model_is_refused(tmp_path):
+    """The modality a model takes is the one its recipe declares, as written to its record; never
+    read from the recipe's name."""
+    from lungedge.train.intended import intended_for
+    from lungedge.train.recipes import Recipe, get_recipe
+
+    def declared(recipe):
+        return dcm.expected_modalities(intended_for(recipe.modality, ("a", "b")))
+
     p = make_dicom(_grey(), tmp_path / "ct.dcm", modality="CT")
     _, info = load_image(str(p), SPEC)
     with pytest.raises(ImageError, match="modality 'CT' is not what an X-ray model is for"):
-        dcm.check_modality(info, dcm.expected_modalities("xray-pneumonia-plus"), str(p))
-    dcm.check_modality(info, dcm.expected_modalities("ct-lung-cancer"), str(p))  # a CT model takes it
-    dcm.check_modality(info, dcm.expected_modalities(None), str(p))  # unknown model: no check
-    assert dcm.expected_modalities("x", {"modality": ["dx", "cr"]}) == ("DX", "CR")
+        dcm.check_modality(info, declared(get_recipe("xray-pneumonia-plus")), str(p))
+    dcm.check_modality(info, declared(get_recipe("ct-lung-cancer")), str(p))  # a CT model takes it
+    dcm.check_modality(info, dcm.expected_modalities({}), str(p))  # nothing declared: no check
+    assert declared(Recipe(name="ct-named", modality="X-ray")) == dcm.XRAY_MODALITIES
+    assert declared(Recipe(name="xray-named")) is None
+    assert declared(get_recipe("demo")) == dcm.XRAY_MODALITIES  # generated radiograph-like images
+    assert dcm.expected_modalities({"modality": "X-ray (CR/DX)"}) == dcm.XRAY_MODALITIES  # an older record
 
 
 def test_without_pydicom_a_dicom_file_gets_one_line_naming_the_extra(tmp_path, monkeypatch):

@@ -40,6 +40,22 @@ def test_paper_recipes_match_the_papers():
     assert (ct.patience, ct.monitor, ct.augmentation, ct.head_units, ct.dropout) == (5, "val_accuracy", None, 128, 0.5)
     plus = get_recipe("xray-pneumonia-plus")
     assert plus.split == "grouped" and plus.class_weights and plus.fine_tune.enabled and plus.target_recall == 0.95
+    # every named recipe declares what it is for; the DICOM checks and the model card read that, not the name
+    assert {n: r.modality for n, r in RECIPES.items()} == {
+        "xray-pneumonia": "X-ray", "xray-pneumonia-plus": "X-ray", "xray-pneumonia-micro": "X-ray",
+        "ct-lung-cancer": "CT", "ct-lung-cancer-plus": "CT", "demo": "generated", "demo-scratch": "generated"}
+
+
+def test_the_intended_record_follows_the_declared_modality():
+    from lungedge.train.intended import intended_for
+
+    kermany = ("NORMAL", "PNEUMONIA")
+    xray = intended_for(get_recipe("xray-pneumonia-plus").modality, kermany)
+    assert xray["modality"] == "X-ray" and xray["body_part"] == "chest" and xray["population"].startswith("children")
+    demo = intended_for(get_recipe("demo").modality, kermany)  # the demo's classes share Kermany's names
+    assert demo["modality"] == "generated" and "children" not in demo["population"] and "site" not in demo
+    assert intended_for(get_recipe("ct-lung-cancer").modality, kermany)["view"] == "axial slice"
+    assert intended_for("", kermany) == {}
 
 
 def test_recipe_diff_names_each_changed_field_and_a_named_recipe_has_none():
@@ -63,7 +79,8 @@ def test_overrides_are_validated_and_recipe_is_frozen():
         r.epochs = 4  # frozen dataclass
     for bad in ({"epochs": 0}, {"fractions": (0.5, 0.5, 0.5)}, {"split": "by-luck"}, {"alpha": 0.3},
                 {"dropout": 1.0}, {"monitor": "loss"}, {"target_recall": 1.5}, {"image_size": "224"},
-                {"domain_layers": []}, {"domain_layers": "block_16_project_BN"}, {"domain_layers": ["a", "a"]}):
+                {"domain_layers": []}, {"domain_layers": "block_16_project_BN"}, {"domain_layers": ["a", "a"]},
+                {"modality": "MRI"}, {"modality": ["CT"]}):
         with pytest.raises(ConfigError):
             r.replace(**bad)
     assert r.replace(domain_layers=["block_16_project_BN", "block_5_project_BN"]).domain_layers == \
@@ -515,8 +532,8 @@ def test_model_card_says_which_split_and_what_it_leaks():
     spec = SimpleNamespace(threshold=None)
     assert get_recipe("ct-lung-cancer-plus").split == "blocked"  # the project's CT recipe: no neighbouring slices
     assert get_recipe("ct-lung-cancer").split == "random"  # the paper's split, reproducible by name
-    random_ct = "\n".join(_card_limitations(get_recipe("ct-lung-cancer"), spec, is_ct=True))
-    blocked_ct = "\n".join(_card_limitations(get_recipe("ct-lung-cancer-plus", split="blocked", split_block=20), spec, is_ct=True))
+    random_ct = "\n".join(_card_limitations(get_recipe("ct-lung-cancer"), spec))
+    blocked_ct = "\n".join(_card_limitations(get_recipe("ct-lung-cancer-plus", split="blocked", split_block=20), spec))
     assert "random split puts slices of one patient on both sides" in random_ct and "--split blocked" in random_ct
     assert "blocks of 20 consecutive slice numbers" in blocked_ct and "random split" not in blocked_ct
 
@@ -530,8 +547,8 @@ def test_a_random_split_ct_card_leads_its_metrics_with_the_leakage_warning():
          "per_class": {n: {"precision": 1, "recall": 1, "f1": 1, "specificity": 1, "support": 1}
                        for n in ("benign", "malignant", "normal")}}
     spec = SimpleNamespace(threshold=None, labels=("benign", "malignant", "normal"))
-    random_card = _card_metrics(get_recipe("ct-lung-cancer"), spec, m, None, None, None, is_ct=True)
+    random_card = _card_metrics(get_recipe("ct-lung-cancer"), spec, m, None, None, None)
     first = next(ln for ln in random_card if ln)
     assert first == "## Test metrics" and random_card[random_card.index(first) + 2].startswith("**Read this first")
-    blocked_card = "\n".join(_card_metrics(get_recipe("ct-lung-cancer-plus"), spec, m, None, None, None, is_ct=True))
+    blocked_card = "\n".join(_card_metrics(get_recipe("ct-lung-cancer-plus"), spec, m, None, None, None))
     assert "Read this first" not in blocked_card

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from lungedge.edge_runtime.dicom import MODALITIES
 from lungedge.edge_runtime.errors import ConfigError
 from lungedge.edge_runtime.spec import COLOR_MODES, CONTRAST_METHODS, THRESHOLD_RULES, dataclass_from_dict, json_object
 
@@ -142,6 +143,9 @@ class Recipe:
 
     name: str
     description: str = ""
+    #: what the model is for, declared (``edge_runtime.dicom.MODALITIES``: X-ray, CT or generated);
+    #: written to the model's record, read by the DICOM checks and the model card. "" = not declared.
+    modality: str = ""
     image_size: int = 224
     color_mode: str = "rgb"
     contrast: str = "none"
@@ -180,6 +184,8 @@ class Recipe:
     def _check_data(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ConfigError(f"recipe name must be a non-empty string, got {self.name!r}")
+        if self.modality and (not isinstance(self.modality, str) or self.modality not in MODALITIES):
+            raise ConfigError(f"modality must be one of {', '.join(MODALITIES)}, got {self.modality!r}")
         _check_int("image_size", self.image_size, 32, 1024)
         _check_choice("color_mode", self.color_mode, COLOR_MODES)
         if self.color_mode != "rgb" and self.weights == "imagenet":
@@ -398,6 +404,7 @@ SITE_SHIFT = Augment(rotation=10.0, shift=0.05, zoom=0.10, brightness=0.20, cont
 
 _PAPER_XRAY = Recipe(
     name="xray-pneumonia",
+    modality="X-ray",
     description="MobileNetV2 X-ray pneumonia paper: random per-class 75/15/10, frozen ImageNet base + "
     "GAP/Dense128/Dropout0.5 head, augmentation, Adam 1e-3, 20 epochs.",
     split="random",
@@ -414,6 +421,7 @@ _PAPER_XRAY = Recipe(
 
 _PAPER_CT = Recipe(
     name="ct-lung-cancer",
+    modality="CT",
     description="MobileNetV2 CT lung cancer paper (IQ-OTH/NCCD): stratified 70/15/15, frozen ImageNet base + "
     "GAP/Dense128/Dropout0.5 head, Adam 1e-3, batch 32, up to 50 epochs, early stopping on val accuracy (5).",
     split="random",
@@ -430,6 +438,7 @@ _PAPER_CT = Recipe(
 
 _DEMO = Recipe(
     name="demo",
+    modality="generated",
     description="The built-in demo with ImageNet weights: generated radiograph-like images, stratified random "
     "70/15/15, frozen ImageNet base + GAP/Dense128/Dropout0.5 head on cached features, Adam 1e-3, up to 40 "
     "epochs, early stopping on val loss (patience 8).",

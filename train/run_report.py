@@ -113,7 +113,7 @@ def plot_roc(path: Path, y_true: np.ndarray, probs: np.ndarray, class_names: Seq
 
 def model_card(
     recipe, spec, counts: Dict[str, Dict[str, int]], metrics: dict, argmax_metrics: dict, val_metrics: dict,
-    data_dir: str, failures: list, seconds: float, device: str, is_ct: bool, fixed_test: bool,
+    data_dir: str, failures: list, seconds: float, device: str, fixed_test: bool,
     verdict=None,
 ) -> str:
     """The model card (Markdown): model, data and split, test metrics, intended use, limitations."""
@@ -124,8 +124,8 @@ def model_card(
                   + "; ".join(f"`{k}` {a!r} -> {b!r}" for k, a, b in changed) + ".", ""]
     lines += _card_model(recipe, spec, seconds, device)
     lines += _card_data(recipe, spec, counts, data_dir, failures, fixed_test)
-    lines += _card_metrics(recipe, spec, metrics, argmax_metrics, val_metrics, verdict, is_ct)
-    lines += _card_limitations(recipe, spec, is_ct)
+    lines += _card_metrics(recipe, spec, metrics, argmax_metrics, val_metrics, verdict)
+    lines += _card_limitations(recipe, spec)
     return "\n".join(lines) + "\n"
 
 
@@ -191,10 +191,10 @@ def _card_data(recipe, spec, counts, data_dir: str, failures: list, fixed_test: 
     return lines
 
 
-def _card_metrics(recipe, spec, metrics, argmax_metrics, val_metrics, verdict, is_ct: bool = False) -> List[str]:
+def _card_metrics(recipe, spec, metrics, argmax_metrics, val_metrics, verdict) -> List[str]:
     th = spec.threshold
     lines = ["", "## Test metrics", ""]
-    if is_ct and recipe.split == "random" and not recipe.name.startswith("demo"):
+    if recipe.modality == "CT" and recipe.split == "random":
         lines += ["**Read this first: a random split of numbered CT slices puts neighbouring slices of one patient "
                   "in train and test, so the numbers below mostly measure recognising patients already seen** "
                   "(a nearest-slice lookup with no training scores about as well). Train with `--split blocked` "
@@ -225,7 +225,8 @@ def _card_metrics(recipe, spec, metrics, argmax_metrics, val_metrics, verdict, i
     return lines + ["", "Plots: `plots/training_curves.png`, `plots/confusion_matrix.png`, `plots/roc.png`.", ""]
 
 
-def _card_limitations(recipe, spec, is_ct: bool) -> List[str]:
+def _card_limitations(recipe, spec) -> List[str]:
+    is_ct = recipe.modality == "CT"
     lines = ["## Intended use",
              "- Research and engineering of on-device lung-image classification (conversion to TFLite, "
              "benchmarks). Not a medical device; not for diagnosis or triage of real patients."]
@@ -240,7 +241,7 @@ def _card_limitations(recipe, spec, is_ct: bool) -> List[str]:
                      "these images and was not measured on adults' X-rays (none were available): do not count on it "
                      "to refuse them; expect lower accuracy on adults (NORMAL recall especially) and validate "
                      "before any such use.")
-    synthetic = recipe.name.startswith("demo")
+    synthetic = recipe.modality == "generated"
     if synthetic:
         lines.append("- Trained and tested on procedurally generated radiograph-like images (`lungedge demo`): the "
                      "numbers show that the pipeline works end to end, and say nothing about real radiographs.")

@@ -469,7 +469,7 @@ def _fit_and_report_splits(recipe: Recipe, ds: Dataset, assignment: np.ndarray, 
         threshold=threshold, recipe=recipe.name, variant=None, training_fingerprint=fingerprint(ds, assignment),
         versions={"tensorflow": ctx.tf.__version__, "keras": ctx.keras.__version__, "lungedge": package_version()},
         extra={"alpha": recipe.alpha, "split": recipe.split, "weights": recipe.weights},
-        intended=intended_for(recipe.name, sp.names))
+        intended=intended_for(recipe.modality, sp.names))
     metrics = _write_run(out, ctx, _Trained(recipe, ds, sp, built, state, spec, probs, evaluation, seconds))
     verdict = evaluation["verdict"]
     _cleanup(state.folder)
@@ -645,9 +645,8 @@ def _write_run(out: Path, ctx: _Context, t: _Trained) -> dict:
         "recipe": recipe.name, "data": str(Path(ds.root).resolve()), "learning_floor": verdict.to_dict(),
     })
     atomic_write_text(str(out / METRICS), json.dumps(metrics, indent=2))
-    is_ct = recipe.name.startswith("ct") or any(h in x.lower() for x in sp.names for h in ("bengin", "benign", "malignant"))
     card = model_card(recipe, spec, sp.counts(), evaluation["test"], evaluation["argmax"], evaluation["validation"],
-                      str(ds.root), ds.failures, seconds, ctx.device, is_ct=is_ct,
+                      str(ds.root), ds.failures, seconds, ctx.device,
                       fixed_test=ds.fixed_split is not None, verdict=verdict)
     atomic_write_text(str(out / CARD), card)
     return metrics

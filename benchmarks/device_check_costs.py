@@ -1,4 +1,4 @@
-"""What the device path's checks cost (issue 14): load stages, cold start, per-image time.
+"""What the device path's checks cost: load stages, cold start, per-image time.
 
     python benchmarks/device_check_costs.py stages MODEL.tflite [...]
     python benchmarks/device_check_costs.py cold CHECKOUT MODEL.tflite [RUNS] [-- extra classify options]

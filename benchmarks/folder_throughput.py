@@ -16,7 +16,7 @@ Measured, each the best of ``--repeats`` on the same images (the folder given, `
 - ``Classifier.classify_many`` with ``workers=0`` (one image at a time) and the default workers;
 - the command, wall clock including start-up: ``lungedge classify --workers 0`` (today's
   sequential path) and ``lungedge classify`` (default workers).
-Targets (issue 15): the command at least 0.9x the pipelined reference, and at least 1.5x the
+Targets: the command at least 0.9x the pipelined reference, and at least 1.5x the
 sequential command, on 2 cores. Nothing is asserted; the ratios are printed.
 """
 

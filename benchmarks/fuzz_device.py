@@ -1,7 +1,7 @@
 """Seeded fuzz harness for the device path: mutated models, crafted images, odd files.
 
 Every case runs the real command line (``python -m lungedge.cli classify|inspect|evaluate``) in
-a child process with a timeout and a memory limit, and is judged by the rules of issue 14:
+a child process with a timeout and a memory limit, and is judged by these rules:
 
 - no Python traceback;
 - no death by a signal (a native abort) without an ``error:`` line;

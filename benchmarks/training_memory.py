@@ -5,7 +5,7 @@
 For each size, generates that many synthetic radiographs (two classes, ``lungedge.demo_data``)
 and runs ``lungedge train --recipe demo-scratch --epochs 1 --cache-mb B`` under
 ``/usr/bin/time -v``; prints peak RSS (maximum resident set size), wall time and where each split
-was cached (metrics.json ``image_cache``). Target (issue 15): flat within 10 % from 5,000 to 20,000
+was cached (metrics.json ``image_cache``). Target: flat within 10 % from 5,000 to 20,000
 images once past the budget. The budget is set small here so that a few thousand small images
 pass it; the default (2048 MB) works the same way at ChestX-ray14 scale.
 """

@@ -23,9 +23,9 @@ def operating_point(probs: np.ndarray, y_true: Sequence[int], positive_index: in
 
     With ``rule="fewest-false-positives"``: the highest of those thresholds (``recall_threshold``),
     which spends the whole recall margin on specificity. For a model that will meet images from
-    other sites, whose validation split is easier than the world (FINDINGS: in-folder validation
+    other sites, whose validation split is easier than the world (in-folder validation
     under-states how much a model over-calls the disease elsewhere), that is the rule that
-    transferred: measured on the external X-ray dev set in train/README.md.
+    transferred: measured on the external X-ray dev set in train/SELECTION.md.
 
     Taking simply the highest threshold that meets the target would push the disease class's recall
     down to the target even when the model does better at its natural operating point; maximising

@@ -2,8 +2,8 @@
 a clinic's own labelled images, on the device (numpy; no TensorFlow).
 
 A model trained on one hospital's images meets another's: the ranking of its scores usually
-survives the shift better than their level (FINDINGS: the X-ray models over-call pneumonia on an
-external set at the threshold chosen in-folder). Recalibration keeps the model and moves only
+survives the shift better than their level (the X-ray models over-call pneumonia on an
+external set at the threshold chosen in-folder: train/SELECTION.md). Recalibration keeps the model and moves only
 the operating point:
 
 1. the model runs on the site's labelled folder (``folder_eval.labelled_outputs``);

@@ -1,5 +1,5 @@
 """The domain gate of converted files, measured: refusal rates and AUROC on in-domain and
-out-of-domain sets (issue 27's targets), and the score distributions as a plot.
+out-of-domain sets (against the gate's targets in docs/DOMAIN.md), and the score distributions as a plot.
 
 Runs on the device path (``edge_runtime`` only: no TensorFlow). For each ``--model``:
 

@@ -1,6 +1,6 @@
 """Which domain score refuses images a lung model was not built for? Methods measured against each other.
 
-Issue 27's first step: before a score goes into every model file, measure the candidates on the
+Before a score goes into every model file, measure the candidates on the
 development sets of ``../shared`` (the held-back sets judge the result, so nothing here is tuned on
 them). Features come from MobileNetV2 with the ImageNet weights every recipe starts from (the
 frozen base of the paper recipes); the fine-tuned recipes change the features, so this ranks
@@ -16,7 +16,7 @@ transformed in-domain test images (inverted, rotated 90 degrees, upside down).
 Scores compared (higher = less like the training images):
   msp         1 - max softmax of a logistic head on the pooled features (what the model says today)
   energy      -logsumexp of that head's logits
-  maha-emp    class-conditional Mahalanobis, empirical shared covariance (FINDINGS: in-sample bias)
+  maha-emp    class-conditional Mahalanobis, empirical shared covariance (biased in-sample)
   maha-lw     the same with Ledoit-Wolf shrinkage
   maha-pcaK   Mahalanobis in the top-K principal components of the fit features (whitened)
   ...@layer   the same on another layer: the pooled 1280-d output (``out``), the 320-d block 16

@@ -124,9 +124,10 @@ def pytest_configure(config):
 
 
 def _group_for_workers(items) -> None:
-    """An xdist group per file (needs pytest < 9.2: pytest-xdist issue 1386), split into the tests that use one of its expensive fixtures and the
-    rest (``interop_run``'s tests, from several files, form one group): ``loadgroup`` then spreads
-    the suite over the workers without building a fixture twice. The items are then ordered so that
+    """An xdist group per file (needs pytest < 9.2: github.com/pytest-dev/pytest-xdist/issues/1386),
+    split into the tests that use one of its expensive fixtures and the rest (``interop_run``'s tests,
+    from several files, form one group): ``loadgroup`` then spreads the suite over the workers
+    without building a fixture twice. The items are then ordered so that
     the groups of LONGEST_FIRST come first (a stable sort: the order within a group is kept)."""
     groups = {}
     for item in items:

@@ -90,7 +90,7 @@ def test_int8_agrees_with_keras_on_real_xrays(xray_dir, imagenet_weights, tmp_pa
           f"(bytes, x float32, accuracy, agreement, max|dp|): {summary}")
     assert report["test"]["n"] == 2 * TEST_PER_CLASS
     assert rows["int8"]["top1_agreement"] >= MIN_INT8_AGREEMENT, summary
-    # the int8 file outputs logits: it keeps the float model's ranking (issue 11: AUC within 0.01)
+    # the int8 file outputs logits: it keeps the float model's ranking (AUC within 0.01)
     aucs = {k: rows[k]["metrics"]["auc"]["macro"] for k in ("float32", "int8")}
     print(f"AUC on the test images: {aucs}")
     assert abs(aucs["int8"] - aucs["float32"]) <= 0.01, aucs

@@ -1,4 +1,4 @@
-"""The device path against hostile and damaged files (issue 14): images, models, metadata,
+"""The device path against hostile and damaged files: images, models, metadata,
 integrity, output forging, exit codes and full disks. Small files, built here or taken from
 ../shared through the fixtures; no timing assertions."""
 

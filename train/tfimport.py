@@ -97,7 +97,7 @@ def load_keras_model(path):
         raise ModelError(f"Keras model not found: {str(p)!r}")
     from .model import register_custom_objects
 
-    register_custom_objects()  # model.keras files saved compiled (before 2026-11-26) with label smoothing name its loss
+    register_custom_objects()  # model.keras files saved compiled by earlier versions with label smoothing name its loss
     try:
         return keras.models.load_model(str(p), compile=False)
     except Exception as exc:

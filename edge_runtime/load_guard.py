@@ -8,7 +8,7 @@ invokes it once in the child, and reports how the child ended. A model the child
 damaged graph can read memory it does not own, so the same load can raise in one process and
 crash the next. Only a model the child loaded and ran is loaded for real.
 
-Cost (measured, see README "Limits"): a fork plus one more interpreter build and invoke, about
+Cost (measured, docs/RESULTS.md "The device checks"): a fork plus one more interpreter build and invoke, about
 16 ms for the int8 MobileNetV2 1.0/224 on this project's x86 test machine. ``Classifier(...,
 guard=False)`` / ``--no-guard`` skips it for files already known to load.
 

@@ -1,5 +1,5 @@
 """experiments/ct_leakage.py: the probes that show how much neighbouring slices are worth (synthetic
-features and generated slices; the real measurement is in train/README.md)."""
+features and generated slices; the real measurement is in train/SELECTION.md)."""
 
 from __future__ import annotations
 

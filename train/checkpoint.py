@@ -67,7 +67,7 @@ class TrainState:
         Each phase early-stops on its own: a new phase starts without a best value, so its best
         epoch is kept even when an earlier phase scored better on the monitored value (fine-tuning
         with augmentation has a higher in-folder validation loss than the head trained on cached
-        features, yet generalises better; measured on the external dev set, train/README.md)."""
+        features, yet generalises better; measured on the external dev set, train/SELECTION.md)."""
         if self.phase != name:
             self.phase, self.epoch, self.wait, self.stopped, self.best = name, 0, 0, False, None
             self.save()

@@ -55,7 +55,7 @@ class Dataset:
         """Per file, its class and block of ``size`` consecutive slice numbers (``Bengin case
         (17).jpg`` with size 16: ``Bengin cases/1``): a stand-in for patients where file names carry
         none but number the slices in order, as in IQ-OTH/NCCD (the nearest neighbour of a slice is
-        the next or previous number: train/README.md).
+        the next or previous number: train/SELECTION.md).
 
         Raises:
             ConfigError: some file names carry no number.

@@ -104,7 +104,7 @@ class FineTune:
     "cosine": decayed to 0 over the phase). BatchNorm layers stay frozen (inference mode), the
     usual practice for small datasets. ``early_stopping`` False: the phase runs all its epochs and
     keeps the last weights (in-folder validation loss is a poor guide to other sites: measured in
-    train/README.md). ``ema_epochs`` > 0: the weights kept at the end of the phase are the
+    train/SELECTION.md). ``ema_epochs`` > 0: the weights kept at the end of the phase are the
     exponential moving average of the weights over the phase's steps (Keras's optimizer EMA), with
     a time constant of that many epochs (momentum 1 - 1 / (ema_epochs x steps per epoch)); it needs
     ``early_stopping`` False, since the average is applied when the phase ends."""
@@ -398,7 +398,7 @@ def _parse_value(raw: str) -> Any:
 
 
 #: Augmentation for images from other sites: the geometric defaults plus the intensity changes that
-#: differ between X-ray machines (chosen on the external dev set, train/README.md).
+#: differ between X-ray machines (chosen on the external dev set, train/SELECTION.md).
 SITE_SHIFT = Augment(rotation=10.0, shift=0.05, zoom=0.10, brightness=0.20, contrast=0.30, gamma=0.30, blur=1.5,
                      noise=0.03, crop=0.15)
 
@@ -457,7 +457,7 @@ RECIPES: Dict[str, Recipe] = {
         _PAPER_CT,
         _PAPER_XRAY.replace(
             name="xray-pneumonia-plus",
-            description="X-ray, chosen for other sites (external dev set, train/README.md): patient-grouped "
+            description="X-ray, chosen for other sites (external dev set, train/SELECTION.md): patient-grouped "
             "75/15/10, class weights, head on cached base features up to 50 epochs (early stopping on val loss, "
             "patience 8), then the whole base (16 blocks, BatchNorm frozen) fine-tuned for 15 epochs at 3e-5 with "
             "cosine decay and site-shift augmentation (geometry, brightness, contrast, gamma, blur, noise, crops), "

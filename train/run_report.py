@@ -260,7 +260,7 @@ def _card_limitations(recipe, spec) -> List[str]:
             "file names, so this random split puts slices of one patient on both sides of train/test. The test "
             "accuracy above (and the published 97-99 % figures, which share the flaw) overstates accuracy on "
             "new patients: on such folds a nearest-neighbour lookup of the neighbouring slice, with no training, "
-            "scores as well (train/README.md). `--split blocked` keeps neighbouring slices apart for an estimate "
+            "scores as well (train/SELECTION.md). `--split blocked` keeps neighbouring slices apart for an estimate "
             "closer to new patients.")
     elif recipe.split == "random" and not synthetic:
         lines.append(

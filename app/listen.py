@@ -36,7 +36,7 @@ SUCCESS, NOT_SUPPORTED, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0x0122, 0x
 
 def model_classes(clf) -> tuple:
     """The storage SOP classes ``clf`` is for, from its declared modality (both kinds if unknown)."""
-    modalities = set(expected_modalities(clf.spec.recipe, clf.spec.extra) or ()) if clf.has_metadata else set()
+    modalities = set(expected_modalities(clf.spec.intended) or ()) if clf.has_metadata else set()
     out = ()
     if not modalities or modalities & set(XRAY_MODALITIES):
         out += XRAY_CLASSES

@@ -39,7 +39,7 @@ def xray_record_model(coral: Path, out: Path) -> Path:
     raw = [x.strip() for x in (coral / "imagenet_labels.txt").read_text().splitlines() if x.strip()]
     labels = tuple(f"{x} {i}" if raw.count(x) > 1 else x for i, x in enumerate(raw))
     spec = ModelSpec(labels=labels, preprocessing=Preprocessing(224, 224), recipe="xray-appliance-bench",
-                     variant="int8", extra={"modality": ["CR", "DX"]})
+                     variant="int8", intended={"modality": "X-ray"})
     out.write_bytes(embed_spec((coral / "mobilenet_v2_1.0_224_quant.tflite").read_bytes(), spec))
     return out
 

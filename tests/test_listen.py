@@ -44,7 +44,7 @@ def xray_model(coral_dir, tmp_path_factory) -> Path:
     raw = [x.strip() for x in (coral_dir / "imagenet_labels.txt").read_text().splitlines() if x.strip()]
     labels = tuple(f"{x} {i}" if raw.count(x) > 1 else x for i, x in enumerate(raw))
     spec = ModelSpec(labels=labels, preprocessing=Preprocessing(128, 128), recipe="xray-appliance-test",
-                     variant="int8", extra={"modality": ["CR", "DX"]})
+                     variant="int8", intended={"modality": "X-ray"})
     out = tmp_path_factory.mktemp("listen") / "xray.tflite"
     out.write_bytes(embed_spec((coral_dir / "mobilenet_v1_0.25_128_quant.tflite").read_bytes(), spec))
     return out

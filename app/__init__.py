@@ -20,6 +20,7 @@ _LAZY = {
     "Category": "lungedge.edge_runtime.classifier",
     "Failure": "lungedge.edge_runtime.classifier",
     "Refusal": "lungedge.edge_runtime.classifier",
+    "RuntimeSettings": "lungedge.edge_runtime.settings",
     "DomainVerdict": "lungedge.edge_runtime.domain",
     "ModelSpec": "lungedge.edge_runtime.spec",
     "LungedgeError": "lungedge.edge_runtime.errors",
@@ -35,6 +36,7 @@ __all__ = ["__version__", *_LAZY]
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from lungedge.edge_runtime.classifier import Category, Classifier, Failure, Prediction, Refusal
     from lungedge.edge_runtime.domain import DomainVerdict
+    from lungedge.edge_runtime.settings import RuntimeSettings
     from lungedge.edge_runtime.errors import (ConfigError, ImageError, InputError, LungedgeError, MissingDependencyError,
                                      ModelError)
     from lungedge.edge_runtime.spec import ModelSpec

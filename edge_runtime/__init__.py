@@ -9,10 +9,11 @@ from .errors import ConfigError, ImageError, LungedgeError, MissingDependencyErr
 from .metadata import embed_spec, read_spec, read_spec_from_file
 from .metrics import classification_metrics, confusion_matrix
 from .preprocess import load_pixels, normalize, preprocess
+from .settings import RuntimeSettings
 from .spec import ModelSpec, Preprocessing, Threshold
 
 __all__ = [
-    "Classifier", "Prediction", "Failure", "Refusal", "DomainVerdict",
+    "Classifier", "RuntimeSettings", "Prediction", "Failure", "Refusal", "DomainVerdict",
     "LungedgeError", "ImageError", "ModelError", "ConfigError", "MissingDependencyError",
     "ModelSpec", "Preprocessing", "Threshold",
     "preprocess", "load_pixels", "normalize",

@@ -21,6 +21,8 @@ from typing import List, Optional, Sequence, Union
 
 from PIL import Image
 
+from lungedge.edge_runtime.results import Failure, Prediction, Refusal
+
 NOT_A_DEVICE = ("Not a medical device. Research software: results are not a diagnosis and must not be used "
                 "for clinical decisions without a qualified reader.")
 
@@ -32,7 +34,7 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 @dataclass
 class Entry:
-    """One input's result for a report: ``result`` is a Prediction or a Failure."""
+    """One input's result for a report: ``result`` is a Prediction, a Refusal or a Failure."""
 
     name: str
     result: object
@@ -67,12 +69,12 @@ def _gate_text(gate: Optional[dict], state: Optional[str]) -> str:
 def summary_counts(entries) -> tuple:
     """(classified, refused, failed) among report entries."""
     refused = sum(1 for e in entries if is_refusal(e.result))
-    ok = sum(1 for e in entries if hasattr(e.result, "probabilities"))
+    ok = sum(1 for e in entries if isinstance(e.result, Prediction))
     return ok, refused, len(entries) - ok - refused
 
 
 def is_refusal(result) -> bool:
-    return getattr(result, "verdict", None) is not None
+    return isinstance(result, Refusal)
 
 
 def images_for(source, prediction, name: Optional[str] = None, max_side: int = THUMB_SIDE) -> tuple:
@@ -117,7 +119,7 @@ def csv_rows(entries: Sequence[Entry], facts: dict, keep_phi: bool = False, imag
             row["label"] = "OUT OF DOMAIN"
             if r.dicom is not None:
                 row["sop_instance_uid"] = r.dicom.sop_instance_uid
-        elif hasattr(r, "probabilities"):
+        elif isinstance(r, Prediction):
             row["label"] = r.label
             for k in labels:
                 row[f"p_{k}"] = f"{r.probabilities[k]:.4f}"
@@ -169,7 +171,7 @@ def results_table(entries: Sequence[Entry], facts: dict, image_src=None, numbers
         r = e.result
         n = numbers[i] if numbers is not None else i + 1
         name = esc(e.name)
-        if hasattr(r, "probabilities"):
+        if isinstance(r, Prediction):
             uid = f'<div class="uid">SOP Instance UID {esc(r.dicom.sop_instance_uid)}</div>' if r.dicom else ""
             thumb = f'<img alt="image {n}" src="{image_src(i, "thumb", e.thumb_png)}">' if e.thumb_png else ""
             heat = (f'<img alt="heat map {n}" src="{image_src(i, "heatmap", e.heatmap_png)}">'
@@ -263,11 +265,10 @@ def heatmap_file(out_dir: Union[str, Path], name: str, index: int, png: bytes) -
 def entries_with_images(entries: List[Entry], sources: Sequence, names: Optional[Sequence[str]] = None) -> None:
     """Fill each successful entry's thumbnail and heat map (in place); a failure to draw one becomes
     that entry's error."""
-    from lungedge.edge_runtime.classifier import Failure
     from lungedge.edge_runtime.errors import ImageError
 
     for i, (e, src) in enumerate(zip(entries, sources)):
-        if not hasattr(e.result, "probabilities"):
+        if not isinstance(e.result, Prediction):
             continue
         try:
             e.thumb_png, e.heatmap_png = images_for(src, e.result, name=names[i] if names else None)

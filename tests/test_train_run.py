@@ -455,6 +455,8 @@ _TRAIN = """
 import sys, json
 from lungedge.train.recipes import Recipe
 from lungedge.train.training import train_run
+from lungedge.verbosity import NORMAL, configure
+configure(NORMAL, progress=False)  # the run's messages and one line per epoch, as the command in a log file
 recipe = Recipe.from_json(open(sys.argv[1]).read())
 train_run(recipe, sys.argv[2], sys.argv[3], resume=sys.argv[4] == "1", strategy=sys.argv[5], learning_floor=False)
 """

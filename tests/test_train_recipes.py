@@ -552,3 +552,24 @@ def test_a_random_split_ct_card_leads_its_metrics_with_the_leakage_warning():
     assert first == "## Test metrics" and random_card[random_card.index(first) + 2].startswith("**Read this first")
     blocked_card = "\n".join(_card_metrics(get_recipe("ct-lung-cancer-plus"), spec, m, None, None, None))
     assert "Read this first" not in blocked_card
+
+
+def test_the_card_quotes_the_published_result_of_the_declared_task():
+    """Which paper a card quotes follows the recipe's declared modality, not its name."""
+    from types import SimpleNamespace
+
+    from lungedge.train.run_report import _card_metrics
+
+    labels = ("NORMAL", "PNEUMONIA")
+    m = {"accuracy": 0.9, "macro": {"precision": 1, "recall": 1, "f1": 1}, "weighted": {"f1": 1}, "auc": None,
+         "per_class": {n: {"precision": 1, "recall": 1, "f1": 1, "specificity": 1, "support": 1} for n in labels}}
+    spec = SimpleNamespace(threshold=None, labels=labels)
+
+    def card(recipe):
+        return "\n".join(_card_metrics(recipe, spec, m, None, None, None))
+
+    assert "95.40 %" in card(get_recipe("xray-pneumonia-micro")) and "`xray-pneumonia`" in card(get_recipe("xray-pneumonia-micro"))
+    assert "97.26" in card(get_recipe("ct-lung-cancer-plus", split="random"))
+    renamed = get_recipe("xray-pneumonia").replace(name="my-site-recipe")
+    assert "95.40 %" in card(renamed)  # the name does not decide
+    assert "Published" not in card(get_recipe("demo"))

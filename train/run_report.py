@@ -13,9 +13,10 @@ from lungedge.edge_runtime.atomic_write import atomic_write_bytes, atomic_write_
 
 from .recipes import customisations
 
+#: The published result for each declared modality's task: (the paper's recipe, its numbers).
 PAPERS = {
-    "xray-pneumonia": "accuracy 95.40 %, precision 95.62 %, recall 95.40 %, F1 95.46 % (75/15/10 random split)",
-    "ct-lung-cancer": "test accuracy 97 % (70/15/15), stratified 5-fold CV 97.26 ± 0.66 % (population std)",
+    "X-ray": ("xray-pneumonia", "accuracy 95.40 %, precision 95.62 %, recall 95.40 %, F1 95.46 % (75/15/10 random split)"),
+    "CT": ("ct-lung-cancer", "test accuracy 97 % (70/15/15), stratified 5-fold CV 97.26 ± 0.66 % (population std)"),
 }
 
 HISTORY_COLUMNS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds")
@@ -213,10 +214,10 @@ def _card_metrics(recipe, spec, metrics, argmax_metrics, val_metrics, verdict) -
                      + (f"{auc:.4f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "") + " |" if auc is not None else "n/a |"))
     if verdict is not None:
         lines += ["", f"Learning floor ({verdict.status}): {verdict.sentence()}."]
-    paper = next((v for k, v in PAPERS.items() if recipe.name.startswith(k)), None)
+    paper = PAPERS.get(recipe.modality)
     if paper:
-        lines += ["", f"Published (paper recipe): {paper}. Not comparable one to one: different split, "
-                  "and the published data set is larger than the part in this project's data."]
+        lines += ["", f"Published for this task (the paper's recipe, `{paper[0]}`): {paper[1]}. Not comparable one "
+                  "to one: different split, and the published data set is larger than the part in this project's data."]
     lines += ["", "| class | precision | recall | F1 | specificity | support |", "|---|---|---|---|---|---|"]
     for n in spec.labels:
         c = metrics["per_class"][n]

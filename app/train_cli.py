@@ -55,11 +55,14 @@ def _recipe_options(f):
 @click.option("--cache-mb", type=click.IntRange(min=0), default=None,
               help="Memory for decoded images, MB (default: LUNGEDGE_CACHE_MB or 2048); splits beyond it are "
                    "cached on disk in the run folder while training.")
+@click.option("--teacher", type=click.Path(file_okay=False), default=None,
+              help="The run folder (with --cv: the cross-validation folder) of the teacher, for a recipe that "
+                   "distils (xray-pneumonia-micro learns from an xray-pneumonia-plus run).")
 @click.option("--list-recipes", is_flag=True, help="Print the named recipes (resolved, as JSON) and exit.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @handle_errors
 def train_cmd(recipe_name, data_dir, out_dir, augment, class_weights, fine_tune_epochs, fine_tune_blocks, fine_tune_lr,
-              sets, cv, resume, strategy, cache_mb, list_recipes, quiet, **overrides):
+              sets, cv, resume, strategy, cache_mb, teacher, list_recipes, quiet, **overrides):
     """Fine-tune MobileNetV2 on lung images and write a run folder.
 
     \b
@@ -67,6 +70,7 @@ def train_cmd(recipe_name, data_dir, out_dir, augment, class_weights, fine_tune_
       lungedge train --recipe ct-lung-cancer --data "shared/data/iq_othnccd/The IQ-OTHNCCD lung cancer dataset" --out runs/ct
       lungedge train --recipe xray-pneumonia --data shared/data/chest_xray/train --out runs/xray --epochs 5
       lungedge train --recipe ct-lung-cancer --data DIR --out runs/ct-cv5 --cv 5
+      lungedge train --recipe xray-pneumonia-micro --data DIR --out runs/micro --teacher runs/xplus
       lungedge train --out runs/xray --data shared/data/chest_xray/train --resume
       lungedge train --out runs/ct-cv5 --data DIR --cv 5 --resume
 
@@ -102,11 +106,11 @@ def train_cmd(recipe_name, data_dir, out_dir, augment, class_weights, fine_tune_
     if cv:
         from lungedge.train.training import cv_run
 
-        out = cv_run(recipe, data_dir, out_dir, cv, resume=resume, strategy=strategy, cache_mb=cache_mb)
+        out = cv_run(recipe, data_dir, out_dir, cv, resume=resume, strategy=strategy, cache_mb=cache_mb, teacher=teacher)
         click.echo(f"cross-validation written to {out}")
     else:
         from lungedge.train.training import train_run
 
-        out = train_run(recipe, data_dir, out_dir, resume=resume, strategy=strategy, cache_mb=cache_mb)
+        out = train_run(recipe, data_dir, out_dir, resume=resume, strategy=strategy, cache_mb=cache_mb, teacher=teacher)
         click.echo(f"run folder: {out}")
 

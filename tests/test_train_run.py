@@ -17,6 +17,7 @@ from images import make_images
 
 from lungedge.edge_runtime.errors import ConfigError
 from lungedge.edge_runtime.spec import ModelSpec
+from lungedge.train.distill import soft_targets, soften
 
 pytestmark = pytest.mark.needs_tf
 
@@ -513,3 +514,89 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path, data_dir):
     assert proc.returncode == 0, log[-3000:]
     assert "strategy mirrored (2 replicas)" in log
     assert all((tmp_path / "run" / f).is_file() for f in CONTRACT)
+
+
+# --- distillation (train.distill): soft targets from a teacher run (run_dir, a tiny plus run, teaches) ---
+
+
+def test_distill_soften_is_the_softmax_of_logits_over_the_temperature():
+    p = np.array([[0.9, 0.1], [0.5, 0.5], [0.01, 0.99]])
+    assert np.allclose(soften(p, 1.0), p)
+    t2 = soften(p, 2.0)
+    assert np.allclose(t2.sum(axis=1), 1.0)
+    logits = np.log(p) / 2.0
+    assert np.allclose(t2, np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True))
+    assert t2[0, 0] < 0.9 and t2[2, 1] < 0.99 and np.allclose(t2[1], 0.5)  # flatter, never flipped
+
+
+def test_distill_soft_targets_mix_labels_and_teacher():
+    labels = np.array([0, 1, 1])
+    teacher = np.array([[0.8, 0.2], [0.3, 0.7], [0.9, 0.1]])
+    assert np.allclose(soft_targets(labels, teacher, 0.0, 1.0), np.eye(2)[labels])
+    assert np.allclose(soft_targets(labels, teacher, 1.0, 1.0), teacher)
+    half = soft_targets(labels, teacher, 0.5, 1.0)
+    assert np.allclose(half[2], [0.45, 0.55]) and half.dtype == np.float32
+
+
+def test_recipe_checks_distillation_fields():
+    from lungedge.train.recipes import get_recipe
+
+    with pytest.raises(ConfigError, match="needs teacher"):
+        get_recipe("xray-pneumonia", distill=0.5)
+    with pytest.raises(ConfigError, match="distill must be"):
+        get_recipe("xray-pneumonia-micro", distill=1.5)
+    with pytest.raises(ConfigError, match="distill_temperature"):
+        get_recipe("xray-pneumonia-micro", distill_temperature=0)
+    r = get_recipe("xray-pneumonia-micro")
+    assert r.distills and r.teacher == "xray-pneumonia-plus"
+    assert not get_recipe("xray-pneumonia-micro", distill=0).distills
+
+
+def _student(**kw):
+    base = dict(weights="none", epochs=1, patience=0, augment=False, label_smoothing=0.0,
+                fine_tune={"epochs": 0, "blocks": 0})
+    base.update(kw)
+    return tiny("xray-pneumonia-micro", **base)
+
+
+@pytest.mark.slow
+def test_a_student_learns_from_the_teachers_answers(run_dir, data_dir, tmp_path):
+    """The teacher's answers for the student's training images are its model's, in the student's
+    order, and the record in metrics.json says who taught and how often it agreed with the labels."""
+    import keras
+
+    from lungedge.edge_runtime.preprocess import preprocess
+    from lungedge.train.training import train_run
+
+    out = train_run(_student(), str(data_dir), str(tmp_path / "student"), learning_floor=False, teacher=str(run_dir))
+    teacher = json.loads((out / "metrics.json").read_text())["teacher"]
+    assert teacher["recipe"] == "xray-pneumonia-plus" and teacher["weight"] == 0.7 and teacher["temperature"] == 2.0
+    # the agreement, recomputed from the teacher model on the student's training images
+    spec = ModelSpec.from_json((run_dir / "spec.json").read_text())
+    rows = [r for r in csv.DictReader(open(out / "split_manifest.csv")) if r["split"] == "train"]
+    model = keras.models.load_model(run_dir / "model.keras", compile=False)
+    x = np.stack([preprocess(data_dir / r["path"], spec.preprocessing) for r in rows])
+    y = np.asarray([spec.labels.index(r["label"]) for r in rows])
+    assert teacher["train_agreement"] == pytest.approx(float(np.mean(model.predict(x).argmax(1) == y)), abs=1e-4)
+    assert not (out / "checkpoints").exists()  # the teacher's cached answers went with the checkpoints
+
+
+def test_a_teacher_that_saw_the_students_test_images_is_refused(run_dir, data_dir, tmp_path):
+    from lungedge.train.training import train_run
+
+    with pytest.raises(ConfigError, match="trained on .* validation and test images"):
+        train_run(_student(seed=7), str(data_dir), str(tmp_path / "s"), learning_floor=False, teacher=str(run_dir))
+
+
+def test_teacher_missing_or_of_another_recipe_is_refused(run_dir, data_dir, tmp_path):
+    from lungedge.train.training import train_run
+
+    with pytest.raises(ConfigError, match="--teacher RUN.*distill=0"):
+        train_run(_student(), str(data_dir), str(tmp_path / "a"), learning_floor=False)
+    with pytest.raises(ConfigError, match="not a run folder"):
+        train_run(_student(), str(data_dir), str(tmp_path / "b"), learning_floor=False, teacher=str(tmp_path))
+    with pytest.raises(ConfigError, match="has distill 0"):
+        train_run(_student(distill=0), str(data_dir), str(tmp_path / "d"), learning_floor=False, teacher=str(run_dir))
+    with pytest.raises(ConfigError, match="distils from a run of 'xray-pneumonia'"):
+        train_run(_student(teacher="xray-pneumonia"), str(data_dir), str(tmp_path / "c"), learning_floor=False,
+                  teacher=str(run_dir))

@@ -281,7 +281,7 @@ def write_manifest(path: Path, ds: Dataset, assignment: np.ndarray) -> None:
     """The run folder's split manifest (``train.runfolder.MANIFEST``) for ``ds`` split by ``assignment``."""
     from .runfolder import write_manifest as write_rows
 
-    write_rows(path, [(_rel(p, ds.root), ds.class_names[int(y)], s, g or "")
+    write_rows(path, [(relative_path(p, ds.root), ds.class_names[int(y)], s, g or "")
                       for p, y, s, g in zip(ds.paths, ds.labels, assignment, ds.groups())])
 
 
@@ -294,7 +294,7 @@ def read_manifest(path: Path, ds: Dataset) -> np.ndarray:
     from .runfolder import read_manifest as read_rows
 
     rows = {r["path"]: r["split"] for r in read_rows(path)}
-    keys = [_rel(p, ds.root) for p in ds.paths]
+    keys = [relative_path(p, ds.root) for p in ds.paths]
     missing = [k for k in keys if k not in rows]
     if missing or len(rows) != len(keys):
         raise ConfigError(f"split manifest {str(path)!r} does not match the data folder ({len(rows)} listed, "
@@ -305,10 +305,10 @@ def read_manifest(path: Path, ds: Dataset) -> np.ndarray:
 def fingerprint(ds: Dataset, assignment: np.ndarray) -> str:
     """sha256 over the training and validation files (relative path, label, size): identifies the training data."""
     h = hashlib.sha256()
-    for p, y, s in sorted(zip(ds.paths, ds.labels, assignment), key=lambda t: _rel(t[0], ds.root)):
+    for p, y, s in sorted(zip(ds.paths, ds.labels, assignment), key=lambda t: relative_path(t[0], ds.root)):
         if s in ("train", "val"):
             size = os.path.getsize(p)
-            h.update(f"{_rel(p, ds.root)}\t{ds.class_names[int(y)]}\t{s}\t{size}\n".encode())
+            h.update(f"{relative_path(p, ds.root)}\t{ds.class_names[int(y)]}\t{s}\t{size}\n".encode())
     return "sha256:" + h.hexdigest()
 
 
@@ -323,7 +323,7 @@ def class_weights(labels: np.ndarray, num_classes: int) -> Dict[int, float]:
     return out
 
 
-def _rel(path: str, root: str) -> str:
+def relative_path(path: str, root: str) -> str:
     try:
         return Path(path).relative_to(root).as_posix()
     except ValueError:

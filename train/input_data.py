@@ -142,7 +142,8 @@ def image_dataset(
 
     Args:
         paths: image files (already checked readable).
-        labels: integer labels, or None for an images-only dataset.
+        labels: integer labels, target vectors (images x classes, soft targets), or None for an
+            images-only dataset.
         prep: the model's preprocessing.
         batch_size: batch size.
         training: shuffle each epoch and apply ``augment``.
@@ -157,7 +158,10 @@ def image_dataset(
     images = decoded if decoded is not None else decode_dataset(paths, prep)
     if decoded is None and cache is not None:
         images = images.cache(cache)
-    ds = images if labels is None else tf.data.Dataset.zip((images, tf.data.Dataset.from_tensor_slices(np.asarray(labels, dtype=np.int64))))
+    if labels is not None:  # class indices, or target vectors (one row per image) for soft targets
+        labels = np.asarray(labels)
+        labels = labels.astype(np.float32 if labels.ndim == 2 else np.int64)
+    ds = images if labels is None else tf.data.Dataset.zip((images, tf.data.Dataset.from_tensor_slices(labels)))
     if training:
         ds = ds.shuffle(shuffle_size or shuffle_buffer(len(paths), prep), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)

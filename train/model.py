@@ -137,15 +137,20 @@ def ema_momentum(ema_epochs: float, steps_per_epoch: int) -> float:
 
 
 def compile_model(model, learning_rate: float, schedule: str = "constant", total_steps: int = 0,
-                  label_smoothing: float = 0.0, ema: float = 0.0) -> None:
+                  label_smoothing: float = 0.0, ema: float = 0.0, soft_targets: bool = False) -> None:
     """Adam at ``learning_rate``; with ``schedule="cosine"`` decayed to 0 over ``total_steps``;
     the loss of ``smoothed_loss``. ``ema`` > 0: Keras's optimizer EMA with that momentum, whose
-    average replaces the weights when ``fit`` ends."""
+    average replaces the weights when ``fit`` ends. ``soft_targets``: the labels are target
+    vectors (distillation, ``train.distill``): categorical cross-entropy and accuracy."""
     import keras
 
     lr = learning_rate
     if schedule == "cosine" and total_steps > 0:
         lr = keras.optimizers.schedules.CosineDecay(learning_rate, total_steps)
     optimizer = keras.optimizers.Adam(lr, use_ema=True, ema_momentum=ema) if ema else keras.optimizers.Adam(lr)
+    if soft_targets:
+        model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+                      metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+        return
     model.compile(optimizer=optimizer, loss=smoothed_loss(label_smoothing),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])

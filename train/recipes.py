@@ -173,6 +173,11 @@ class Recipe:
     #: the base's layers whose pooled outputs the domain score reads (``convert.domain``), chosen
     #: per recipe by ``experiments/domain_layers.py`` (train/SELECTION.md)
     domain_layers: Tuple[str, ...] = ("block_16_project_BN",)
+    #: distillation (``train.distill``): the recipe whose run teaches (given as ``--teacher RUN``),
+    #: the teacher's weight in the training target and the temperature that softens its answers
+    teacher: str = ""
+    distill: float = 0.0
+    distill_temperature: float = 1.0
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -249,7 +254,24 @@ class Recipe:
         object.__setattr__(self, "alpha", float(self.alpha))
         _check_layers(self.domain_layers)
         object.__setattr__(self, "domain_layers", tuple(self.domain_layers))
+        self._check_distillation()
         _check_int("seed", self.seed, 0, 2**31 - 1)
+
+    def _check_distillation(self) -> None:
+        if not _is_number(self.distill) or not 0.0 <= float(self.distill) <= 1.0:
+            raise ConfigError(f"distill must be in [0, 1] (the teacher's weight in the target), got {self.distill!r}")
+        object.__setattr__(self, "distill", float(self.distill))
+        _check_positive("distill_temperature", self.distill_temperature)
+        object.__setattr__(self, "distill_temperature", float(self.distill_temperature))
+        if not isinstance(self.teacher, str):
+            raise ConfigError(f"teacher must be a recipe name, got {self.teacher!r}")
+        if self.distill and not self.teacher:
+            raise ConfigError("distill > 0 needs teacher (the name of the recipe whose run teaches)")
+
+    @property
+    def distills(self) -> bool:
+        """Trained on a teacher's soft targets (``train.distill``)."""
+        return self.distill > 0
 
     @property
     def from_scratch(self) -> bool:
@@ -513,6 +535,9 @@ RECIPES: Dict[str, Recipe] = {
             target_recall=0.95,
             threshold_rule="fewest-false-positives",
             domain_layers=("block_16_project_BN", "block_5_project_BN"),
+            teacher="xray-pneumonia-plus",
+            distill=0.7,
+            distill_temperature=2.0,
         ),
         _DEMO,
         _DEMO.replace(

@@ -119,7 +119,7 @@ def _prepare_out(out: Path, recipe: Optional[Recipe], resume: bool) -> Recipe:
 
 def train_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, *, resume: bool = False,
               strategy: str = "default", learning_floor: bool = True,
-              cache_mb: Optional[int] = None) -> Path:
+              cache_mb: Optional[int] = None, teacher: Optional[str] = None) -> Path:
     """Train one model and write a complete run folder.
 
     Args:
@@ -132,6 +132,8 @@ def train_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, *, 
             records the verdict (tests of the run-folder contract on tiny untrained models).
         cache_mb: memory for decoded images, MB (``train.input_data.cache_budget_mb``: default
             LUNGEDGE_CACHE_MB or 2048); splits beyond it are cached on disk in the run folder.
+        teacher: the run folder of the recipe's teacher (recipes that distil, ``train.distill``);
+            with ``resume`` not needed once the interrupted run has asked it.
 
     Returns:
         The run folder.
@@ -142,6 +144,7 @@ def train_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, *, 
     """
     if isinstance(recipe, str):
         recipe = get_recipe(recipe)
+    _check_teacher_given(recipe, teacher)
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if strategy == "multi-worker" and not is_chief():
@@ -152,15 +155,15 @@ def train_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, *, 
 
         scratch = tempfile.mkdtemp(prefix="lungedge-worker-")
         try:
-            _train_into(Path(scratch), recipe, data_dir, False, strategy, learning_floor, cache_mb)
+            _train_into(Path(scratch), recipe, data_dir, False, strategy, learning_floor, cache_mb, teacher)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return Path(out_dir)
-    return _train_into(Path(out_dir), recipe, data_dir, resume, strategy, learning_floor, cache_mb)
+    return _train_into(Path(out_dir), recipe, data_dir, resume, strategy, learning_floor, cache_mb, teacher)
 
 
 def _train_into(out: Path, recipe: Optional[Recipe], data_dir: str, resume: bool, strategy: str,
-                learning_floor: bool, cache_mb: Optional[int] = None) -> Path:
+                learning_floor: bool, cache_mb: Optional[int] = None, teacher: Optional[str] = None) -> Path:
     recipe = _prepare_out(out, recipe, resume)
     if resume and _run_complete(out):
         _LOG.info(f"run in {out} is already complete")
@@ -174,7 +177,7 @@ def _train_into(out: Path, recipe: Optional[Recipe], data_dir: str, resume: bool
         write_manifest(manifest, ds, assignment)
     ctx = _Context(strategy, cache_mb)
     try:
-        _fit_and_report(recipe, ds, assignment, out, ctx, learning_floor=learning_floor)
+        _fit_and_report(recipe, ds, assignment, out, ctx, learning_floor=learning_floor, teacher=teacher)
     finally:
         ctx.close()
     return out
@@ -182,7 +185,7 @@ def _train_into(out: Path, recipe: Optional[Recipe], data_dir: str, resume: bool
 
 def cv_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, k: int, *, resume: bool = False,
            strategy: str = "default", learning_floor: bool = True,
-           cache_mb: Optional[int] = None) -> Path:
+           cache_mb: Optional[int] = None, teacher: Optional[str] = None) -> Path:
     """Stratified k-fold cross-validation (patient-grouped when the recipe's split is "grouped", by
     blocks of consecutive slice numbers when "blocked").
 
@@ -196,6 +199,10 @@ def cv_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, k: int
     data give again), the fold that was interrupted continues from its last epoch checkpoint, and
     the rest are trained.
 
+    A recipe that distils needs a teacher per fold: ``teacher`` is then a cross-validation folder
+    of the teacher's recipe with the same ``k`` (its ``fold_<i>`` teaches fold ``i``; the folds must
+    match, which ``train.distill`` checks image by image).
+
     Returns:
         ``out_dir``.
 
@@ -204,6 +211,7 @@ def cv_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, k: int
     """
     if isinstance(recipe, str):
         recipe = get_recipe(recipe)
+    _check_teacher_given(recipe, teacher)
     out = Path(out_dir)
     recipe = _prepare_out(out, recipe, resume)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,7 +226,7 @@ def cv_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, k: int
     atomic_write_text(str(out / CV_PLAN), json.dumps({"k": k, "data": str(data_dir)}))
     ctx = _Context(strategy, cache_mb)
     try:
-        rows = _cv_folds(recipe, ds, folds, out, ctx, learning_floor)
+        rows = _cv_folds(recipe, ds, folds, out, ctx, learning_floor, teacher)
     finally:
         ctx.close()
     summary = _cv_summary(rows)
@@ -229,6 +237,11 @@ def cv_run(recipe: Union[Recipe, str, None], data_dir: str, out_dir: str, k: int
     atomic_write_text(str(out / "cv_table.md"), table)
     _LOG.info(table)
     return out
+
+
+def _check_teacher_given(recipe: Optional[Recipe], teacher: Optional[str]) -> None:
+    if teacher is not None and recipe is not None and not recipe.distills:
+        raise ConfigError(f"--teacher is for a recipe that distils; {recipe.name!r} has distill 0")
 
 
 def _run_complete(folder: Path) -> bool:
@@ -276,7 +289,8 @@ def _saved_fold_row(i: int, fold_dir: Path, class_names, learning_floor: bool) -
     return row
 
 
-def _cv_folds(recipe: Recipe, ds: Dataset, folds, out: Path, ctx: _Context, learning_floor: bool) -> list:
+def _cv_folds(recipe: Recipe, ds: Dataset, folds, out: Path, ctx: _Context, learning_floor: bool,
+              teacher: Optional[str] = None) -> list:
     """Train and judge every fold (one feature pass for all when the base is frozen); one row each.
     A complete fold folder (a resumed cross-validation) is read, not trained again."""
     features = None
@@ -296,7 +310,8 @@ def _cv_folds(recipe: Recipe, ds: Dataset, folds, out: Path, ctx: _Context, lear
         atomic_write_text(str(fold_dir / RECIPE), recipe.to_json())
         if not (fold_dir / MANIFEST).is_file():
             write_manifest(fold_dir / MANIFEST, ds, assignment)
-        m = _fit_and_report(recipe, ds, assignment, fold_dir, ctx, features=features, learning_floor=learning_floor)
+        m = _fit_and_report(recipe, ds, assignment, fold_dir, ctx, features=features, learning_floor=learning_floor,
+                            teacher=str(Path(teacher) / f"fold_{i}") if teacher else None)
         rows.append(_cv_row(i, m, ds.class_names))
     return rows
 
@@ -394,6 +409,8 @@ class _Splits:
     cache_dir: Optional[Path] = None
     cached_in: dict = field(default_factory=dict)  # split -> "memory" or "disk"
     shuffle_size: Optional[int] = None              # the training shuffle buffer, images
+    targets: Optional[np.ndarray] = None            # soft training targets (distillation), else None
+    teacher: Optional[dict] = None                  # the teacher's record for metrics.json
 
     @classmethod
     def of(cls, ds: Dataset, assignment: np.ndarray, recipe: Recipe, cache_bytes: int = 0,
@@ -437,26 +454,37 @@ class _Splits:
     def counts(self) -> dict:
         return {s: {n: int((self.y[s] == c).sum()) for c, n in enumerate(self.names)} for s in self.index}
 
+    def fit_labels(self):
+        """(train, val) labels for ``fit``: class indices, or with soft targets the targets and
+        one-hot validation labels (the validation loss stays the loss against the true labels)."""
+        if self.targets is None:
+            return self.y["train"], self.y["val"]
+        return self.targets, np.eye(len(self.names), dtype=np.float32)[self.y["val"]]
+
 
 def _fit_and_report(recipe: Recipe, ds: Dataset, assignment: np.ndarray, out: Path, ctx: _Context,
-                    features: Optional[np.ndarray] = None, learning_floor: bool = True) -> dict:
+                    features: Optional[np.ndarray] = None, learning_floor: bool = True,
+                    teacher: Optional[str] = None) -> dict:
     """Train on ``assignment``'s train split, choose the threshold on val, evaluate on test, write everything."""
     t_start = time.perf_counter()
     image_cache = out / IMAGE_CACHE
     shutil.rmtree(image_cache, ignore_errors=True)  # a killed run's partial cache is not reusable
     sp = _Splits.of(ds, assignment, recipe, ctx.cache_bytes, image_cache)
     try:
-        return _fit_and_report_splits(recipe, ds, assignment, out, ctx, sp, features, learning_floor, t_start)
+        return _fit_and_report_splits(recipe, ds, assignment, out, ctx, sp, features, learning_floor, t_start, teacher)
     finally:
         shutil.rmtree(image_cache, ignore_errors=True)
 
 
 def _fit_and_report_splits(recipe: Recipe, ds: Dataset, assignment: np.ndarray, out: Path, ctx: _Context,
-                           sp: "_Splits", features: Optional[np.ndarray], learning_floor: bool, t_start: float) -> dict:
+                           sp: "_Splits", features: Optional[np.ndarray], learning_floor: bool, t_start: float,
+                           teacher: Optional[str] = None) -> dict:
     positive = (resolve_label(recipe.positive_label, sp.names) if recipe.target_recall
                 else _soft_label(recipe.positive_label, sp.names))
     built = ctx.build(recipe, len(sp.names))
     state = ck.TrainState.load(out / CHECKPOINTS)
+    if recipe.distills:
+        _ask_teacher(recipe, ds, assignment, sp, state, teacher)
     if ctx.feature_mode(recipe) and features is None:
         features = _cached_features(ctx, built, ds, sp.prep, recipe.batch_size, state)
     _train_phases(recipe, built, sp, state, ctx, features)
@@ -478,6 +506,21 @@ def _fit_and_report_splits(recipe: Recipe, ds: Dataset, assignment: np.ndarray, 
     if verdict.failed and learning_floor:
         raise ModelError(f"{verdict.sentence()} (run folder {out} kept for diagnosis)")
     return metrics
+
+
+def _ask_teacher(recipe: Recipe, ds: Dataset, assignment: np.ndarray, sp: _Splits, state, teacher: Optional[str]) -> None:
+    """The soft training targets from the teacher's answers (``train.distill``), into ``sp``."""
+    from .distill import TEACHER_PROBS, soft_targets, teacher_note, teacher_probabilities
+
+    if teacher is None and not state.path(TEACHER_PROBS).is_file():
+        raise ConfigError(f"recipe {recipe.name!r} distils from a run of {recipe.teacher!r}: give it with --teacher RUN "
+                          f"(`lungedge train --recipe {recipe.teacher} --data DIR --out RUN` trains one), or train "
+                          f"without it with --set distill=0")
+    asked = teacher_probabilities(Path(teacher or "."), recipe, ds, assignment, sp.paths["train"], state.folder)
+    sp.targets = soft_targets(sp.y["train"], asked["probs"], recipe.distill, recipe.distill_temperature)
+    sp.teacher = teacher_note(asked["info"], sp.y["train"], asked["probs"])
+    _LOG.info(f"distilling from {sp.teacher['run']} (weight {recipe.distill}, temperature {recipe.distill_temperature}; "
+              f"the teacher agrees with {sp.teacher['train_agreement']:.1%} of the training labels)")
 
 
 def _cached_features(ctx, built, ds: Dataset, prep, batch_size: int, state) -> np.ndarray:
@@ -529,7 +572,8 @@ def _fit_phase(recipe: Recipe, built, sp: _Splits, state, ctx: _Context, feature
     steps_per_epoch = -(-len(sp.index["train"]) // recipe.batch_size)
     ema = ema_momentum(recipe.fine_tune.ema_epochs, steps_per_epoch) if phase == "fine_tune" else 0.0
     with ctx.strategy.scope():
-        compile_model(fit_model, lr, schedule, epochs * steps_per_epoch, recipe.label_smoothing, ema)
+        compile_model(fit_model, lr, schedule, epochs * steps_per_epoch, recipe.label_smoothing, ema,
+                      soft_targets=sp.targets is not None)
     if state.done:  # a later phase starts from the end of the previous one
         _load_weights(built.model, state.path(f"phase_{state.done[-1]}.weights.h5"))
     start = state.start_phase(phase)
@@ -546,15 +590,16 @@ def _fit_phase(recipe: Recipe, built, sp: _Splits, state, ctx: _Context, feature
                   + (" (head on cached base features)" if features is not None else "")
                   + (f"; keeps the moving average of the weights (momentum {ema:.4f})" if ema else ""))
         common = dict(epochs=epochs, initial_epoch=start, class_weight=cw, callbacks=[callback], verbose=ctx.verbose)
+        y_train, y_val = sp.fit_labels()
         if features is not None:
-            fit_model.fit(features[sp.index["train"]], sp.y["train"], batch_size=recipe.batch_size, shuffle=True,
-                          validation_data=(features[sp.index["val"]], sp.y["val"]), **common)
+            fit_model.fit(features[sp.index["train"]], y_train, batch_size=recipe.batch_size, shuffle=True,
+                          validation_data=(features[sp.index["val"]], y_val), **common)
         else:
-            train_ds = image_dataset(sp.paths["train"], sp.y["train"], sp.prep, recipe.batch_size, training=True,
+            train_ds = image_dataset(sp.paths["train"], y_train, sp.prep, recipe.batch_size, training=True,
                                      shuffle_size=sp.shuffle_size,
                                      augment=recipe.augmentation_in(phase), seed=recipe.seed + len(state.history),
                                      decoded=sp.images("train"))
-            val_ds = image_dataset(sp.paths["val"], sp.y["val"], sp.prep, recipe.batch_size, decoded=sp.images("val"))
+            val_ds = image_dataset(sp.paths["val"], y_val, sp.prep, recipe.batch_size, decoded=sp.images("val"))
             fit_model.fit(train_ds, validation_data=val_ds, shuffle=False, **common)
     elif ema and ok:  # every epoch ran in an earlier process: apply its restored average, as fit would have
         fit_model.optimizer.finalize_variable_values(fit_model.trainable_variables)
@@ -643,6 +688,7 @@ def _write_run(out: Path, ctx: _Context, t: _Trained) -> dict:
         "image_cache": {"budget_mb": ctx.cache_bytes // 2**20, "splits": dict(sp.cached_in),
                         "shuffle_buffer": sp.shuffle_size},
         "recipe": recipe.name, "data": str(Path(ds.root).resolve()), "learning_floor": verdict.to_dict(),
+        "teacher": sp.teacher,
     })
     atomic_write_text(str(out / METRICS), json.dumps(metrics, indent=2))
     card = model_card(recipe, spec, sp.counts(), evaluation["test"], evaluation["argmax"], evaluation["validation"],

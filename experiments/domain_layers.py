@@ -135,6 +135,11 @@ def main(argv=None) -> int:
         scorers[f"max(b16,{_short(n)})"] = (lambda s1, m1, s2, m2: lambda F: np.maximum(s1(F) / m1, s2(F) / m2))(
             s16, med16, sn, medn)
 
+    # three and more layers (the last block, the earliest and one between)
+    for extra in (["block_2_project_BN", "block_5_project_BN"], ["block_2_project_BN", "block_9_project_BN"],
+                  ["block_2_project_BN", "block_5_project_BN", "block_9_project_BN"]):
+        scorers["b16+" + "+".join(_short(n) for n in extra)] = maha(extra + ["block_16_project_BN"])
+
     def conformal(scores):
         s = np.sort(scores)
         k = min(len(s), math.ceil((len(s) + 1) * 0.99))

@@ -359,12 +359,12 @@ def test_convert_micro_verifies_in_tflm_and_writes_c_sources_that_compile_and_ag
     from lungedge.train.recipes import get_recipe
 
     # the run as the micro recipe would have written it: its domain score reads the layers that
-    # recipe declares (two, summed in the graph), and TFLM must give LiteRT's score for that graph
+    # recipe declares (several, summed in the graph), and TFLM must give LiteRT's score for that graph
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run)
     recipe = json.loads((run / "recipe.json").read_text())
     layers = list(get_recipe("xray-pneumonia-micro").domain_layers)
-    assert len(layers) == 2
+    assert len(layers) >= 2
     (run / "recipe.json").write_text(json.dumps({**recipe, "domain_layers": layers}))
     out = tmp_path / "micro-run"
     r = lungedge("convert", run, "--variants", "micro", "--calibration", "16", "--no-bias-correction",

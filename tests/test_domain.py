@@ -311,7 +311,7 @@ def test_benign_variants_change_the_images_but_not_their_kind():
 
 @pytest.mark.needs_tf
 def test_two_layer_score_in_the_file_is_the_fitted_score():
-    """A score reading two layers (block 16 and block 5, as the micro recipe declares): the fit
+    """A score reading two layers (block 16 and block 5; the micro recipe declares four): the fit
     on the concatenated pooled features and the float32 file's ``domain_score`` (one whitening op
     per layer, summed) give the same numbers, and the record names both layers."""
     import keras

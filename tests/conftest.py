@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+# Two test workers share the machine's cores (`-n 2`), and TensorFlow trains in one while numpy or
+# scikit-learn works in the other: OpenBLAS's own threads then spin against both, and a probe of
+# one second took 12-30 s under that load. One BLAS thread per process (children inherit it); set
+# before numpy is first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LUNGEDGE_SHARED", ROOT.parent / "shared"))
 REQUIRE_SHARED = os.environ.get("LUNGEDGE_REQUIRE_SHARED") == "1"

@@ -514,7 +514,7 @@ RECIPES: Dict[str, Recipe] = {
         _PAPER_XRAY.replace(
             name="xray-pneumonia-micro",
             description="X-ray for a microcontroller (`lungedge convert RUN --variants micro`): MobileNetV2 alpha "
-            "0.35 at 96 px (TFLM arena under 400 KiB) trained whole from random initialisation (no ImageNet file "
+            "0.35 at 112 px (TFLM arena under 400 KiB) trained whole from random initialisation (no ImageNet file "
             "for this width offline; --weights imagenet where Keras can download it), patient-grouped 75/15/10, "
             "class weights, site-shift augmentation, no Dense hidden layer, dropout 0.2, Adam 2e-3 with cosine "
             "decay to 0, batch 32, 40 epochs, last epoch kept (no early stopping); threshold: the highest with "
@@ -524,7 +524,7 @@ RECIPES: Dict[str, Recipe] = {
             split="grouped",
             weights="none",
             alpha=0.35,
-            image_size=96,
+            image_size=112,
             head_units=0,
             dropout=0.2,
             learning_rate=2e-3,
